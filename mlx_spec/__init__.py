@@ -1,0 +1,19 @@
+"""mlx_spec: speculative decoding on MLX. Switch from mlx-lm by changing one import."""
+
+from .cache import CachePair, make_prompt_cache
+from .generate import GenerationResponse, generate, speculative_generate_step, stream_generate
+from .load import IncompatibleDraftError, check_draft, load
+from .stats import GenerationStats
+
+__all__ = [
+    "CachePair",
+    "GenerationResponse",
+    "GenerationStats",
+    "IncompatibleDraftError",
+    "check_draft",
+    "generate",
+    "load",
+    "make_prompt_cache",
+    "speculative_generate_step",
+    "stream_generate",
+]

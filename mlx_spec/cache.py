@@ -1,0 +1,261 @@
+"""The pair of KV caches (main, draft) and their rollback, for every cache kind.
+
+Rollback moves offsets. Standard and quantized caches trim natively; rotating
+(sliding-window) caches become `SlackRotatingCache`s after the prompt, which
+keep SLACK spare slots beyond their window so that a rejected round never
+overwrites an entry that is still needed after the rollback.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import make_prompt_cache as _mlx_lm_make_cache
+
+SLACK = 32  # spare slots of a rotating cache: the most tokens one round may write is SLACK + 1
+KEEP = 4  # tokens mlx-lm's rotating cache keeps at the start for max_kv_size
+
+
+class SlackRotatingCache:
+    """A rotating KV cache that can be rolled back by up to SLACK tokens, even after wrapping.
+
+    Query at position t attends the first `keep` positions and the last
+    `max_size - keep` positions up to t: mlx-lm's RotatingKVCache semantics
+    during decoding. Position p (>= keep) lives in slot
+    keep + (p - keep) % (capacity - keep), where capacity = max_size + SLACK.
+    """
+
+    step = 256
+
+    def __init__(self, max_size: int, keep: int = 0):
+        self.max_size = max_size
+        self.keep = keep
+        self.capacity = max_size + SLACK
+        self.keys = None
+        self.values = None
+        self.offset = 0
+        self.max_written = -1  # highest position whose entry may still sit in a slot
+
+    # --- layout -------------------------------------------------------------
+    def _slot(self, position: int) -> int:
+        if position < self.keep:
+            return position
+        return self.keep + (position - self.keep) % (self.capacity - self.keep)
+
+    def _wrapped(self, end: int) -> bool:
+        """Whether, once positions up to end - 1 are written, some slot was reused."""
+        return max(self.max_written + 1, end) > self.capacity
+
+    def _slot_positions(self, last: int) -> np.ndarray:
+        """Position held by each slot once positions 0..last are written (newest wins)."""
+        slots = np.arange(self.capacity)
+        ring = self.capacity - self.keep
+        positions = last - ((last - self.keep) - (slots - self.keep)) % ring
+        positions[: self.keep] = slots[: self.keep]
+        return positions
+
+    # --- the mlx-lm cache interface ----------------------------------------
+    def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):
+        window = min(window_size or self.max_size, self.max_size)
+        end = self.offset + N
+        if not self._wrapped(end) and end - 1 < window:
+            if return_array:
+                return _window_mask(np.arange(end), self.offset, N, self.keep, window)
+            return "causal" if N > 1 else None
+        positions = np.arange(end) if not self._wrapped(end) else self._slot_positions(end - 1)
+        return _window_mask(positions, self.offset, N, self.keep, window)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        num_new = keys.shape[2]
+        assert num_new <= SLACK + 1, "a rotating cache takes at most SLACK + 1 tokens at once"
+        end = self.offset + num_new
+        self._reserve(min(end, self.capacity), keys, values)
+        start = self.offset
+        while start < end:  # at most two contiguous runs of slots
+            slot = self._slot(start)
+            run = min(end - start, self.capacity - slot)
+            src = slice(start - self.offset, start - self.offset + run)
+            self.keys[..., slot : slot + run, :] = keys[..., src, :]
+            self.values[..., slot : slot + run, :] = values[..., src, :]
+            start += run
+        self.offset = end
+        self.max_written = max(self.max_written, end - 1)
+        return self.keys_and_values()
+
+    def keys_and_values(self):
+        used = self.capacity if self._wrapped(self.offset) else self.offset
+        return self.keys[..., :used, :], self.values[..., :used, :]
+
+    def _reserve(self, size: int, keys: mx.array, values: mx.array):
+        have = 0 if self.keys is None else self.keys.shape[2]
+        if size <= have:
+            return
+        new_size = min(self.capacity, -(-size // self.step) * self.step)
+        B, H, _, Dk = keys.shape
+        grow_k = mx.zeros((B, H, new_size - have, Dk), keys.dtype)
+        grow_v = mx.zeros((B, H, new_size - have, values.shape[3]), values.dtype)
+        if self.keys is None:
+            self.keys, self.values = grow_k, grow_v
+        else:
+            self.keys = mx.concatenate([self.keys, grow_k], axis=2)
+            self.values = mx.concatenate([self.values, grow_v], axis=2)
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def can_trim_to(self, length: int) -> bool:
+        """Whether positions length.. can be dropped with every needed entry intact."""
+        return self.max_written - length < SLACK
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        assert self.can_trim_to(self.offset - n), "rollback beyond the rotating cache's slack"
+        self.offset -= n
+        return n
+
+    def size(self) -> int:
+        return min(self.offset, self.max_size)
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @classmethod
+    def from_rotating(cls, cache: RotatingKVCache) -> "SlackRotatingCache":
+        """Take over an mlx-lm RotatingKVCache (after the prompt) with identical contents."""
+        new = cls(cache.max_size, cache.keep)
+        new.offset = cache.offset
+        new.max_written = cache.offset - 1
+        if cache.keys is None or cache.offset == 0:
+            return new
+        keys, values = (cache._temporal_order(v) for v in (cache.keys, cache.values))
+        length = keys.shape[2]
+        # Temporal order: all positions, or the first `keep` and then the newest ones.
+        positions = np.arange(length)
+        if cache.offset > length:
+            positions[new.keep :] += cache.offset - length
+        needed = (positions < new.keep) | (positions >= cache.offset - (new.max_size - new.keep))
+        sources = np.nonzero(needed)[0]
+        new._reserve(min(cache.offset, new.capacity), keys, values)
+        slots = mx.array([new._slot(int(p)) for p in positions[sources]])
+        new.keys[..., slots, :] = keys[..., mx.array(sources), :]
+        new.values[..., slots, :] = values[..., mx.array(sources), :]
+        return new
+
+
+def _window_mask(positions: np.ndarray, offset: int, num_queries: int, keep: int, window: int) -> mx.array:
+    """Bool mask (queries, slots): query t sees p <= t with p < keep or p > t - (window - keep)."""
+    queries = np.arange(offset, offset + num_queries)[:, None]
+    slots = positions[None, :]
+    visible = (slots <= queries) & (slots >= 0) & ((slots < keep) | (slots > queries - (window - keep)))
+    return mx.array(visible)
+
+
+def _can_trim_to(cache, length: int) -> bool:
+    if isinstance(cache, SlackRotatingCache):
+        return cache.can_trim_to(length)
+    return not isinstance(cache, RotatingKVCache) or cache.is_trimmable()
+
+
+def _offset(layers: List[Any]) -> int:
+    return layers[0].offset if layers else 0
+
+
+@dataclass
+class CachePair:
+    """KV caches of the main and the draft model, and the tokens they stand for.
+
+    `tokens` is every token of the conversation so far (prompt and generated);
+    each cache holds the first `offset` of them. The last token is never in a
+    cache yet: it is the input of the next forward pass.
+    """
+
+    main: List[Any]
+    draft: Optional[List[Any]]
+    tokens: List[int] = field(default_factory=list)
+
+    @property
+    def main_offset(self) -> int:
+        return _offset(self.main)
+
+    @property
+    def draft_offset(self) -> int:
+        return _offset(self.draft) if self.draft is not None else 0
+
+    def rollback(self) -> bool:
+        """Trim both caches to all tokens but the last. False (nothing changed) if impossible."""
+        length = len(self.tokens) - 1
+        layers = self.main + (self.draft or [])
+        for cache in layers:
+            if cache.offset > length and not _can_trim_to(cache, length):
+                return False
+        for cache in layers:
+            cache.trim(max(0, cache.offset - length))
+        return True
+
+    def truncate(self, num_tokens: int) -> bool:
+        """Forget the conversation from token `num_tokens` on. False (nothing changed) if impossible."""
+        kept = self.tokens[:num_tokens]
+        saved, self.tokens = self.tokens, kept
+        if self.rollback():
+            return True
+        self.tokens = saved
+        return False
+
+    def take_over_rotating(self):
+        """Replace mlx-lm rotating caches by slack ones (after the prompt is in)."""
+        for layers in (self.main, self.draft or []):
+            for i, cache in enumerate(layers):
+                if isinstance(cache, RotatingKVCache):
+                    layers[i] = SlackRotatingCache.from_rotating(cache)
+
+    def quantize(self, kv_bits: Optional[int], kv_group_size: int, quantized_kv_start: int):
+        """Quantize standard caches that reached `quantized_kv_start`, as mlx-lm does."""
+        if kv_bits is None:
+            return
+        for layers in (self.main, self.draft or []):
+            for i, cache in enumerate(layers):
+                if type(cache) is KVCache and cache.offset >= quantized_kv_start:
+                    head_dim = cache.keys.shape[-1]
+                    if head_dim % kv_group_size:
+                        raise ValueError(
+                            f"kv_group_size={kv_group_size} does not divide the model's head dimension {head_dim}"
+                        )
+                    layers[i] = cache.to_quantized(group_size=kv_group_size, bits=kv_bits)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.main + (self.draft or []))
+
+
+TRIMMABLE = (KVCache, QuantizedKVCache, RotatingKVCache, SlackRotatingCache)
+
+
+def _model_cache(model, max_kv_size: Optional[int], role: str) -> List[Any]:
+    layers = _mlx_lm_make_cache(model, max_kv_size=max_kv_size)
+    for cache in layers:
+        if not isinstance(cache, TRIMMABLE):
+            raise ValueError(
+                f"the {role} model uses a {type(cache).__name__} cache, which cannot be "
+                "rolled back; speculative decoding needs attention KV caches"
+            )
+    return layers
+
+
+def make_prompt_cache(model, draft_model=None, max_kv_size: Optional[int] = None) -> CachePair:
+    """Caches for both models, reusable across calls (turns of a conversation)."""
+    if max_kv_size is not None and max_kv_size <= KEEP:
+        raise ValueError(f"max_kv_size must be larger than {KEEP}, got {max_kv_size}")
+    return CachePair(
+        main=_model_cache(model, max_kv_size, "main"),
+        draft=None if draft_model is None else _model_cache(draft_model, max_kv_size, "draft"),
+    )

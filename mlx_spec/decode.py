@@ -1,0 +1,96 @@
+"""The round loop: draft, verify, accept in one lazy graph; one host sync; rollback; yield.
+
+Prefill of the prompt also lives here, since it fills the same pair of caches.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional
+
+import mlx.core as mx
+
+from .accept import accept, accept_greedy
+from .cache import SLACK, CachePair, SlackRotatingCache
+from .draft import propose
+from .sampling import SamplingParams
+from .verify import score
+
+PREFILL_STEP = 2048  # as mlx-lm's generate_step, so long prompts fill caches alike
+
+
+@dataclass
+class Round:
+    """What one round produced: `tokens` = accepted draft tokens + one main token."""
+
+    tokens: List[int]
+    num_draft: int
+    num_accepted: int
+    logprobs: mx.array  # (k+1, V): the main model's log-probabilities at each verified position
+
+
+class HostReads:
+    """Reads arrays to the host; counts each read, since each one waits for the device."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, array: mx.array) -> list:
+        self.count += 1
+        return array.tolist()
+
+
+def prefill(model, layers: List, tokens: List[int], caches: CachePair, kv_quantize: Callable):
+    """Feed `tokens` through `model` into `layers`, in chunks, evaluating each chunk."""
+    chunk = PREFILL_STEP
+    if any(isinstance(c, SlackRotatingCache) for c in layers):
+        chunk = SLACK + 1  # a continued rotating cache takes few tokens at a time
+    for start in range(0, len(tokens), chunk):
+        model(mx.array(tokens[start : start + chunk], mx.int32)[None], cache=layers)
+        kv_quantize(caches)
+        mx.eval([c.state for c in layers])
+
+
+def rounds(
+    model,
+    draft_model,
+    caches: CachePair,
+    num_draft_tokens: int,
+    max_tokens: int,
+    params: SamplingParams,
+    key: Optional[mx.array],
+    vocab_size: int,
+    max_draft: Callable[[int], int],
+    kv_quantize: Callable,
+    host: HostReads,
+    logits_processors=None,
+) -> Iterator[Round]:
+    """Generate until `max_tokens` tokens were emitted; caches.tokens grows as rounds finish.
+
+    On entry every token but the last is in the main cache. `max_draft(offset)`
+    bounds the draft length of a round starting at main cache offset `offset`.
+    """
+    num_emitted = 0
+    while num_emitted < max_tokens:
+        tokens = caches.tokens
+        num_draft = 0 if draft_model is None else min(num_draft_tokens, max_tokens - num_emitted - 1, max_draft(len(tokens) - 1))
+        if key is not None:
+            key, draft_key, accept_key = mx.random.split(key, 3)
+        history = mx.array(tokens, mx.int32) if logits_processors else None
+        draft_tokens, draft_probs = mx.zeros((0,), mx.int32), None
+        if num_draft > 0:
+            draft_tokens, draft_probs = propose(
+                draft_model, caches.draft, tokens[caches.draft_offset :], num_draft, vocab_size,
+                params, draft_key if key is not None else None, history, logits_processors,
+            )
+        logprobs, main_probs = score(model, caches.main, tokens[-1], draft_tokens, params, history, logits_processors)
+        if params.greedy:
+            num_accepted, next_token = accept_greedy(draft_tokens, logprobs)
+        else:
+            num_accepted, next_token = accept(draft_tokens, draft_probs, main_probs, accept_key)
+        values = host(mx.concatenate([draft_tokens, num_accepted[None], next_token[None]]))
+        num_accepted = values[-2]
+        new_tokens = values[:num_accepted] + values[-1:]
+        tokens.extend(new_tokens)
+        caches.rollback()  # drop the rejected positions from both caches
+        kv_quantize(caches)
+        num_emitted += len(new_tokens)
+        yield Round(new_tokens, num_draft, num_accepted, logprobs)

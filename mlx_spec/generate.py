@@ -1,0 +1,210 @@
+"""The public generation API, mirroring mlx-lm's: speculative_generate_step, stream_generate, generate."""
+
+import functools
+import os
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple, Union
+
+import mlx.core as mx
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .cache import KEEP, SLACK, CachePair, make_prompt_cache
+from .decode import HostReads, prefill, rounds
+from .load import check_draft, output_size
+from .sampling import SamplingParams
+from .stats import GenerationStats
+
+KV_BITS = (2, 3, 4, 5, 6, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+
+
+def speculative_generate_step(
+    prompt_tokens,
+    model,
+    draft_model=None,
+    num_draft_tokens: int = 4,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: Optional[int] = None,
+    max_kv_size: Optional[int] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 5000,
+    logits_processors=None,
+    prompt_cache: Optional[CachePair] = None,
+    stats: Optional[GenerationStats] = None,
+) -> Iterator[Tuple[int, mx.array, bool]]:
+    """Yield (token, logprobs, from_draft) for each generated token.
+
+    The output is the main model's: token for token its greedy output at
+    temp=0, and its sampling distribution otherwise. `draft_model=None` decodes
+    plainly through the same rounds. A `prompt_cache` from `make_prompt_cache`
+    continues its conversation: `prompt_tokens` are appended to it and only
+    they are prefilled. Stopping early (or an exception) leaves the cache
+    holding exactly the tokens yielded so far. `stats`, if given, is filled as
+    generation goes (see GenerationStats).
+    """
+    prompt = _token_list(prompt_tokens)
+    params = SamplingParams(temp, top_p, top_k, min_p)
+    _validate(num_draft_tokens, max_tokens, max_kv_size, kv_bits, kv_group_size, quantized_kv_start)
+    vocab_size = output_size(model)
+    if not all(0 <= t < vocab_size for t in prompt):
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {min(prompt)}..{max(prompt)}")
+    if draft_model is not None:
+        check_draft(model, draft_model)
+    caches = prompt_cache if prompt_cache is not None else make_prompt_cache(model, draft_model, max_kv_size)
+    if not isinstance(caches, CachePair):
+        raise ValueError("prompt_cache must come from mlx_spec.make_prompt_cache(model, draft_model)")
+    if draft_model is not None and caches.draft is None:
+        raise ValueError("prompt_cache has no draft cache: make it with make_prompt_cache(model, draft_model)")
+    stats = stats if stats is not None else GenerationStats()
+    key = None if params.greedy else mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    kv_quantize = functools.partial(
+        CachePair.quantize, kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start
+    )
+
+    def max_draft(offset: int) -> int:
+        """Rounds never straddle the point where the KV cache becomes quantized."""
+        limit = SLACK
+        if kv_bits is not None and offset < quantized_kv_start:
+            limit = min(limit, quantized_kv_start - 1 - offset)
+        return limit
+
+    caches.tokens.extend(prompt)
+    num_known = len(caches.tokens)
+    num_yielded = 0
+    try:
+        stats.prompt_tokens = num_known - caches.main_offset
+        prefill(model, caches.main, caches.tokens[caches.main_offset : -1], caches, kv_quantize)
+        if draft_model is not None:
+            prefill(draft_model, caches.draft, caches.tokens[caches.draft_offset : -1], caches, kv_quantize)
+        caches.take_over_rotating()
+        stats.prompt_done()
+        host = HostReads()
+        for round_ in rounds(
+            model, draft_model, caches, num_draft_tokens, max_tokens, params, key, vocab_size,
+            max_draft, kv_quantize, host, logits_processors,
+        ):
+            stats.record_round(round_.num_draft, round_.num_accepted)
+            stats.host_syncs = host.count
+            for i, token in enumerate(round_.tokens):
+                num_yielded += 1
+                stats.record_token()
+                yield token, round_.logprobs[i], i < round_.num_accepted
+    finally:
+        caches.truncate(num_known + num_yielded)
+
+
+def _token_list(prompt) -> List[int]:
+    if isinstance(prompt, mx.array):
+        prompt = prompt.tolist()
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token")
+    return prompt
+
+
+def _validate(num_draft_tokens, max_tokens, max_kv_size, kv_bits, kv_group_size, quantized_kv_start):
+    if not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= SLACK:
+        raise ValueError(f"num_draft_tokens must be an integer in 1..{SLACK}, got {num_draft_tokens!r}")
+    if not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+    if max_kv_size is not None and max_kv_size < num_draft_tokens + 1 + KEEP:
+        raise ValueError(
+            f"max_kv_size={max_kv_size} is too small for num_draft_tokens={num_draft_tokens}: it must hold "
+            f"the {KEEP} kept tokens and the {num_draft_tokens + 1} positions verified per round "
+            f"(at least {num_draft_tokens + 1 + KEEP})"
+        )
+    if kv_bits is not None:
+        if kv_bits not in KV_BITS:
+            raise ValueError(f"kv_bits must be one of {KV_BITS}, got {kv_bits!r}")
+        if kv_group_size not in KV_GROUP_SIZES:
+            raise ValueError(f"kv_group_size must be one of {KV_GROUP_SIZES}, got {kv_group_size!r}")
+        if max_kv_size is not None:
+            raise ValueError("kv_bits cannot be combined with max_kv_size: a rotating KV cache is not quantized")
+        if quantized_kv_start < 0:
+            raise ValueError(f"quantized_kv_start must be >= 0, got {quantized_kv_start}")
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed token, as mlx-lm's GenerationResponse, plus the running statistics."""
+
+    text: str
+    token: int
+    logprobs: mx.array
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: Optional[str]
+    stats: GenerationStats
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: Union[str, List[int], mx.array],
+    draft_model=None,
+    max_tokens: int = 256,
+    **kwargs,
+) -> Iterator[GenerationResponse]:
+    """Stream GenerationResponses: text segments as tokens are generated.
+
+    Stops after `max_tokens` tokens (finish_reason "length") or at an end
+    token (finish_reason "stop"; the end token's response is the last one).
+    Other keyword arguments are those of speculative_generate_step.
+    """
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    if isinstance(prompt, str):
+        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+    if draft_model is not None:
+        check_draft(model, draft_model, tokenizer)
+    stats = kwargs.pop("stats", None) or GenerationStats()
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    steps = speculative_generate_step(prompt, model, draft_model, max_tokens=max_tokens, stats=stats, **kwargs)
+
+    def response(token, logprobs, from_draft, finish_reason):
+        return GenerationResponse(
+            text=detokenizer.last_segment, token=token, logprobs=logprobs, from_draft=from_draft,
+            prompt_tokens=stats.prompt_tokens, prompt_tps=stats.prompt_tps,
+            generation_tokens=stats.generation_tokens, generation_tps=stats.generation_tps,
+            peak_memory=stats.peak_memory, finish_reason=finish_reason, stats=stats,
+        )
+
+    with closing(steps):  # a consumer that stops early leaves consistent caches at once
+        for n, (token, logprobs, from_draft) in enumerate(steps, start=1):
+            if token in tokenizer.eos_token_ids:
+                detokenizer.finalize()
+                yield response(token, logprobs, from_draft, "stop")
+                return
+            detokenizer.add_token(token)
+            if n == max_tokens:
+                detokenizer.finalize()
+                yield response(token, logprobs, from_draft, "length")
+                return
+            yield response(token, logprobs, from_draft, None)
+
+
+def generate(model, tokenizer, prompt, draft_model=None, verbose: bool = False, **kwargs) -> str:
+    """Generate a whole response and return its text; `verbose` prints it as it streams and the statistics."""
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, draft_model=draft_model, **kwargs):
+        if verbose:
+            print(last.text, end="", flush=True)
+        text += last.text
+    if verbose:
+        print()
+        if last is not None:
+            print("=" * 10)
+            print(last.stats.summary())
+    return text

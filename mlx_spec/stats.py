@@ -1,0 +1,80 @@
+"""Counters and rates of one generation, with LM Studio's names where they exist."""
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import mlx.core as mx
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # tokens prefilled for this call (new tokens only, with a reused cache)
+    prompt_time: float = 0.0
+    generation_tokens: int = 0  # tokens yielded
+    generation_time: float = 0.0  # from the end of the prompt to the last token
+    time_to_first_token: float = 0.0
+    total_draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    num_rounds: int = 0
+    host_syncs: int = 0  # device -> host waits while decoding; one per round
+    draft_lengths: Counter = field(default_factory=Counter)  # draft length -> rounds
+    peak_memory: float = 0.0  # GB
+    _start: float = field(default_factory=time.perf_counter, repr=False)
+
+    @property
+    def rejected_draft_tokens(self) -> int:
+        return self.total_draft_tokens - self.accepted_draft_tokens
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_draft_tokens / self.total_draft_tokens if self.total_draft_tokens else 0.0
+
+    @property
+    def mean_tokens_per_round(self) -> float:
+        return (self.accepted_draft_tokens + self.num_rounds) / self.num_rounds if self.num_rounds else 0.0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_time if self.prompt_time else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generation_tokens / self.generation_time if self.generation_time else 0.0
+
+    def prompt_done(self):
+        self.prompt_time = time.perf_counter() - self._start
+
+    def record_round(self, num_draft: int, num_accepted: int):
+        self.num_rounds += 1
+        self.total_draft_tokens += num_draft
+        self.accepted_draft_tokens += num_accepted
+        self.draft_lengths[num_draft] += 1
+
+    def record_token(self):
+        now = time.perf_counter() - self._start
+        if self.generation_tokens == 0:
+            self.time_to_first_token = now
+        self.generation_tokens += 1
+        self.generation_time = now - self.prompt_time
+        self.peak_memory = mx.get_peak_memory() / 1e9
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        out["draft_lengths"] = dict(sorted(self.draft_lengths.items()))
+        for name in ("rejected_draft_tokens", "acceptance_rate", "mean_tokens_per_round", "prompt_tps", "generation_tps"):
+            out[name] = getattr(self, name)
+        return out
+
+    def summary(self) -> str:
+        lines = [
+            f"Prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.2f} tokens-per-sec",
+            f"Generation: {self.generation_tokens} tokens, {self.generation_tps:.2f} tokens-per-sec",
+        ]
+        if self.total_draft_tokens:
+            lines.append(
+                f"Accepted {self.accepted_draft_tokens}/{self.total_draft_tokens} draft tokens "
+                f"({100 * self.acceptance_rate:.1f}%), {self.mean_tokens_per_round:.2f} tokens per round"
+            )
+        lines.append(f"Peak memory: {self.peak_memory:.3f} GB")
+        return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""Rollback of every cache kind in both models, early stop, and reuse across calls."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+from mlx_spec import GenerationStats, make_prompt_cache, speculative_generate_step
+from mlx_spec.cache import SLACK, SlackRotatingCache
+from tiny import first_layers, make_model, perturbed, reference, spec
+
+
+@pytest.fixture(scope="module")
+def pair():
+    # qwen2: mlx-lm honours max_kv_size for it (llama's own make_cache ignores it, in mlx-lm and here)
+    main = make_model("qwen2", layers=4)
+    return main, perturbed(main, 0.005)
+
+
+@pytest.mark.parametrize("prompt_len", [3, 12, 40])
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_rotating_cache_matches_mlx_lm_long_after_the_wrap(pair, prompt_len, k):
+    main, draft = pair
+    window = 16
+    prompt = [(7 * i + 3) % 90 + 3 for i in range(prompt_len)]
+    expected = reference(main, prompt, 10 * window, max_kv_size=window)
+    assert expected != reference(main, prompt, 10 * window)  # the window really changes the output
+    stats = GenerationStats()
+    got = spec(prompt, main, draft, num_draft_tokens=k, max_tokens=10 * window, max_kv_size=window, stats=stats)
+    assert got == expected
+    assert 0 < stats.accepted_draft_tokens < stats.total_draft_tokens
+
+
+def test_all_accepted_with_a_rotating_cache(pair):
+    main, _ = pair
+    prompt = [5, 6, 7]
+    stats = GenerationStats()
+    got = spec(prompt, main, main, num_draft_tokens=6, max_tokens=120, max_kv_size=12, stats=stats)
+    assert got == reference(main, prompt, 120, max_kv_size=12)
+    assert stats.acceptance_rate == 1.0
+
+
+def windowed_argmax_mismatches(model, tokens, num_prompt):
+    """Positions where a full forward over the whole text (window mask) disagrees with the text."""
+    logits = model(mx.array(tokens)[None])[0].astype(mx.float32)
+    bad = []
+    for t in range(num_prompt - 1, len(tokens) - 1):
+        row = np.array(logits[t])
+        top2 = np.sort(row)[-2:]
+        if int(row.argmax()) != tokens[t + 1] and top2[1] - top2[0] > 1e-4:
+            bad.append(t)
+    return bad
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_sliding_window_model(k):
+    main = make_model("gemma3_text", layers=4, window=8)
+    draft = perturbed(main, 0.005)
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26]  # longer than the window
+    expected = reference(main, prompt, 100)
+    got = spec(prompt, main, draft, num_draft_tokens=k, max_tokens=100)
+    assert got == expected
+    assert windowed_argmax_mismatches(main, prompt + got, len(prompt)) == []
+
+
+def test_quantized_kv_cache_matches_mlx_lm():
+    main = make_model("qwen2", layers=4, hidden=128)  # head dim 32: one quantization group
+    draft = perturbed(main, 0.005)
+    prompt = [1, 5, 9, 22, 3]
+    kw = dict(kv_bits=4, kv_group_size=32, quantized_kv_start=20)
+    expected = reference(main, prompt, 80, **kw)
+    assert expected != reference(main, prompt, 80)
+    cache = make_prompt_cache(main, draft)
+    got = spec(prompt, main, draft, num_draft_tokens=5, max_tokens=80, prompt_cache=cache, **kw)
+    assert got == expected
+    assert all(isinstance(c, QuantizedKVCache) for c in cache.main + cache.draft)
+
+
+def check_consistent(cache):
+    """Both caches hold a prefix of the conversation, ending before its last token."""
+    assert cache.main_offset == len(cache.tokens) - 1
+    assert cache.draft_offset <= len(cache.tokens) - 1
+
+
+@pytest.mark.parametrize("max_kv_size", [None, 16])
+def test_early_stop_then_continue_equals_a_fresh_run(pair, max_kv_size):
+    main, draft = pair
+    prompt = [1, 5, 9, 22, 3]
+    cache = make_prompt_cache(main, draft, max_kv_size=max_kv_size)
+    steps = speculative_generate_step(prompt, main, draft, num_draft_tokens=5, max_tokens=100, prompt_cache=cache)
+    first = [next(steps)[0] for _ in range(23)]  # stop in the middle of a round
+    steps.close()
+    assert cache.tokens == prompt + first
+    check_consistent(cache)
+
+    turn = [30, 31, 32]
+    stats = GenerationStats()
+    cont = spec(turn, main, draft, num_draft_tokens=5, max_tokens=30, prompt_cache=cache, stats=stats, max_kv_size=None)
+    assert stats.prompt_tokens == len(turn) + 1  # only the new tokens (and the last one generated)
+    fresh = make_prompt_cache(main, draft, max_kv_size=max_kv_size)
+    prefix = spec(prompt, main, draft, num_draft_tokens=5, max_tokens=23, prompt_cache=fresh)
+    assert prefix == first
+    assert cont == spec(turn, main, draft, num_draft_tokens=5, max_tokens=30, prompt_cache=fresh)
+
+
+def test_exception_in_the_consumer_leaves_caches_consistent(pair):
+    main, draft = pair
+    cache = make_prompt_cache(main, draft)
+    seen = []
+    with pytest.raises(RuntimeError):
+        for token, _, _ in speculative_generate_step([4, 8], main, draft, num_draft_tokens=4, prompt_cache=cache):
+            seen.append(token)
+            if len(seen) == 9:
+                raise RuntimeError("consumer failed")
+    assert cache.tokens == [4, 8] + seen
+    check_consistent(cache)
+    more = spec([9], main, draft, num_draft_tokens=4, max_tokens=20, prompt_cache=cache)
+    assert more == reference(main, [4, 8] + seen + [9], 20)
+
+
+def test_cache_reuse_across_turns_equals_one_long_prompt(pair):
+    main, draft = pair
+    cache = make_prompt_cache(main, draft)
+    turn1 = spec([2, 3, 4], main, draft, max_tokens=15, prompt_cache=cache)
+    turn2 = spec([50, 51], main, draft, max_tokens=15, prompt_cache=cache)
+    assert turn2 == reference(main, [2, 3, 4] + turn1 + [50, 51], 15)
+    check_consistent(cache)
+
+
+def test_cache_kinds_after_a_rotating_run(pair):
+    main, draft = pair
+    cache = make_prompt_cache(main, draft, max_kv_size=16)
+    spec([1, 2, 3], main, draft, max_tokens=50, prompt_cache=cache)
+    assert all(isinstance(c, SlackRotatingCache) for c in cache.main + cache.draft)
+    assert all(c.keys.shape[2] == 16 + SLACK for c in cache.main)  # bounded memory
+
+
+def test_slack_cache_refuses_rollback_beyond_its_slack():
+    cache = SlackRotatingCache(max_size=8, keep=4)
+    kv = mx.zeros((1, 1, 1, 4))
+    for _ in range(100):
+        cache.update_and_fetch(kv, kv)
+    assert cache.can_trim_to(100 - SLACK)
+    assert not cache.can_trim_to(100 - SLACK - 1)
+    with pytest.raises(AssertionError):
+        cache.trim(SLACK + 1)
+
+
+def test_plain_kv_cache_stays_plain_without_kv_bits(pair):
+    main, draft = pair
+    cache = make_prompt_cache(main, draft)
+    spec([1, 2], main, draft, max_tokens=10, prompt_cache=cache)
+    assert all(type(c) is KVCache for c in cache.main + cache.draft)

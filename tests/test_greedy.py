@@ -1,0 +1,80 @@
+"""Greedy output is token-for-token the main model's own, for every architecture, draft and k."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+
+from mlx_spec import GenerationStats, speculative_generate_step
+from tiny import first_layers, make_model, perturbed, quantized, reference, spec
+
+PROMPTS = [[1, 5, 9, 22, 3], [7], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52], [90, 2, 90, 2]]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return make_model("llama", layers=4)
+
+
+@pytest.mark.parametrize("k", range(1, 17))
+def test_every_draft_length(llama, k):
+    draft = perturbed(llama, 0.005)
+    for prompt in PROMPTS[:2]:
+        stats = GenerationStats()
+        assert spec(prompt, llama, draft, num_draft_tokens=k, max_tokens=40, stats=stats) == reference(llama, prompt, 40)
+        assert 0 < stats.accepted_draft_tokens < stats.total_draft_tokens  # both paths exercised
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
+def test_architectures_and_drafts(arch):
+    main = make_model(arch, layers=4)
+    drafts = {"perturbed": perturbed(main, 0.01), "first layers": first_layers(main, 2), "itself": main}
+    for prompt in PROMPTS:
+        expected = reference(main, prompt, 48)
+        for name, draft in drafts.items():
+            for k in (2, 5):
+                stats = GenerationStats()
+                got = spec(prompt, main, draft, num_draft_tokens=k, max_tokens=48, stats=stats)
+                assert got == expected, (name, k, prompt)
+                if name == "itself":  # every draft accepted: the draft cache must not fall a token behind
+                    assert stats.acceptance_rate == 1.0
+
+
+def test_no_draft_is_plain_decoding(llama):
+    for prompt in PROMPTS:
+        stats = GenerationStats()
+        assert spec(prompt, llama, None, max_tokens=30, stats=stats) == reference(llama, prompt, 30)
+        assert stats.num_rounds == 30 and stats.total_draft_tokens == 0
+
+
+def top2_gap(model, tokens):
+    logits = model(mx.array(tokens)[None])[0, -1].astype(mx.float32)
+    top = np.sort(np.array(logits))[-2:]
+    return float(top[1] - top[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_four_bit_diverges_only_at_near_ties(arch):
+    main = quantized(make_model(arch, layers=4))
+    draft = quantized(perturbed(make_model(arch, layers=4), 0.005))
+    checked = 0
+    for prompt in PROMPTS:
+        for k in (1, 3, 6):
+            expected = reference(main, prompt, 40)
+            got = spec(prompt, main, draft, num_draft_tokens=k, max_tokens=40)
+            diverged = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+            if diverged is not None:
+                gap = top2_gap(main, prompt + expected[:diverged])
+                assert gap < 1e-3, f"diverged at {diverged} although the top-2 gap is {gap}"
+            checked += 1
+    assert checked == 12
+
+
+def test_logits_match_plain_decoding(llama):
+    """The logprobs yielded with each token are the main model's at that position."""
+    draft = perturbed(llama, 0.005)
+    prompt = PROMPTS[0]
+    plain = [lp for _, lp in generate_step(mx.array(prompt), llama, max_tokens=20)]
+    ours = [lp for _, lp, _ in speculative_generate_step(prompt, llama, draft, num_draft_tokens=4, max_tokens=20)]
+    for a, b in zip(plain, ours):
+        assert np.allclose(np.array(a), np.array(b), atol=1e-4)
