@@ -75,7 +75,7 @@ def rounds(
         if key is not None:
             key, draft_key, accept_key = mx.random.split(key, 3)
         history = mx.array(tokens, mx.int32) if logits_processors else None
-        draft_tokens, draft_probs = mx.zeros((0,), mx.int32), None
+        draft_tokens, draft_probs = mx.zeros((0,), mx.int32), mx.zeros((0, vocab_size))
         if num_draft > 0:
             draft_tokens, draft_probs = propose(
                 draft_model, caches.draft, tokens[caches.draft_offset :], num_draft, vocab_size,

@@ -1,0 +1,191 @@
+"""The public API end to end: streaming, stops, statistics, logits processors, drafts, bad input."""
+
+import pytest
+from mlx_lm.sample_utils import make_logits_processors
+
+import mlx_spec
+from mlx_spec import GenerationStats, IncompatibleDraftError, check_draft, make_prompt_cache, stream_generate
+from tiny import VOCAB, make_model, perturbed, reference, save_model, spec, toy_tokenizer
+
+PROMPT = [1, 5, 9, 22, 3]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    main = make_model("qwen2", layers=4)
+    return main, perturbed(main, 0.005)
+
+
+def test_generate_text_and_stream_agree(pair):
+    main, draft = pair
+    tok = toy_tokenizer(eos="<unk>")  # an end token the model never picks here
+    expected = reference(main, PROMPT, 25)
+    responses = list(stream_generate(main, tok, PROMPT, draft_model=draft, max_tokens=25, num_draft_tokens=3))
+    assert [r.token for r in responses] == expected
+    assert [r.finish_reason for r in responses] == [None] * 24 + ["length"]
+    text = mlx_spec.generate(main, tok, PROMPT, draft_model=draft, max_tokens=25, num_draft_tokens=3)
+    assert text == "".join(r.text for r in responses)
+    assert text.split() == [f"w{t}" for t in expected]
+    last = responses[-1]
+    assert last.generation_tokens == 25 and last.prompt_tokens == len(PROMPT)
+    assert last.stats.acceptance_rate > 0.3
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_end_token_stops_and_nothing_follows(pair, k):
+    main, _ = pair
+    expected = reference(main, PROMPT, 40)
+    stop_at = next(i for i in range(5, 40) if expected[i] not in expected[:i])
+    eos = expected[stop_at]
+    tok = toy_tokenizer(eos=f"w{eos}")
+    cache = make_prompt_cache(main, main)
+    responses = list(stream_generate(main, tok, PROMPT, draft_model=main, prompt_cache=cache, max_tokens=40, num_draft_tokens=k))
+    assert [r.token for r in responses] == expected[: stop_at + 1]
+    assert responses[-1].finish_reason == "stop"
+    assert cache.tokens == PROMPT + expected[: stop_at + 1]  # nothing after the end token, even in the caches
+    assert cache.main_offset == len(cache.tokens) - 1
+
+
+def test_end_token_proposed_by_the_draft_is_accepted(pair):
+    main, _ = pair
+    expected = reference(main, PROMPT, 40)
+    # With the main model as its own draft and k = 16, tokens 0..15 come from the draft
+    eos = next(expected[i] for i in range(5, 16) if expected[i] not in expected[:i])
+    tok = toy_tokenizer(eos=f"w{eos}")
+    responses = list(stream_generate(main, tok, PROMPT, draft_model=main, max_tokens=40, num_draft_tokens=16))
+    assert responses[-1].token == eos and responses[-1].from_draft
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1, 2, 7, 33])
+@pytest.mark.parametrize("k", [1, 5])
+def test_max_tokens_exactly(pair, max_tokens, k):
+    main, draft = pair
+    stats = GenerationStats()
+    out = spec(PROMPT, main, draft, num_draft_tokens=k, max_tokens=max_tokens, stats=stats)
+    assert out == reference(main, PROMPT, max_tokens)[:max_tokens]
+    assert len(out) == max_tokens
+
+
+def test_statistics_add_up(pair):
+    main, draft = pair
+    stats = GenerationStats()
+    out = spec(PROMPT, main, draft, num_draft_tokens=4, max_tokens=64, stats=stats)
+    assert stats.accepted_draft_tokens + stats.rejected_draft_tokens == stats.total_draft_tokens
+    assert stats.generation_tokens == len(out) == stats.accepted_draft_tokens + stats.num_rounds
+    assert stats.host_syncs == stats.num_rounds  # one host read per round
+    assert sum(stats.draft_lengths.values()) == stats.num_rounds
+    assert sum(k * n for k, n in stats.draft_lengths.items()) == stats.total_draft_tokens
+    assert stats.mean_tokens_per_round == pytest.approx(len(out) / stats.num_rounds)
+    assert stats.prompt_tokens == len(PROMPT)
+    assert stats.generation_tps > 0 and stats.prompt_tps > 0 and stats.peak_memory > 0
+    assert 0 < stats.time_to_first_token < stats.prompt_time + stats.generation_time
+    d = stats.as_dict()
+    assert d["acceptance_rate"] == stats.acceptance_rate and d["rejected_draft_tokens"] == stats.rejected_draft_tokens
+    assert "Accepted" in stats.summary()
+
+
+def ban_history(tokens, logits):
+    """A logits processor: never repeat a token of the last 6 (depends on the exact history)."""
+    logits[:, tokens[-6:]] = -1e9
+    return logits
+
+
+@pytest.mark.parametrize("temp_free_processors", ["repetition", "ban"])
+def test_logits_processors_see_plain_decodings_history(pair, temp_free_processors):
+    main, draft = pair
+    procs = make_logits_processors(repetition_penalty=2.0) if temp_free_processors == "repetition" else [ban_history]
+    expected = reference(main, PROMPT, 40, logits_processors=procs)
+    assert expected != reference(main, PROMPT, 40)
+    for k in (1, 3, 7):
+        stats = GenerationStats()
+        assert spec(PROMPT, main, draft, num_draft_tokens=k, max_tokens=40, logits_processors=procs, stats=stats) == expected
+        assert stats.accepted_draft_tokens > 0
+
+
+@pytest.mark.parametrize("draft_vocab", [VOCAB + 23, VOCAB - 7])
+def test_draft_with_a_padded_or_shorter_vocabulary(pair, draft_vocab):
+    main, _ = pair
+    draft = make_model("qwen2", layers=2, vocab=draft_vocab, seed=3)
+    assert spec(PROMPT, main, draft, num_draft_tokens=3, max_tokens=30) == reference(main, PROMPT, 30)
+    spec(PROMPT, main, draft, num_draft_tokens=3, max_tokens=10, temp=1.0, seed=0)  # sampling too
+
+
+def test_incompatible_draft_is_refused(tmp_path, pair):
+    main, draft = pair
+    main_dir = save_model(main, toy_tokenizer(), tmp_path / "main")
+    good_dir = save_model(draft, toy_tokenizer(), tmp_path / "good")
+    bad_dir = save_model(draft, toy_tokenizer(prefix="v"), tmp_path / "bad")
+    eos_dir = save_model(draft, toy_tokenizer(eos="w3"), tmp_path / "eos")
+    m, tok = mlx_spec.load(str(main_dir))
+    good, _ = mlx_spec.load(str(good_dir))
+    assert mlx_spec.generate(m, tok, PROMPT, draft_model=good, max_tokens=5)
+    bad, _ = mlx_spec.load(str(bad_dir))
+    with pytest.raises(IncompatibleDraftError, match=r"main .*main.* and draft .*bad.* different vocabularies.*'w3' vs 'v3'"):
+        mlx_spec.generate(m, tok, PROMPT, draft_model=bad, max_tokens=5)
+    with pytest.raises(IncompatibleDraftError, match="different vocabularies"):
+        list(mlx_spec.speculative_generate_step(PROMPT, m, bad, max_tokens=5))
+    eos, _ = mlx_spec.load(str(eos_dir))
+    with pytest.raises(IncompatibleDraftError, match="eos_token"):
+        check_draft(m, eos)
+
+
+def test_load_errors_name_the_source(tmp_path):
+    with pytest.raises(ValueError, match="nowhere/at/all"):
+        mlx_spec.load(str(tmp_path / "nowhere/at/all"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        mlx_spec.load(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="missing.gguf"):
+        mlx_spec.load(str(tmp_path / "missing.gguf"))
+
+
+BAD = [
+    (dict(num_draft_tokens=0), "num_draft_tokens.*0"),
+    (dict(num_draft_tokens=-2), "num_draft_tokens.*-2"),
+    (dict(num_draft_tokens=33), "num_draft_tokens.*33"),
+    (dict(num_draft_tokens=2.5), "num_draft_tokens.*2.5"),
+    (dict(max_tokens=-1), "max_tokens.*-1"),
+    (dict(temp=-0.5), "temp.*-0.5"),
+    (dict(top_p=0.0), "top_p.*0.0"),
+    (dict(top_p=1.5), "top_p.*1.5"),
+    (dict(top_k=-1), "top_k.*-1"),
+    (dict(min_p=-0.1), "min_p.*-0.1"),
+    (dict(min_p=1.0), "min_p.*1.0"),
+    (dict(max_kv_size=6, num_draft_tokens=4), "max_kv_size=6.*num_draft_tokens=4"),
+    (dict(kv_bits=7), "kv_bits.*7"),
+    (dict(kv_bits=4, kv_group_size=48), "kv_group_size.*48"),
+    (dict(prompt_cache=[]), "prompt_cache"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD)
+def test_bad_input_is_a_value_error_naming_the_value(pair, kwargs, message):
+    main, draft = pair
+    with pytest.raises(ValueError, match=message):
+        spec(PROMPT, main, draft, **kwargs)
+
+
+def test_bad_prompts(pair):
+    main, draft = pair
+    with pytest.raises(ValueError, match="empty"):
+        spec([], main, draft)
+    with pytest.raises(ValueError, match=f"\\[0, {VOCAB}\\).*{VOCAB + 5}"):
+        spec([1, VOCAB + 5], main, draft)
+    with pytest.raises(ValueError, match="empty"):
+        list(stream_generate(main, toy_tokenizer(), "", draft_model=draft))
+
+
+def test_kv_group_size_that_does_not_divide_the_head_dimension(pair):
+    main, draft = pair
+    with pytest.raises(ValueError, match="kv_group_size=64 does not divide the model's head dimension 16"):
+        spec(PROMPT, main, draft, kv_bits=4, kv_group_size=64, quantized_kv_start=2, max_tokens=4)
+
+
+def test_bad_input_leaves_a_reused_cache_untouched(pair):
+    main, draft = pair
+    cache = make_prompt_cache(main, draft)
+    spec(PROMPT, main, draft, max_tokens=5, prompt_cache=cache)
+    before = list(cache.tokens)
+    with pytest.raises(ValueError):
+        spec([3], main, draft, temp=-1, prompt_cache=cache)
+    assert cache.tokens == before

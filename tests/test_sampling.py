@@ -1,0 +1,98 @@
+"""Sampled output follows the main model's distribution; acceptance reaches sum min(p, q)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_spec import GenerationStats, speculative_generate_step
+from test_accept import CRITICAL, chi_squared
+from tiny import make_model, perturbed, spec
+
+VOCAB = 12
+PROMPT = [3, 7, 1]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    main = make_model("qwen2", layers=2, vocab=VOCAB, scale=1.0)
+    return main, perturbed(main, 0.3)
+
+
+def np_softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def shaped(logits, temp, top_p=1.0, top_k=0, min_p=0.0):
+    """Reference sampling distribution, written independently of mlx_spec.sampling."""
+    logprobs = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    keep = np.ones_like(logits, bool)
+    if top_p < 1:
+        order = np.argsort(-logprobs)
+        mass_before = np.cumsum(np.exp(logprobs[order])) - np.exp(logprobs[order])
+        keep[order[mass_before >= top_p]] = False
+    if min_p > 0:
+        keep &= logprobs >= logprobs.max() + np.log(min_p)
+    if top_k:
+        keep[np.argsort(-logprobs)[top_k:]] = False
+    scores = np.where(keep, logprobs / temp, -np.inf)
+    return np_softmax(scores)
+
+
+def next_dist(model, tokens, **shape):
+    logits = np.array(model(mx.array(tokens)[None])[0, -1].astype(mx.float32))
+    return shaped(logits, **shape)
+
+
+SHAPES = [dict(temp=1.0), dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_first_two_tokens_follow_the_main_distribution(pair, shape):
+    main, draft = pair
+    p1 = next_dist(main, PROMPT, **shape)
+    p2 = sum(p1[x] * next_dist(main, PROMPT + [x], **shape) for x in range(VOCAB) if p1[x] > 0)
+    runs = 1000
+    firsts, seconds = [], []
+    for seed in range(runs):
+        out = spec(PROMPT, main, draft, num_draft_tokens=3, max_tokens=3, seed=seed, **shape)
+        firsts.append(out[0])
+        seconds.append(out[1])
+    for tokens, p in ((firsts, p1), (seconds, p2)):
+        stat, dof = chi_squared(np.bincount(tokens, minlength=VOCAB), p)
+        assert stat < CRITICAL.get(dof, 3 * dof + 10), (np.bincount(tokens, minlength=VOCAB), p * runs)
+
+
+def test_acceptance_rate_is_sum_of_min_p_q(pair):
+    main, draft = pair
+    p = next_dist(main, PROMPT, temp=1.0)
+    q = next_dist(draft, PROMPT, temp=1.0)
+    runs = 1000
+    accepted = 0
+    for seed in range(runs):
+        stats = GenerationStats()
+        spec(PROMPT, main, draft, num_draft_tokens=1, max_tokens=2, seed=seed, temp=1.0, stats=stats)
+        assert stats.total_draft_tokens == 1  # one draft token, in the first round
+        accepted += stats.accepted_draft_tokens
+    theory = np.minimum(p, q).sum()
+    exact_match = (p * q).sum()
+    sigma = np.sqrt(theory * (1 - theory) / runs)
+    assert abs(accepted / runs - theory) < 4 * sigma, (accepted / runs, theory)
+    assert theory - exact_match > 8 * sigma  # far above "accept only if main's own sample equals the draft"
+
+
+def test_seed_makes_a_run_reproducible(pair):
+    main, draft = pair
+    a = spec(PROMPT, main, draft, num_draft_tokens=3, max_tokens=30, temp=0.8, seed=7)
+    b = spec(PROMPT, main, draft, num_draft_tokens=3, max_tokens=30, temp=0.8, seed=7)
+    c = spec(PROMPT, main, draft, num_draft_tokens=3, max_tokens=30, temp=0.8, seed=8)
+    assert a == b
+    assert a != c
+
+
+def test_sampled_from_draft_flags_match_acceptance(pair):
+    main, draft = pair
+    stats = GenerationStats()
+    flags = [f for _, _, f in speculative_generate_step(PROMPT, main, draft, num_draft_tokens=4, max_tokens=60, temp=1.0, seed=1, stats=stats)]
+    assert sum(flags) == stats.accepted_draft_tokens
+    assert len(flags) == 60 == stats.accepted_draft_tokens + stats.num_rounds
