@@ -5,7 +5,8 @@ from mlx_lm.sample_utils import make_logits_processors
 
 import mlx_spec
 from mlx_spec import GenerationStats, IncompatibleDraftError, check_draft, make_prompt_cache, stream_generate
-from tiny import VOCAB, make_model, perturbed, reference, save_model, spec, toy_tokenizer
+from tiny import VOCAB, make_model, perturbed, reference, spec, toy_tokenizer
+from tiny_folders import save_model_folder
 
 PROMPT = [1, 5, 9, 22, 3]
 
@@ -110,8 +111,10 @@ def test_draft_with_a_padded_or_shorter_vocabulary(pair, draft_vocab):
     spec(PROMPT, main, draft, num_draft_tokens=3, max_tokens=10, temp=1.0, seed=0)  # sampling too
 
 
-def test_incompatible_draft_is_refused(tmp_path, pair):
-    main, draft = pair
+def test_incompatible_draft_is_refused(tmp_path):
+    main = make_model("llama", layers=2)
+    draft = perturbed(main, 0.005)
+    save_model = save_model_folder
     main_dir = save_model(main, toy_tokenizer(), tmp_path / "main")
     good_dir = save_model(draft, toy_tokenizer(), tmp_path / "good")
     bad_dir = save_model(draft, toy_tokenizer(prefix="v"), tmp_path / "bad")

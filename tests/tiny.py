@@ -82,17 +82,3 @@ def toy_tokenizer(vocab: int = VOCAB, eos: str = "</s>", prefix: str = "w"):
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token=eos, unk_token="<unk>")
 
-
-def save_model(model, tokenizer, path):
-    """Write `model` and `tokenizer` as an MLX model folder that mlx_lm.load (and mlx_spec.load) reads."""
-    import dataclasses
-    import json
-    from pathlib import Path
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
-    (path / "config.json").write_text(json.dumps(config))
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    tokenizer.save_pretrained(str(path))
-    return path

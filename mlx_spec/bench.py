@@ -1,0 +1,406 @@
+"""The benchmark: the main model alone, our engine and mlx-lm's speculative decoding, side by side.
+
+Every run starts on fresh caches; variants are interleaved (A B C A B C ...) after
+one warm-up, so that drift on a noisy machine hits all of them alike.
+"""
+
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.generate import speculative_generate_step as mlx_lm_speculative
+from mlx_lm.sample_utils import make_sampler
+
+from .generate import speculative_generate_step
+from .stats import GenerationStats
+
+PROMPTS = {
+    "quicksort": "Write a quicksort algorithm in Python. Write code only.",
+    "quadratic": "What is the quadratic equation formula?",
+    "story": "Write a story that begins: 'The door creaked open...'",
+    "pythagoras": "Explain the Pythagorean theorem",
+    "dc-trip": "Plan a 1 day trip to DC",
+}
+
+# LM Studio 0.3.10, MLX engine, M3 Pro 36 GB: (main, draft, prompt, tok/s alone, tok/s with draft)
+PRESETS = {
+    "lmstudio-m3pro": [
+        ("mlx-community/Qwen2.5-32B-Instruct-4bit", "mlx-community/Qwen2.5-0.5B-Instruct-4bit",
+         "Write a quicksort algorithm in Python. Write code only.", 7.30, 17.74),
+        ("mlx-community/Meta-Llama-3.1-8B-Instruct-4bit", "mlx-community/Llama-3.2-1B-Instruct-4bit",
+         "Explain the Pythagorean theorem", 29.65, 50.91),
+    ],
+}
+
+MAIN_ALONE, OURS, OURS_PLAIN, MLX_LM = "main alone", "mlx_spec", "mlx_spec, no draft", "mlx-lm"
+
+
+@dataclass
+class Run:
+    prompt: str
+    variant: str
+    num_draft: Optional[int]
+    temp: float
+    rep: int
+    tokens: int
+    seconds: float  # wall time from the call to the last token, prompt included
+    time_to_first_token: float
+    prompt_tokens: int
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    rounds: int = 0
+    peak_memory: float = 0.0
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.seconds
+
+
+def _run_ours(main, draft, prompt, max_tokens, temp, num_draft, seed):
+    stats = GenerationStats()
+    steps = speculative_generate_step(prompt, main, draft, num_draft_tokens=num_draft or 1,
+                                      max_tokens=max_tokens, temp=temp, seed=seed, stats=stats)
+    for _ in steps:
+        pass
+    return stats.total_draft_tokens, stats.accepted_draft_tokens, stats.num_rounds, stats.time_to_first_token
+
+
+def _run_mlx_lm(main, draft, prompt, max_tokens, temp, num_draft, seed):
+    mx.random.seed(seed)
+    sampler = make_sampler(temp)
+    start = time.perf_counter()
+    first = None
+    if draft is None:
+        for _ in generate_step(mx.array(prompt), main, max_tokens=max_tokens, sampler=sampler):
+            first = first or time.perf_counter() - start
+        return 0, 0, max_tokens, first
+    drafted = accepted = rounds = emitted = 0
+    steps = mlx_lm_speculative(mx.array(prompt), main, draft, num_draft_tokens=num_draft,
+                               max_tokens=max_tokens, sampler=sampler)
+    for _, _, from_draft in steps:
+        first = first or time.perf_counter() - start
+        if emitted == 0 or not previous_from_draft:  # a round starts: mlx-lm drafts min(k, tokens left)
+            drafted += min(num_draft, max_tokens - emitted)
+        previous_from_draft = from_draft
+        emitted += 1
+        accepted += from_draft
+        rounds += not from_draft
+    return drafted, accepted, rounds, first
+
+
+def run_once(variant, num_draft, main, draft, prompt, max_tokens, temp, rep, prompt_name) -> Run:
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    if variant == MAIN_ALONE:
+        counts = _run_mlx_lm(main, None, prompt, max_tokens, temp, None, rep)
+    elif variant == MLX_LM:
+        counts = _run_mlx_lm(main, draft, prompt, max_tokens, temp, num_draft, rep)
+    else:
+        counts = _run_ours(main, draft if variant == OURS else None, prompt, max_tokens, temp, num_draft, rep)
+    seconds = time.perf_counter() - start
+    drafted, accepted, rounds, first = counts
+    return Run(prompt_name, variant, num_draft, temp, rep, max_tokens, seconds, first, len(prompt),
+               drafted, accepted, rounds, mx.get_peak_memory() / 1e9)
+
+
+def decode_step_seconds(model, prompt, steps: int = 12) -> float:
+    """Seconds per plain decoding step of `model` after `prompt` (for the cost ratio c)."""
+    gen = generate_step(mx.array(prompt), model, max_tokens=steps + 2)
+    next(gen)
+    next(gen)
+    start = time.perf_counter()
+    for _ in gen:
+        pass
+    return (time.perf_counter() - start) / steps
+
+
+def predicted_speedup(tokens_per_round: float, num_draft: int, cost_ratio: float):
+    """Leviathan et al.: (1 - a^(k+1)) / ((1 - a)(k c + 1)), with a solved from the measured tokens per round.
+
+    Returns (alpha, predicted speed-up). The verify pass is counted as one main step,
+    so measured / predicted shows the engine's own overhead.
+    """
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # tokens per round (1 - a^(k+1)) / (1 - a) grows with a
+        a = (lo + hi) / 2
+        tau = sum(a**i for i in range(num_draft + 1))
+        lo, hi = (a, hi) if tau < tokens_per_round else (lo, a)
+    alpha = (lo + hi) / 2
+    tau = sum(alpha**i for i in range(num_draft + 1))
+    return alpha, tau / (num_draft * cost_ratio + 1)
+
+
+@dataclass
+class Config:
+    prompts: Dict[str, str]
+    max_tokens: int = 256
+    draft_lengths: List[int] = field(default_factory=lambda: list(range(1, 9)))
+    temps: List[float] = field(default_factory=lambda: [0.0])
+    repetitions: int = 1
+    peer: bool = True
+    ours_plain: bool = True
+
+
+def variants(cfg: Config, has_draft: bool):
+    out = [(MAIN_ALONE, None)]
+    if cfg.ours_plain:
+        out.append((OURS_PLAIN, None))
+    if has_draft:
+        out += [(OURS, k) for k in cfg.draft_lengths]
+        if cfg.peer:
+            out += [(MLX_LM, k) for k in cfg.draft_lengths]
+    return out
+
+
+def run_benchmark(main, draft, tokenizer, cfg: Config, progress: Callable[[str], None] = print) -> dict:
+    encoded = {name: _encode(tokenizer, text) for name, text in cfg.prompts.items()}
+    plan = variants(cfg, draft is not None)
+    progress(f"warm-up ({len(plan)} variants)")
+    first_prompt = next(iter(encoded.values()))
+    for variant, k in plan:
+        run_once(variant, k, main, draft, first_prompt, 4, 0.0, 0, "warm-up")
+    cost = {}
+    if draft is not None:
+        for name, prompt in encoded.items():
+            cost[name] = decode_step_seconds(draft, prompt) / decode_step_seconds(main, prompt)
+            progress(f"{name}: draft step / main step = {cost[name]:.3f}")
+    runs = []
+    total = cfg.repetitions * len(cfg.temps) * len(encoded) * len(plan)
+    for rep in range(cfg.repetitions):
+        for temp in cfg.temps:
+            for name, prompt in encoded.items():
+                for variant, k in plan:
+                    run = run_once(variant, k, main, draft, prompt, cfg.max_tokens, temp, rep, name)
+                    runs.append(run)
+                    progress(f"[{len(runs)}/{total}] {name} temp={temp} {variant}"
+                             f"{'' if k is None else f' k={k}'}: {run.tps:.2f} tok/s")
+    return {"config": asdict(cfg), "cost_ratio": cost, "runs": [dict(asdict(r), tps=r.tps) for r in runs],
+            "summary": summarize(runs, cost)}
+
+
+def _encode(tokenizer, text: str) -> List[int]:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return tokenizer.encode(text)
+
+
+def summarize(runs: List[Run], cost: Dict[str, float]) -> List[dict]:
+    """One row per (temp, prompt, variant, k): medians over repetitions, ratios to the main model alone."""
+    groups: Dict[tuple, List[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.temp, r.prompt, r.variant, r.num_draft), []).append(r)
+    rows = []
+    for (temp, prompt, variant, k), group in groups.items():
+        base = statistics.median(r.tps for r in groups[(temp, prompt, MAIN_ALONE, None)])
+        tps = statistics.median(r.tps for r in group)
+        drafted = sum(r.draft_tokens for r in group)
+        rounds = sum(r.rounds for r in group)
+        row = dict(temp=temp, prompt=prompt, variant=variant, num_draft=k, tps=tps, speedup=tps / base,
+                   acceptance=sum(r.accepted_tokens for r in group) / drafted if drafted else None,
+                   tokens_per_round=sum(r.tokens for r in group) / rounds if rounds else None,
+                   time_to_first_token=statistics.median(r.time_to_first_token for r in group),
+                   prompt_tps=statistics.median(r.prompt_tokens / r.time_to_first_token for r in group),
+                   peak_memory=max(r.peak_memory for r in group), predicted=None, efficiency=None)
+        if k and prompt in cost and row["tokens_per_round"]:
+            row["alpha"], row["predicted"] = predicted_speedup(row["tokens_per_round"], k, cost[prompt])
+            row["efficiency"] = row["speedup"] / row["predicted"]
+        rows.append(row)
+    return rows
+
+
+def _fmt(x, spec=".2f"):
+    return "" if x is None else format(x, spec)
+
+
+def markdown(result: dict) -> str:
+    rows = result["summary"]
+    out = ["| temp | prompt | variant | k | tok/s | speed-up | accepted | tokens/round | predicted | efficiency | TTFT s | peak GB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['temp']} | {r['prompt']} | {r['variant']} | {_fmt(r['num_draft'], 'd')} | {r['tps']:.2f} "
+                   f"| {r['speedup']:.2f}x | {_fmt(r['acceptance'] and 100 * r['acceptance'], '.0f')}{'%' if r['acceptance'] is not None else ''} "
+                   f"| {_fmt(r['tokens_per_round'])} | {_fmt(r['predicted'])} | {_fmt(r['efficiency'])} "
+                   f"| {r['time_to_first_token']:.2f} | {r['peak_memory']:.2f} |")
+    out += ["", "| temp | prompt | main alone tok/s | mlx_spec best | mlx-lm best | mlx_spec / mlx-lm |", "|---|---|---|---|---|---|"]
+    for temp, prompt in dict.fromkeys((r["temp"], r["prompt"]) for r in rows):
+        mine = [r for r in rows if (r["temp"], r["prompt"], r["variant"]) == (temp, prompt, OURS)]
+        peer = [r for r in rows if (r["temp"], r["prompt"], r["variant"]) == (temp, prompt, MLX_LM)]
+        base = next(r["tps"] for r in rows if (r["temp"], r["prompt"], r["variant"]) == (temp, prompt, MAIN_ALONE))
+        best = max(mine, key=lambda r: r["tps"]) if mine else None
+        best_peer = max(peer, key=lambda r: r["tps"]) if peer else None
+        out.append(f"| {temp} | {prompt} | {base:.2f} "
+                   f"| {_best(best)} | {_best(best_peer)} "
+                   f"| {_fmt(best and best_peer and best['tps'] / best_peer['tps'])}{'x' if best and best_peer else ''} |")
+    return "\n".join(out)
+
+
+def _best(row) -> str:
+    return "" if row is None else f"{row['speedup']:.2f}x (k={row['num_draft']})"
+
+
+def plot(result: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["summary"] if r["num_draft"]]
+    panels = sorted({(r["temp"], r["prompt"]) for r in rows})
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.6), squeeze=False)
+    for ax, (temp, prompt) in zip(axes[0], panels):
+        for variant, style in ((OURS, "o-"), (MLX_LM, "s--")):
+            pts = sorted((r["num_draft"], r["speedup"]) for r in rows if (r["temp"], r["prompt"], r["variant"]) == (temp, prompt, variant))
+            if pts:
+                ax.plot(*zip(*pts), style, label=variant)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_title(f"{prompt}, temp {temp}")
+        ax.set_xlabel("draft tokens k")
+        ax.set_ylabel("speed-up over main alone")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine(main_dtype: str, draft_dtype: Optional[str]) -> dict:
+    from .blas import blas_info
+
+    backend = "metal" if mx.metal.is_available() else ("cuda" if mx.cuda.is_available() else "cpu")
+    chip = platform.processor()
+    try:
+        chip = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if sys.platform == "darwin":
+        import subprocess
+
+        chip = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout.strip()
+    return dict(chip=chip, platform=platform.platform(), mlx=mx.__version__, backend=backend, blas=blas_info(),
+                main_dtype=main_dtype, draft_dtype=draft_dtype, date=time.strftime("%Y-%m-%d %H:%M"))
+
+
+def model_dtype(model) -> str:
+    from mlx.utils import tree_flatten
+
+    weights = dict(tree_flatten(model.parameters()))
+    if any(k.endswith(".scales") for k in weights):
+        bits = getattr(next(m for _, m in model.named_modules() if hasattr(m, "bits")), "bits", "?")
+        return f"{bits}-bit"
+    return str(next(iter(weights.values())).dtype).replace("mlx.core.", "")
+
+
+def save(result: dict, out_dir: Path, stem: str = "bench") -> List[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
+    paths[0].write_text(json.dumps(result, indent=1))
+    paths[1].write_text(markdown(result) + "\n")
+    plot(result, paths[2])
+    return paths
+
+
+def parse_draft_lengths(text: str) -> List[int]:
+    """'1-8' or '1,2,4' -> list of draft lengths, each in 1..32."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            values = list(range(lo, hi + 1))
+        else:
+            values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--draft-lengths must look like '1-8' or '1,2,4', got {text!r}") from None
+    if not values or any(not 1 <= v <= 32 for v in values):
+        raise ValueError(f"--draft-lengths must be within 1..32, got {text!r}")
+    return values
+
+
+def parse_temps(text: str) -> List[float]:
+    try:
+        temps = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--temps must be comma-separated numbers, got {text!r}") from None
+    if any(t < 0 for t in temps):
+        raise ValueError(f"--temps must be >= 0, got {text!r}")
+    return temps
+
+
+def add_arguments(p):
+    p.add_argument("--model", help="main model (MLX folder, hub id or .gguf); default: the default pair")
+    p.add_argument("--draft-model", help="draft model; default: the default pair's draft")
+    p.add_argument("--prompt", action="append", help=f"a prompt name ({', '.join(PROMPTS)}) or text; repeatable")
+    p.add_argument("--prompt-file", help="a file with one prompt per line")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--draft-lengths", default="1-8", help="e.g. 1-8 or 1,2,4 (default 1-8)")
+    p.add_argument("--temps", default="0", help="comma-separated temperatures, e.g. 0,0.7 (default 0)")
+    p.add_argument("--repetitions", type=int, default=1)
+    p.add_argument("--no-peer", action="store_true", help="skip mlx-lm's speculative decoding")
+    p.add_argument("--no-plain", action="store_true", help="skip plain decoding through mlx_spec")
+    p.add_argument("--quick", action="store_true", help="one prompt, 32 tokens, k = 2 and 4: a few minutes on a CPU")
+    p.add_argument("--preset", help=f"run a published configuration: {', '.join(PRESETS)}")
+    p.add_argument("--out", default="benchmarks/out", help="folder for the JSON, markdown and PNG results")
+
+
+def config_from_args(args) -> Config:
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.repetitions < 1:
+        raise ValueError(f"--repetitions must be >= 1, got {args.repetitions}")
+    prompts = {}
+    for p in args.prompt or []:
+        prompts[p if p in PROMPTS else f"prompt{len(prompts) + 1}"] = PROMPTS.get(p, p)
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise ValueError(f"prompt file not found: {args.prompt_file}")
+        for line in filter(None, map(str.strip, path.read_text().splitlines())):
+            prompts[f"prompt{len(prompts) + 1}"] = line
+    cfg = Config(prompts=prompts or dict(PROMPTS), max_tokens=args.max_tokens,
+                 draft_lengths=parse_draft_lengths(args.draft_lengths), temps=parse_temps(args.temps),
+                 repetitions=args.repetitions, peer=not args.no_peer, ours_plain=not args.no_plain)
+    if args.quick:
+        cfg.prompts = dict(list(cfg.prompts.items())[:1]) if (args.prompt or args.prompt_file) else {"quicksort": PROMPTS["quicksort"]}
+        cfg.max_tokens, cfg.draft_lengths, cfg.repetitions = min(cfg.max_tokens, 32), [2, 4], 1
+    return cfg
+
+
+def run(args, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> int:
+    from .load import load
+
+    if args.preset is not None and args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
+    cfg = config_from_args(args)
+    if args.preset:
+        pairs = [(m, d, {"preset": p}, (base, spec)) for m, d, p, base, spec in PRESETS[args.preset]]
+    else:
+        main_path, draft_path = args.model, args.draft_model
+        if main_path is None:
+            from .fetch import fetch_default_pair
+
+            main_path, default_draft = fetch_default_pair(progress=progress)
+            draft_path = draft_path or default_draft
+        pairs = [(main_path, draft_path, cfg.prompts, None)]
+    out_dir = Path(args.out)
+    for i, (main_path, draft_path, prompts, published) in enumerate(pairs):
+        progress(f"loading {main_path}" + (f" and {draft_path}" if draft_path else ""))
+        main, tokenizer = load(str(main_path))
+        draft = load(str(draft_path))[0] if draft_path else None
+        pair_cfg = Config(**{**asdict(cfg), "prompts": prompts})
+        result = run_benchmark(main, draft, tokenizer, pair_cfg, progress)
+        result["machine"] = machine(model_dtype(main), draft and model_dtype(draft))
+        result["models"] = dict(main=str(main_path), draft=draft_path and str(draft_path))
+        text = markdown(result)
+        if published:
+            result["published"] = dict(zip(("main_alone_tps", "with_draft_tps"), published))
+            text += (f"\n\nLM Studio (M3 Pro): {published[0]:.2f} -> {published[1]:.2f} tok/s, "
+                     f"{published[1] / published[0]:.2f}x")
+        print(f"## {main_path} + {draft_path}\n\n{text}\n", flush=True)
+        paths = save(result, out_dir, stem=f"bench{i + 1 if len(pairs) > 1 else ''}")
+        progress("wrote " + ", ".join(map(str, paths)))
+        del main, draft
+    return 0
