@@ -3,6 +3,7 @@
 Prefill of the prompt also lives here, since it fills the same pair of caches.
 """
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
 
@@ -25,6 +26,20 @@ class Round:
     num_draft: int
     num_accepted: int
     logprobs: mx.array  # (k+1, V): the main model's log-probabilities at each verified position
+    seconds: float  # from building the round's graph to the host read
+
+
+class FixedDraft:
+    """The draft-length policy of a fixed k (the adaptive one is adaptive.DraftController)."""
+
+    def __init__(self, num_draft: int):
+        self.num_draft = num_draft
+
+    def choose(self) -> int:
+        return self.num_draft
+
+    def record(self, num_draft: int, num_accepted: int, seconds: float):
+        pass
 
 
 class HostReads:
@@ -53,7 +68,7 @@ def rounds(
     model,
     draft_model,
     caches: CachePair,
-    num_draft_tokens: int,
+    policy,
     max_tokens: int,
     params: SamplingParams,
     key: Optional[mx.array],
@@ -65,13 +80,15 @@ def rounds(
 ) -> Iterator[Round]:
     """Generate until `max_tokens` tokens were emitted; caches.tokens grows as rounds finish.
 
-    On entry every token but the last is in the main cache. `max_draft(offset)`
-    bounds the draft length of a round starting at main cache offset `offset`.
+    On entry every token but the last is in the main cache. `policy` chooses each
+    round's draft length and learns from its outcome; `max_draft(offset)` bounds
+    the draft length of a round starting at main cache offset `offset`.
     """
     num_emitted = 0
     while num_emitted < max_tokens:
+        start = time.perf_counter()
         tokens = caches.tokens
-        num_draft = 0 if draft_model is None else min(num_draft_tokens, max_tokens - num_emitted - 1, max_draft(len(tokens) - 1))
+        num_draft = 0 if draft_model is None else min(policy.choose(), max_tokens - num_emitted - 1, max_draft(len(tokens) - 1))
         if key is not None:
             key, draft_key, accept_key = mx.random.split(key, 3)
         history = mx.array(tokens, mx.int32) if logits_processors else None
@@ -88,9 +105,11 @@ def rounds(
             num_accepted, next_token = accept(draft_tokens, draft_probs, main_probs, accept_key)
         values = host(mx.concatenate([draft_tokens, num_accepted[None], next_token[None]]))
         num_accepted = values[-2]
+        seconds = time.perf_counter() - start
+        policy.record(num_draft, num_accepted, seconds)
         new_tokens = values[:num_accepted] + values[-1:]
         tokens.extend(new_tokens)
         caches.rollback()  # drop the rejected positions from both caches
         kv_quantize(caches)
         num_emitted += len(new_tokens)
-        yield Round(new_tokens, num_draft, num_accepted, logprobs)
+        yield Round(new_tokens, num_draft, num_accepted, logprobs, seconds)

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple, Union
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import KEEP, SLACK, CachePair, make_prompt_cache
-from .decode import HostReads, prefill, rounds
+from .adaptive import DraftController
+from .decode import FixedDraft, HostReads, prefill, rounds
 from .load import check_draft, output_size
 from .sampling import SamplingParams
 from .stats import GenerationStats
@@ -23,7 +25,7 @@ def speculative_generate_step(
     prompt_tokens,
     model,
     draft_model=None,
-    num_draft_tokens: int = 4,
+    num_draft_tokens: Union[int, str] = "auto",
     max_tokens: int = 256,
     temp: float = 0.0,
     top_p: float = 1.0,
@@ -46,11 +48,13 @@ def speculative_generate_step(
     continues its conversation: `prompt_tokens` are appended to it and only
     they are prefilled. Stopping early (or an exception) leaves the cache
     holding exactly the tokens yielded so far. `stats`, if given, is filled as
-    generation goes (see GenerationStats).
+    generation goes (see GenerationStats). `num_draft_tokens="auto"` chooses
+    each round's draft length, plain decoding included (see DraftController).
     """
     prompt = _token_list(prompt_tokens)
-    params = SamplingParams(temp, top_p, top_k, min_p)
-    _validate(num_draft_tokens, max_tokens, max_kv_size, kv_bits, kv_group_size, quantized_kv_start)
+    params = validate_options(num_draft_tokens, max_tokens, temp, top_p, top_k, min_p, seed,
+                              max_kv_size, kv_bits, kv_group_size, quantized_kv_start)
+    policy = _policy(num_draft_tokens, model, draft_model, max_kv_size)
     vocab_size = output_size(model)
     if not all(0 <= t < vocab_size for t in prompt):
         raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {min(prompt)}..{max(prompt)}")
@@ -86,7 +90,7 @@ def speculative_generate_step(
         stats.prompt_done()
         host = HostReads()
         for round_ in rounds(
-            model, draft_model, caches, num_draft_tokens, max_tokens, params, key, vocab_size,
+            model, draft_model, caches, policy, max_tokens, params, key, vocab_size,
             max_draft, kv_quantize, host, logits_processors,
         ):
             stats.record_round(round_.num_draft, round_.num_accepted)
@@ -108,16 +112,36 @@ def _token_list(prompt) -> List[int]:
     return prompt
 
 
-def _validate(num_draft_tokens, max_tokens, max_kv_size, kv_bits, kv_group_size, quantized_kv_start):
-    if not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= SLACK:
-        raise ValueError(f"num_draft_tokens must be an integer in 1..{SLACK}, got {num_draft_tokens!r}")
+AUTO_MAX_DRAFT = 10  # the longest draft "auto" tries
+
+
+def _policy(num_draft_tokens, model, draft_model, max_kv_size):
+    if num_draft_tokens != "auto":
+        return FixedDraft(num_draft_tokens)
+    max_draft = AUTO_MAX_DRAFT if max_kv_size is None else min(AUTO_MAX_DRAFT, max_kv_size - 1 - KEEP)
+    ratio = _nbytes(draft_model) / _nbytes(model) if draft_model is not None else 1.0
+    return DraftController(max_draft=max_draft, cost_ratio=ratio)
+
+
+def _nbytes(model) -> int:
+    """Bytes of weights: a decoding step reads them all, so their ratio predicts the cost ratio."""
+    return sum(w.nbytes for _, w in tree_flatten(model.parameters()))
+
+
+def validate_options(num_draft_tokens="auto", max_tokens=256, temp=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None,
+                     max_kv_size=None, kv_bits=None, kv_group_size=64, quantized_kv_start=5000) -> SamplingParams:
+    """Check generation options before any model is loaded; ValueError names the bad value."""
+    if seed is not None and not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if num_draft_tokens != "auto" and (not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= SLACK):
+        raise ValueError(f"num_draft_tokens must be 'auto' or an integer in 1..{SLACK}, got {num_draft_tokens!r}")
     if not isinstance(max_tokens, int) or max_tokens < 0:
         raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
-    if max_kv_size is not None and max_kv_size < num_draft_tokens + 1 + KEEP:
+    needed = 2 if num_draft_tokens == "auto" else num_draft_tokens + 1
+    if max_kv_size is not None and max_kv_size < needed + KEEP:
         raise ValueError(
             f"max_kv_size={max_kv_size} is too small for num_draft_tokens={num_draft_tokens}: it must hold "
-            f"the {KEEP} kept tokens and the {num_draft_tokens + 1} positions verified per round "
-            f"(at least {num_draft_tokens + 1 + KEEP})"
+            f"the {KEEP} kept tokens and the {needed} positions verified per round (at least {needed + KEEP})"
         )
     if kv_bits is not None:
         if kv_bits not in KV_BITS:
@@ -128,6 +152,7 @@ def _validate(num_draft_tokens, max_tokens, max_kv_size, kv_bits, kv_group_size,
             raise ValueError("kv_bits cannot be combined with max_kv_size: a rotating KV cache is not quantized")
         if quantized_kv_start < 0:
             raise ValueError(f"quantized_kv_start must be >= 0, got {quantized_kv_start}")
+    return SamplingParams(temp, top_p, top_k, min_p)
 
 
 @dataclass

@@ -59,10 +59,23 @@ class GenerationStats:
         self.generation_time = now - self.prompt_time
         self.peak_memory = mx.get_peak_memory() / 1e9
 
+    def add(self, other: "GenerationStats"):
+        """Add another generation's counts (a chat turn's) to these totals."""
+        for name in ("prompt_tokens", "prompt_time", "generation_tokens", "generation_time",
+                     "total_draft_tokens", "accepted_draft_tokens", "num_rounds", "host_syncs"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.draft_lengths.update(other.draft_lengths)
+        self.peak_memory = max(self.peak_memory, other.peak_memory)
+
+    @property
+    def mean_draft_length(self) -> float:
+        return self.total_draft_tokens / self.num_rounds if self.num_rounds else 0.0
+
     def as_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
         out["draft_lengths"] = dict(sorted(self.draft_lengths.items()))
-        for name in ("rejected_draft_tokens", "acceptance_rate", "mean_tokens_per_round", "prompt_tps", "generation_tps"):
+        for name in ("rejected_draft_tokens", "acceptance_rate", "mean_tokens_per_round", "mean_draft_length",
+                     "prompt_tps", "generation_tps"):
             out[name] = getattr(self, name)
         return out
 
@@ -74,7 +87,8 @@ class GenerationStats:
         if self.total_draft_tokens:
             lines.append(
                 f"Accepted {self.accepted_draft_tokens}/{self.total_draft_tokens} draft tokens "
-                f"({100 * self.acceptance_rate:.1f}%), {self.mean_tokens_per_round:.2f} tokens per round"
+                f"({100 * self.acceptance_rate:.1f}%), {self.mean_tokens_per_round:.2f} tokens per round, "
+                f"draft length {self.mean_draft_length:.1f} on average"
             )
         lines.append(f"Peak memory: {self.peak_memory:.3f} GB")
         return "\n".join(lines)
