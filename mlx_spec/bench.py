@@ -65,7 +65,7 @@ class Run:
 
 def _run_ours(main, draft, prompt, max_tokens, temp, num_draft, seed):
     stats = GenerationStats()
-    steps = speculative_generate_step(prompt, main, draft, num_draft_tokens=num_draft or 1,
+    steps = speculative_generate_step(prompt, main, draft, num_draft_tokens=num_draft or "auto",
                                       max_tokens=max_tokens, temp=temp, seed=seed, stats=stats)
     for _ in steps:
         pass
@@ -141,7 +141,7 @@ def predicted_speedup(tokens_per_round: float, num_draft: int, cost_ratio: float
 class Config:
     prompts: Dict[str, str]
     max_tokens: int = 256
-    draft_lengths: List[int] = field(default_factory=lambda: list(range(1, 9)))
+    draft_lengths: list = field(default_factory=lambda: list(range(1, 9)) + ["auto"])
     temps: List[float] = field(default_factory=lambda: [0.0])
     repetitions: int = 1
     peer: bool = True
@@ -155,7 +155,7 @@ def variants(cfg: Config, has_draft: bool):
     if has_draft:
         out += [(OURS, k) for k in cfg.draft_lengths]
         if cfg.peer:
-            out += [(MLX_LM, k) for k in cfg.draft_lengths]
+            out += [(MLX_LM, k) for k in cfg.draft_lengths if k != "auto"]
     return out
 
 
@@ -208,7 +208,7 @@ def summarize(runs: List[Run], cost: Dict[str, float]) -> List[dict]:
                    time_to_first_token=statistics.median(r.time_to_first_token for r in group),
                    prompt_tps=statistics.median(r.prompt_tokens / r.time_to_first_token for r in group),
                    peak_memory=max(r.peak_memory for r in group), predicted=None, efficiency=None)
-        if k and prompt in cost and row["tokens_per_round"]:
+        if k and k != "auto" and prompt in cost and row["tokens_per_round"]:
             row["alpha"], row["predicted"] = predicted_speedup(row["tokens_per_round"], k, cost[prompt])
             row["efficiency"] = row["speedup"] / row["predicted"]
         rows.append(row)
@@ -224,7 +224,7 @@ def markdown(result: dict) -> str:
     out = ["| temp | prompt | variant | k | tok/s | speed-up | accepted | tokens/round | predicted | efficiency | TTFT s | peak GB |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['temp']} | {r['prompt']} | {r['variant']} | {_fmt(r['num_draft'], 'd')} | {r['tps']:.2f} "
+        out.append(f"| {r['temp']} | {r['prompt']} | {r['variant']} | {r['num_draft'] or ''} | {r['tps']:.2f} "
                    f"| {r['speedup']:.2f}x | {_fmt(r['acceptance'] and 100 * r['acceptance'], '.0f')}{'%' if r['acceptance'] is not None else ''} "
                    f"| {_fmt(r['tokens_per_round'])} | {_fmt(r['predicted'])} | {_fmt(r['efficiency'])} "
                    f"| {r['time_to_first_token']:.2f} | {r['peak_memory']:.2f} |")
@@ -251,7 +251,8 @@ def plot(result: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["summary"] if r["num_draft"]]
+    rows = [r for r in result["summary"] if r["num_draft"] and r["num_draft"] != "auto"]
+    auto = {(r["temp"], r["prompt"]): r["speedup"] for r in result["summary"] if r["num_draft"] == "auto"}
     panels = sorted({(r["temp"], r["prompt"]) for r in rows})
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.6), squeeze=False)
     for ax, (temp, prompt) in zip(axes[0], panels):
@@ -260,6 +261,8 @@ def plot(result: dict, path: Path):
             if pts:
                 ax.plot(*zip(*pts), style, label=variant)
         ax.axhline(1.0, color="gray", lw=0.8)
+        if (temp, prompt) in auto:
+            ax.axhline(auto[(temp, prompt)], color="C0", ls=":", label=f"{OURS}, auto")
         ax.set_title(f"{prompt}, temp {temp}")
         ax.set_xlabel("draft tokens k")
         ax.set_ylabel("speed-up over main alone")
@@ -305,18 +308,22 @@ def save(result: dict, out_dir: Path, stem: str = "bench") -> List[Path]:
     return paths
 
 
-def parse_draft_lengths(text: str) -> List[int]:
-    """'1-8' or '1,2,4' -> list of draft lengths, each in 1..32."""
+def parse_draft_lengths(text: str) -> list:
+    """'1-8', '1,2,4' or '1-8,auto' -> draft lengths, each in 1..32 or 'auto'."""
+    values = []
     try:
-        if "-" in text:
-            lo, hi = (int(x) for x in text.split("-"))
-            values = list(range(lo, hi + 1))
-        else:
-            values = [int(x) for x in text.split(",")]
+        for item in text.split(","):
+            if item == "auto":
+                values.append(item)
+            elif "-" in item:
+                lo, hi = (int(x) for x in item.split("-"))
+                values += list(range(lo, hi + 1))
+            else:
+                values.append(int(item))
     except ValueError:
-        raise ValueError(f"--draft-lengths must look like '1-8' or '1,2,4', got {text!r}") from None
-    if not values or any(not 1 <= v <= 32 for v in values):
-        raise ValueError(f"--draft-lengths must be within 1..32, got {text!r}")
+        raise ValueError(f"--draft-lengths must look like '1-8', '1,2,4' or '1-8,auto', got {text!r}") from None
+    if not values or any(v != "auto" and not 1 <= v <= 32 for v in values):
+        raise ValueError(f"--draft-lengths must be within 1..32 (or auto), got {text!r}")
     return values
 
 
@@ -336,12 +343,12 @@ def add_arguments(p):
     p.add_argument("--prompt", action="append", help=f"a prompt name ({', '.join(PROMPTS)}) or text; repeatable")
     p.add_argument("--prompt-file", help="a file with one prompt per line")
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--draft-lengths", default="1-8", help="e.g. 1-8 or 1,2,4 (default 1-8)")
+    p.add_argument("--draft-lengths", default="1-8,auto", help="e.g. 1-8, 1,2,4 or 2,4,auto (default 1-8,auto)")
     p.add_argument("--temps", default="0", help="comma-separated temperatures, e.g. 0,0.7 (default 0)")
     p.add_argument("--repetitions", type=int, default=1)
     p.add_argument("--no-peer", action="store_true", help="skip mlx-lm's speculative decoding")
     p.add_argument("--no-plain", action="store_true", help="skip plain decoding through mlx_spec")
-    p.add_argument("--quick", action="store_true", help="one prompt, 32 tokens, k = 2 and 4: a few minutes on a CPU")
+    p.add_argument("--quick", action="store_true", help="one prompt, 32 tokens, k = 2, 4 and auto: minutes on a CPU")
     p.add_argument("--preset", help=f"run a published configuration: {', '.join(PRESETS)}")
     p.add_argument("--out", default="benchmarks/out", help="folder for the JSON, markdown and PNG results")
 
@@ -365,7 +372,7 @@ def config_from_args(args) -> Config:
                  repetitions=args.repetitions, peer=not args.no_peer, ours_plain=not args.no_plain)
     if args.quick:
         cfg.prompts = dict(list(cfg.prompts.items())[:1]) if (args.prompt or args.prompt_file) else {"quicksort": PROMPTS["quicksort"]}
-        cfg.max_tokens, cfg.draft_lengths, cfg.repetitions = min(cfg.max_tokens, 32), [2, 4], 1
+        cfg.max_tokens, cfg.draft_lengths, cfg.repetitions = min(cfg.max_tokens, 32), [2, 4, "auto"], 1
     return cfg
 
 

@@ -34,15 +34,15 @@ def test_predicted_speedup_formula():
 def test_benchmark_runs_every_variant_and_writes_results(tmp_path, folders, capsys):
     main, draft = folders
     a = args_for(tmp_path, model=main, draft_model=draft, prompt=["w5 w6 w7", "quicksort"], max_tokens=12,
-                 draft_lengths="1,3", temps="0,0.7")
+                 draft_lengths="1,3,auto", temps="0,0.7")
     assert bench.run(a, progress=lambda s: None) == 0
     result = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert (tmp_path / "out" / "bench.png").stat().st_size > 1000
     runs = result["runs"]
-    assert len(runs) == 2 * 2 * (2 + 2 + 2)  # temps x prompts x (alone, plain ours, ours k=1,3, mlx-lm k=1,3)
+    assert len(runs) == 2 * 2 * (2 + 3 + 2)  # temps x prompts x (alone, plain ours, ours k=1,3,auto, mlx-lm k=1,3)
     assert {r["variant"] for r in runs} == {bench.MAIN_ALONE, bench.OURS_PLAIN, bench.OURS, bench.MLX_LM}
     assert all(r["tokens"] == 12 and r["seconds"] > 0 for r in runs)
-    rows = [r for r in result["summary"] if r["variant"] == bench.OURS]
+    rows = [r for r in result["summary"] if r["variant"] == bench.OURS and r["num_draft"] != "auto"]
     assert all(0 <= r["acceptance"] <= 1 and r["predicted"] > 0 and r["efficiency"] > 0 for r in rows)
     assert result["machine"]["main_dtype"] == "float32" and result["machine"]["mlx"]
     out = capsys.readouterr().out
@@ -65,4 +65,5 @@ def test_bad_input(tmp_path, folders, over, message):
 
 def test_quick_mode_is_small(tmp_path):
     cfg = bench.config_from_args(args_for(tmp_path, quick=True))
-    assert list(cfg.prompts) == ["quicksort"] and cfg.max_tokens == 32 and cfg.draft_lengths == [2, 4]
+    assert list(cfg.prompts) == ["quicksort"] and cfg.max_tokens == 32 and cfg.draft_lengths == [2, 4, "auto"]
+    assert bench.parse_draft_lengths("1-3,6,auto") == [1, 2, 3, 6, "auto"]

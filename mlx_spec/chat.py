@@ -1,0 +1,239 @@
+"""The chat loop of `mlx-spec chat`: a conversation whose KV caches live across turns.
+
+`ChatSession.handle(line)` runs one input line (a /command or a turn); `interact` is the terminal around it.
+"""
+
+import os
+import sys
+from contextlib import closing
+from dataclasses import asdict, dataclass
+from typing import Optional, Union
+
+from .cache import SLACK, make_prompt_cache
+from .generate import stream_generate, validate_options
+from .load import model_name
+from .sampling import SamplingParams
+from .stats import GenerationStats
+
+GREEN, DIM, RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
+PROMPT = ">>> "
+
+
+@dataclass
+class Settings:
+    """Generation settings of `generate` and `chat`: stream_generate's keyword arguments."""
+
+    max_tokens: int = 256
+    num_draft_tokens: Union[int, str] = "auto"
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    max_kv_size: Optional[int] = None
+    kv_bits: Optional[int] = None
+
+    def __post_init__(self):
+        validate_options(**asdict(self))  # raises ValueError on a bad value, before any model loads
+
+
+def use_color(stream, no_color: bool = False) -> bool:
+    """Colour only on a terminal, unless --no-color or NO_COLOR (https://no-color.org) says otherwise."""
+    return not no_color and not os.environ.get("NO_COLOR") and stream.isatty()
+
+
+def paint(text: str, from_draft: bool, color: bool) -> str:
+    """Draft tokens in green, the main model's own tokens plain."""
+    return f"{GREEN}{text}{RESET}" if color and from_draft and text else text
+
+
+def conversation_tokens(tokenizer, messages, system_prompt: Optional[str] = None):
+    """Token ids of the conversation rendered by the chat template, ending with the assistant's turn opening."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return tokenizer.apply_chat_template(system + messages, add_generation_prompt=True)
+
+
+class ChatSession:
+    """A conversation: its messages, the CachePair of both models, the settings; `handle` runs one line.
+
+    Each turn renders the whole conversation with the chat template, keeps the
+    cached prefix it shares with the caches' tokens and prefills only the rest.
+    """
+
+    def __init__(self, model, tokenizer, draft_model=None, settings: Optional[Settings] = None,
+                 system_prompt: Optional[str] = None, out=None, color: bool = False):
+        self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
+        self.settings = settings or Settings()
+        self.system_prompt = system_prompt
+        self.out = out or sys.stdout
+        self.color = color
+        if not tokenizer.has_chat_template:
+            raise ValueError("the model has no chat template, which chat needs "
+                             "(`mlx-spec generate --ignore-chat-template` works without)")
+        # A rotating cache (max_kv_size) never fills up; otherwise the model's trained length is the limit.
+        args = getattr(model, "args", None)
+        self.context_limit = None if self.settings.max_kv_size else getattr(args, "max_position_embeddings", None)
+        self.totals = GenerationStats()
+        self.num_turns = 0
+        self.reset()
+
+    # --- commands ----------------------------------------------------------
+    COMMANDS = {
+        "/help": ("", "this list"),
+        "/reset": ("", "start a new conversation (caches cleared)"),
+        "/stats": ("", "totals for this session"),
+        "/draft": (" N|auto", "draft N tokens per round, or choose each round"),
+        "/temp": (" T", "sampling temperature (0 = greedy)"),
+        "/system": (" TEXT", "set the system prompt (no TEXT: remove it)"),
+        "/quit": ("", "leave (also Ctrl-D)"),
+    }
+
+    def handle(self, line: str) -> bool:
+        """Run one line of input: a /command or the user's next message. False when the session ends."""
+        line = line.strip()
+        if not line:
+            return True
+        if not line.startswith("/"):
+            self.turn(line)
+            return True
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name == "/quit":
+            return False
+        if name == "/help":
+            for command, (usage, text) in self.COMMANDS.items():
+                self.say(f"  {command + usage:<14} {text}")
+        elif name == "/reset":
+            self.reset()
+            self.say("new conversation")
+        elif name == "/stats":
+            self.say(f"{self.num_turns} turns\n{self.totals.summary()}")
+        elif name == "/draft":
+            self.set_draft(arg)
+        elif name == "/temp":
+            self.set_temp(arg)
+        elif name == "/system":
+            self.system_prompt = arg or None
+            self.say("system prompt set" if arg else "system prompt removed")
+        else:
+            self.say(f"unknown command {name}: /help lists the commands")
+        return True
+
+    def reset(self):
+        self.messages = []
+        self.cache = make_prompt_cache(self.model, self.draft_model, self.settings.max_kv_size)
+
+    def set_draft(self, arg: str):
+        if self.draft_model is None:
+            self.say("no draft model in this session")
+        elif arg != "auto" and (not arg.isdigit() or not 1 <= int(arg) <= SLACK):
+            self.say(f"/draft takes 'auto' or a whole number from 1 to {SLACK}, got {arg!r}")
+        else:
+            self.settings.num_draft_tokens = arg if arg == "auto" else int(arg)
+            self.say("choosing the draft length each round" if arg == "auto" else f"drafting {arg} tokens per round")
+
+    def set_temp(self, arg: str):
+        settings = self.settings
+        try:
+            SamplingParams(float(arg), settings.top_p, settings.top_k, settings.min_p)
+        except ValueError:
+            self.say(f"/temp takes a number >= 0, got {arg!r}")
+        else:
+            settings.temp = float(arg)
+            self.say(f"temperature {settings.temp}")
+
+    # --- a turn ------------------------------------------------------------
+    def turn(self, text: str):
+        """Reply to the user's message `text`, streaming; Ctrl-C stops the reply and keeps what was shown."""
+        messages = self.messages + [{"role": "user", "content": text}]
+        tokens = conversation_tokens(self.tokenizer, messages, self.system_prompt)
+        max_tokens = self.settings.max_tokens
+        if self.context_limit is not None:
+            room = self.context_limit - len(tokens)
+            if room <= 0:
+                self.say(f"context full: the conversation would be {len(tokens)} tokens, the model's limit is "
+                         f"{self.context_limit}; /reset starts a new conversation")
+                return
+            max_tokens = min(max_tokens, room)
+        new_tokens = self.reuse_cache(tokens)
+        stats = GenerationStats()
+        reply, stopped = "", False
+        kwargs = asdict(self.settings)
+        kwargs.update(max_tokens=max_tokens, prompt_cache=self.cache, stats=stats, draft_model=self.draft_model)
+        try:
+            with closing(stream_generate(self.model, self.tokenizer, new_tokens, **kwargs)) as responses:
+                for response in responses:
+                    self.out.write(paint(response.text, response.from_draft, self.color))
+                    self.out.flush()
+                    reply += response.text
+        except KeyboardInterrupt:  # the generator's cleanup has left the caches consistent
+            stopped = True
+        self.messages = messages + [{"role": "assistant", "content": reply}]
+        self.num_turns += 1
+        self.totals.add(stats)
+        self.out.write("\n")
+        if stopped:
+            self.say("[stopped]")
+        self.say(self.turn_line(stats), dim=True)
+        if self.context_limit is not None and len(self.cache.tokens) >= self.context_limit:
+            self.say(f"context full: the conversation reached the model's limit of {self.context_limit} tokens; "
+                     "/reset starts a new conversation")
+
+    def reuse_cache(self, tokens):
+        """Truncate the caches to the prefix they share with `tokens`; return the tokens left to prefill."""
+        common = 0
+        for cached, token in zip(self.cache.tokens, tokens):
+            if cached != token:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)  # at least one token goes in
+        if not self.cache.truncate(common):  # a rotating cache cannot go back that far
+            self.cache = make_prompt_cache(self.model, self.draft_model, self.settings.max_kv_size)
+            common = 0
+        return tokens[common:]
+
+    def turn_line(self, stats: GenerationStats) -> str:
+        parts = [f"{stats.generation_tokens} tokens", f"{stats.generation_tps:.1f} tokens/s"]
+        if self.draft_model is not None:
+            parts.append(f"accepted {stats.accepted_draft_tokens}/{stats.total_draft_tokens} draft tokens "
+                         f"({100 * stats.acceptance_rate:.1f}%)")
+            parts.append(f"{stats.mean_tokens_per_round:.2f} tokens per round")
+            if self.settings.num_draft_tokens == "auto":
+                parts.append(f"draft length {stats.mean_draft_length:.1f} on average")
+        parts.append(f"{stats.prompt_tokens} prompt tokens processed")
+        return f"[{', '.join(parts)}]"
+
+    # --- output ------------------------------------------------------------
+    def say(self, text: str, dim: bool = False):
+        if dim and self.color:
+            text = f"{DIM}{text}{RESET}"
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def intro(self):
+        draft = "" if self.draft_model is None else (
+            f", draft {model_name(self.draft_model)} ({self.settings.num_draft_tokens} draft tokens per round)")
+        self.say(f"mlx-spec chat: main {model_name(self.model)}{draft}")
+        if self.color and self.draft_model is not None:
+            self.say(f"{GREEN}green{RESET}: draft tokens the main model accepted; plain: the main model's own")
+        self.say("/help lists the commands; Ctrl-C stops a reply; Ctrl-D or /quit leaves")
+
+
+def interact(session: ChatSession, read=input) -> int:
+    """Read lines until /quit, Ctrl-D or Ctrl-C at the prompt; a user error is one line and the chat goes on."""
+    if read is input and sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+    session.intro()
+    while True:
+        try:
+            line = read(PROMPT)
+        except (EOFError, KeyboardInterrupt):
+            session.out.write("\n")
+            return 0
+        try:
+            if not session.handle(line):
+                return 0
+        except KeyboardInterrupt:
+            session.say("[stopped]")
+        except ValueError as e:
+            session.say(f"error: {e}")

@@ -1,0 +1,256 @@
+"""The `mlx-spec` command line: generate, chat, convert; a thin layer over the Python API.
+
+Every user error (a ValueError, an OSError, a bad flag) becomes one `mlx-spec: error: ...` line on stderr.
+"""
+
+import argparse
+import json
+import sys
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+from .cache import SLACK
+from .chat import ChatSession, Settings, conversation_tokens, interact, paint, use_color
+from .generate import KV_BITS, stream_generate
+from .load import check_draft, load, model_name
+from .stats import GenerationStats
+
+PROG = "mlx-spec"
+
+
+class UsageError(ValueError):
+    """A bad command line (argparse's complaint)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through main(), not argparse's usage block
+        raise UsageError(message)
+
+
+def _int_at_least(low: int, high: int = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def _draft_length(text: str):
+    return text if text == "auto" else _int_at_least(1, SLACK)(text)
+
+
+def note(message: str):
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+# --- models and settings, shared by generate and chat -----------------------
+
+
+def add_model_arguments(p):
+    p.add_argument("--model", metavar="PATH", help="main model: MLX folder, Hugging Face id or .gguf file "
+                                   "(default: the Qwen2.5-Coder 1.5B / 0.5B Instruct pair, fetched once)")
+    p.add_argument("--draft-model", metavar="PATH", help="draft model (default: none with --model, the pair's draft without)")
+    p.add_argument("--no-draft", action="store_true", help="run the main model alone, for comparison")
+    p.add_argument("--num-draft-tokens", type=_draft_length, default="auto", metavar="K",
+                   help=f"draft tokens per round, 1..{SLACK}, or 'auto' to choose each round (default)")
+    p.add_argument("--max-tokens", "-m", type=_int_at_least(1), default=256, metavar="N",
+                   help="most tokens to generate (per reply in chat; default 256)")
+    p.add_argument("--temp", type=float, default=0.0, metavar="T", help="sampling temperature (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens below P x the top probability (0: off)")
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--max-kv-size", type=_int_at_least(1), metavar="N",
+                   help="sliding-window KV cache of N tokens (the context never fills up)")
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS, help="quantize the KV cache to this many bits")
+    p.add_argument("--system-prompt", metavar="TEXT", help="system prompt for the chat template")
+    p.add_argument("--no-color", action="store_true", help="do not colour the draft's tokens")
+
+
+def settings_from(args) -> Settings:
+    """The generation settings, checked before any model is loaded."""
+    return Settings(max_tokens=args.max_tokens, num_draft_tokens=args.num_draft_tokens, temp=args.temp,
+                    top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
+                    max_kv_size=args.max_kv_size, kv_bits=args.kv_bits)
+
+
+def load_models(args):
+    """(model, tokenizer, draft_model or None); the default pair when no --model is given."""
+    main_source, draft_source = args.model, args.draft_model
+    if main_source is None:
+        from .fetch import fetch_default_pair
+
+        main_source, default_draft = fetch_default_pair(progress=note)
+        draft_source = draft_source or default_draft
+    model, tokenizer = load(str(main_source))
+    if args.no_draft or draft_source is None:
+        return model, tokenizer, None
+    draft_model, draft_tokenizer = load(str(draft_source))
+    check_draft(model, draft_model, tokenizer, draft_tokenizer)
+    return model, tokenizer, draft_model
+
+
+# --- generate ---------------------------------------------------------------
+
+
+def add_generate_arguments(p):
+    add_model_arguments(p)
+    p.add_argument("--prompt", "-p", required=True, metavar="TEXT", help="the message ('-' reads it from stdin)")
+    p.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as is, without the template")
+    p.add_argument("--verbose", action="store_true", help="more statistics: rounds, draft lengths, host syncs")
+    p.add_argument("--json", action="store_true", help="print one JSON object (text and statistics) and nothing else")
+
+
+def generate_command(args) -> int:
+    """generate text from a prompt, then print statistics"""
+    settings = settings_from(args)
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    if args.ignore_chat_template and args.system_prompt is not None:
+        raise ValueError("--system-prompt needs the chat template: drop --ignore-chat-template")
+    model, tokenizer, draft_model = load_models(args)
+    if args.ignore_chat_template or not tokenizer.has_chat_template:
+        if args.system_prompt is not None:
+            raise ValueError("--system-prompt needs a chat template and the model has none")
+        prompt = text
+    else:
+        prompt = conversation_tokens(tokenizer, [{"role": "user", "content": text}], args.system_prompt)
+    color = not args.json and use_color(sys.stdout, args.no_color)
+    stats, output, tokens, finish_reason = GenerationStats(), "", [], None
+    for response in stream_generate(model, tokenizer, prompt, draft_model=draft_model, stats=stats, **asdict(settings)):
+        output += response.text
+        tokens.append(response.token)
+        finish_reason = response.finish_reason
+        if not args.json:
+            sys.stdout.write(paint(response.text, response.from_draft, color))
+            sys.stdout.flush()
+    if args.json:
+        num_draft = settings.num_draft_tokens if draft_model is not None else 0
+        print(json.dumps(dict(text=output, tokens=tokens, finish_reason=finish_reason, model=model_name(model),
+                              draft_model=model_name(draft_model) if draft_model is not None else None,
+                              num_draft_tokens=num_draft, **stats.as_dict())))
+        return 0
+    print()
+    lines = ["=" * 10, stats.summary()]
+    if args.verbose:
+        lines.append(f"Time to first token: {stats.time_to_first_token:.3f} s; {stats.num_rounds} rounds, "
+                     f"{stats.host_syncs} host syncs; draft lengths: {dict(sorted(stats.draft_lengths.items()))}")
+    if color and draft_model is not None:
+        lines.append("Draft tokens the main model accepted are shown in green.")
+    print("\n".join(lines), file=sys.stderr)
+    return 0
+
+
+# --- chat -------------------------------------------------------------------
+
+
+def add_chat_arguments(p):
+    add_model_arguments(p)
+
+
+def chat_command(args) -> int:
+    """chat in the terminal; the KV caches live across turns, draft tokens in green"""
+    settings = settings_from(args)
+    model, tokenizer, draft_model = load_models(args)
+    session = ChatSession(model, tokenizer, draft_model, settings, system_prompt=args.system_prompt,
+                          color=use_color(sys.stdout, args.no_color))
+    return interact(session)
+
+
+# --- convert ----------------------------------------------------------------
+
+
+def add_convert_arguments(p):
+    p.add_argument("gguf", metavar="FILE.gguf", help="a llama.cpp GGUF model file (qwen2 or llama)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the MLX model folder to write (must not exist)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="weight type (default: float16 on Apple GPUs, float32 on CPUs)")
+    p.add_argument("--q-bits", type=int, choices=(4, 8), help="re-quantize the weights to this many bits")
+
+
+def convert_command(args) -> int:
+    """convert a GGUF file into an MLX model folder"""
+    from .gguf import convert_gguf, default_dtype
+
+    if not Path(args.gguf).is_file():
+        raise ValueError(f"GGUF file not found: {args.gguf}")
+    try:
+        convert_gguf(args.gguf, args.out_dir, dtype=args.dtype or default_dtype(), q_bits=args.q_bits, progress=note)
+    except ValueError as e:  # the gguf reader's own messages ("GGUF magic invalid") do not name the file
+        raise ValueError(f"could not convert {args.gguf}: {e}") from e
+    return 0
+
+
+def bench_command(args) -> int:
+    """benchmark: main alone vs mlx_spec vs mlx-lm's speculative decoding"""
+    from . import bench
+
+    return bench.run(args)
+
+
+def add_bench_arguments(p):
+    from . import bench
+
+    bench.add_arguments(p)
+
+
+# name -> (add_arguments(parser), run(args) -> exit code); run's docstring is the command's help.
+COMMANDS = {
+    "generate": (add_generate_arguments, generate_command),
+    "chat": (add_chat_arguments, chat_command),
+    "convert": (add_convert_arguments, convert_command),
+    "bench": (add_bench_arguments, bench_command),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser = _Parser(prog=PROG, parents=[common],
+                     description="Speculative decoding on MLX: a draft model proposes, the main model verifies.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_arguments, run) in COMMANDS.items():
+        summary = (run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None
+        add_arguments(commands.add_parser(name, parents=[common], help=summary, description=summary))
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 error, 2 bad usage, 130 interrupted).
+
+    With `argv=None` (the real command line) OpenBLAS is set up first, which may re-execute the process.
+    """
+    if argv is None:
+        try:
+            from .blas import ensure_openblas
+        except ImportError:
+            pass
+        else:
+            ensure_openblas()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command][1](args)
+    except SystemExit as e:  # --help
+        return e.code or 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as e:
+        if "--debug" in argv:
+            traceback.print_exc()
+        known = isinstance(e, (ValueError, OSError))
+        message = " ".join(str(e).split()) if known else f"unexpected {type(e).__name__}: {e} (--debug shows where)"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

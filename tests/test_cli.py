@@ -1,0 +1,251 @@
+"""The command line as people use it: chat in a pseudo-terminal, generate (--json), convert, every bad input."""
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import mlx.core as mx
+import pexpect
+import pytest
+
+import mlx_spec
+from mlx_spec.chat import GREEN, ChatSession, Settings, conversation_tokens, interact, use_color
+from mlx_spec.cli import main
+from tiny import make_model, toy_tokenizer
+from tiny_folders import save_model_folder, write_tiny_pair
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+TURN_LINE = re.compile(r"\[(\d+) tokens, [\d.]+ tokens/s, accepted (\d+)/(\d+) draft tokens \([\d.]+%\), "
+                       r"([\d.]+) tokens per round, (?:draft length [\d.]+ on average, )?(\d+) prompt tokens processed\]")
+SHORT = 60  # a reply that ends within this many tokens
+LONG = 200  # a reply still running after this many tokens: Ctrl-C lands in its middle
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    main_dir, draft_dir = write_tiny_pair(root)
+    short_main, short_draft = write_tiny_pair(root / "short", max_position_embeddings=48)
+    other = save_model_folder(make_model("llama", layers=2, seed=5), toy_tokenizer(prefix="v"), root / "other")
+    return dict(main=str(main_dir), draft=str(draft_dir), short_main=str(short_main), short_draft=str(short_draft),
+                other=str(other))
+
+
+@pytest.fixture(scope="module")
+def models(folders):
+    model, tokenizer = mlx_spec.load(folders["main"])
+    draft, _ = mlx_spec.load(folders["draft"])
+    return model, tokenizer, draft
+
+
+def fresh_reply(models, messages, max_tokens, **kwargs):
+    """A fresh, non-interactive greedy run over the conversation: (text, whether it ended with the end token)."""
+    model, tokenizer, _ = models
+    text, last = "", None
+    for last in mlx_spec.stream_generate(model, tokenizer, conversation_tokens(tokenizer, messages),
+                                         max_tokens=max_tokens, **kwargs):
+        text += last.text
+    return text, last.finish_reason == "stop"
+
+
+def find_message(models, history, short: bool, start: int):
+    """A user message whose fresh reply ends within SHORT tokens (short) or runs past LONG tokens."""
+    for i in range(start, start + 500):
+        message = f"w{3 + i % 94} w{3 + (7 * i) % 94}"
+        messages = history + [{"role": "user", "content": message}]
+        text, stopped = fresh_reply(models, messages, SHORT if short else LONG)
+        if stopped == short:
+            return message, text
+    pytest.fail("no user message gives the reply length this test needs")
+
+
+def words(text: str) -> str:
+    return " ".join(ANSI.sub("", text).replace("^C", " ").split())
+
+
+def send_turn(child, message):
+    """Type `message`, wait for the reply's statistics line; return what was shown and the line's numbers."""
+    child.sendline(message)
+    child.expect_exact(message + "\r\n")
+    child.expect(TURN_LINE)
+    names = ("tokens", "accepted", "drafted", "per_round", "processed")
+    return child.before, dict(zip(names, map(float, child.match.groups())))
+
+
+def test_chat_in_a_terminal(folders, models):
+    _, tokenizer, draft = models
+    first, first_reply = find_message(models, [], short=True, start=0)
+    history = [{"role": "user", "content": first}, {"role": "assistant", "content": first_reply}]
+    second, second_reply = find_message(models, history, short=True, start=100)
+    long_message, _ = find_message(models, [], short=False, start=200)
+
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env["TERM"] = "dumb"  # readline without escape sequences
+    child = pexpect.spawn(sys.executable, ["-m", "mlx_spec.cli", "chat", "--model", folders["main"],
+                                           "--draft-model", folders["draft"], "--max-tokens", "100000"],
+                          env=env, encoding="utf-8", timeout=60, dimensions=(40, 500))
+    child.expect_exact(">>> ")
+    assert GREEN in child.before and "draft tokens the main model accepted" in child.before  # the legend
+
+    # Two turns; the second prefills only its new tokens and still answers as a fresh run would.
+    shown, line = send_turn(child, first)
+    assert GREEN in shown and words(shown) == words(first_reply)
+    assert line["processed"] == len(conversation_tokens(tokenizer, history[:1]))
+    assert 0 < line["accepted"] <= line["drafted"]
+    cached = line["processed"] + line["tokens"]  # the first reply ended with </s>
+    shown, line = send_turn(child, second)
+    assert words(shown) == words(second_reply)
+    conversation = conversation_tokens(tokenizer, history + [{"role": "user", "content": second}])
+    assert line["processed"] == len(conversation) - cached + 1  # + the last token, never in a cache yet
+
+    child.sendline("/nonsense")
+    child.expect_exact("unknown command /nonsense: /help lists the commands")
+    child.sendline("/draft 2")
+    child.expect_exact("drafting 2 tokens per round")
+    child.sendline("/stats")
+    child.expect_exact("2 turns")
+    child.sendline("/reset")
+    child.expect_exact("new conversation")
+
+    # Ctrl-C in the middle of a long reply keeps what was shown and returns to the prompt.
+    child.sendline(long_message)
+    child.expect_exact(long_message + "\r\n")
+    child.expect(r"w\d+|<s>|<unk>")  # the reply's first word
+    shown = child.after
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    shown = words(shown + child.before)
+    child.expect(TURN_LINE)
+    history = [{"role": "user", "content": long_message}, {"role": "assistant", "content": shown}]
+    assert float(child.match.group(5)) == len(conversation_tokens(tokenizer, history[:1]))  # after /reset: all
+
+    # The next turn answers exactly as a fresh run over the same conversation.
+    last, _ = find_message(models, history, short=True, start=300)
+    messages = history + [{"role": "user", "content": last}]
+    expected, _ = fresh_reply(models, messages, SHORT, draft_model=draft, num_draft_tokens=2)
+    shown, line = send_turn(child, last)
+    assert words(shown) == words(expected)
+    assert line["drafted"] > 0 and line["per_round"] <= 3.0  # at most 2 drafted + 1
+    cached = len(conversation_tokens(tokenizer, history[:1])) + len(history[1]["content"].split())
+    assert line["processed"] == len(conversation_tokens(tokenizer, messages)) - cached + 1
+
+    child.expect_exact(">>> ")
+    child.sendintr()  # Ctrl-C at the prompt leaves
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_context_full_and_end_of_input(folders):
+    model, tokenizer = mlx_spec.load(folders["short_main"])
+    draft, _ = mlx_spec.load(folders["short_draft"])
+    out = io.StringIO()
+    session = ChatSession(model, tokenizer, draft, Settings(max_tokens=1000), out=out)
+    assert session.context_limit == 48
+    for line in ["w10 w11", "w12 w13", "w14 w15", "w16", "w17", "w18", "w19"]:
+        session.handle(line)
+        assert len(session.cache.tokens) <= 48
+    assert "context full" in out.getvalue()
+    session.handle("/reset")
+    session.handle("w20 w21")
+    assert session.cache.tokens[:5] == conversation_tokens(tokenizer, [{"role": "user", "content": "w20 w21"}])
+
+    lines = iter(["/temp 0.5", "/temp -1", "/draft 0", "/system w3"])
+
+    def read(_prompt):
+        line = next(lines, None)
+        if line is None:
+            raise EOFError  # Ctrl-D at the prompt
+        return line
+
+    assert interact(session, read=read) == 0
+    text = out.getvalue()
+    assert "temperature 0.5" in text and "/temp takes a number >= 0" in text and "/draft takes 'auto' or a whole number" in text
+    assert session.settings.temp == 0.5 and session.system_prompt == "w3"
+
+
+def test_color_switches(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert use_color(Terminal()) and not use_color(Terminal(), no_color=True) and not use_color(io.StringIO())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_color(Terminal())
+
+
+def test_generate_json(folders, models):
+    _, tokenizer, _ = models
+    messages = [{"role": "user", "content": "w10 w11"}]
+    expected, _ = fresh_reply(models, messages, 20)
+    result = subprocess.run([sys.executable, "-m", "mlx_spec.cli", "generate", "--model", folders["main"],
+                             "--draft-model", folders["draft"], "--prompt", "w10 w11", "--max-tokens", "20",
+                             "--num-draft-tokens", "3", "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)  # one JSON object, nothing else on stdout
+    assert stats["text"] == expected
+    assert stats["prompt_tokens"] == len(conversation_tokens(tokenizer, messages))
+    assert 0 < stats["generation_tokens"] <= 20
+    assert stats["accepted_draft_tokens"] + stats["rejected_draft_tokens"] == stats["total_draft_tokens"] > 0
+    assert stats["num_draft_tokens"] == 3 and max(map(int, stats["draft_lengths"])) <= 3
+    assert stats["generation_tokens"] == stats["accepted_draft_tokens"] + stats["num_rounds"]
+
+
+def test_generate_text_then_statistics(folders, models, capsys):
+    expected, _ = fresh_reply(models, [{"role": "user", "content": "w10 w11"}], 20)
+    assert main(["generate", "--model", folders["main"], "--no-draft", "-p", "w10 w11", "-m", "20", "--verbose"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + "\n"
+    assert "Generation:" in err and "Time to first token" in err and "Accepted" not in err
+
+
+def test_convert(tmp_path, capsys):
+    from test_gguf import write_model
+
+    write_model(tmp_path / "m.gguf")
+    assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "out"), "--dtype", "float16"]) == 0
+    model, _ = mlx_spec.load(str(tmp_path / "out"))
+    assert model.model.embed_tokens.weight.dtype == mx.float16
+
+
+BAD = {
+    "missing model path": ["generate", "--model", "/no/such/model", "-p", "hi"],
+    "incompatible draft": ["generate", "--model", "{main}", "--draft-model", "{other}", "-p", "w10"],
+    "negative temperature": ["generate", "--model", "{main}", "-p", "w10", "--temp", "-1"],
+    "zero draft tokens": ["chat", "--model", "{main}", "--num-draft-tokens", "0"],
+    "top-p above 1": ["chat", "--model", "{main}", "--top-p", "2"],
+    "kv bits": ["generate", "--model", "{main}", "-p", "w10", "--kv-bits", "7"],
+    "not a number": ["generate", "--model", "{main}", "-p", "w10", "--max-tokens", "many"],
+    "kv bits with a window": ["generate", "--model", "{main}", "-p", "w10", "--kv-bits", "4", "--max-kv-size", "64"],
+    "no prompt": ["generate", "--model", "{main}"],
+    "unknown flag": ["chat", "--model", "{main}", "--colour"],
+    "no command": [],
+    "convert a missing file": ["convert", "/no/such.gguf", "{tmp}/out"],
+    "convert a non-GGUF file": ["convert", "{main}/config.json", "{tmp}/out"],
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_is_one_line(name, folders, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, **folders) for a in BAD[name]]
+    assert main(argv) != 0
+    out, err = capsys.readouterr()
+    assert err.startswith("mlx-spec: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_debug_shows_the_traceback(capsys):
+    assert main(["generate", "--model", "/no/such/model", "-p", "hi", "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_unreachable_hub_id_in_a_real_process():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "mlx_spec.cli", "generate", "--model", "nobody-xyz/no-such-model",
+                             "-p", "hi"], capture_output=True, text=True, env=env, timeout=120)
+    lines = [l for l in result.stderr.splitlines() if not l.startswith("mlx_spec: warning:")]
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("mlx-spec: error: "), result.stderr
+    assert "nobody-xyz/no-such-model" in lines[0]
