@@ -232,10 +232,6 @@ class CachePair:
                         )
                     layers[i] = cache.to_quantized(group_size=kv_group_size, bits=kv_bits)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.main + (self.draft or []))
-
 
 TRIMMABLE = (KVCache, QuantizedKVCache, RotatingKVCache, SlackRotatingCache)
 

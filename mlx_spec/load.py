@@ -36,7 +36,11 @@ def load(path_or_hub_id: str, dtype: Optional[str] = None, q_bits: Optional[int]
     try:
         model, tokenizer = mlx_lm.load(str(path if path.exists() else source), **kwargs)
     except Exception as e:  # hub unreachable, repo missing, unsupported model type
-        raise ValueError(f"could not load model {source}: {type(e).__name__}: {e}") from e
+        if not path.exists():
+            raise ValueError(f"could not fetch {source} from the Hugging Face hub (offline, or no such model): "
+                             f"{type(e).__name__}") from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"could not load model {source}: {type(e).__name__}: {first_line}") from e
     _loaded[id(model)] = (source, tokenizer)
     weakref.finalize(model, _loaded.pop, id(model), None)
     return model, tokenizer

@@ -151,3 +151,14 @@ def test_plain_kv_cache_stays_plain_without_kv_bits(pair):
     cache = make_prompt_cache(main, draft)
     spec([1, 2], main, draft, max_tokens=10, prompt_cache=cache)
     assert all(type(c) is KVCache for c in cache.main + cache.draft)
+
+
+
+def test_adaptive_plain_streaks_with_a_rotating_cache(pair):
+    """Plain rounds leave the draft behind; each probe feeds it the missed tokens within the slack."""
+    main, _ = pair
+    stranger = make_model("qwen2", layers=2, seed=9)
+    stats = GenerationStats()
+    got = spec([1, 2, 3], main, stranger, max_tokens=160, max_kv_size=16, stats=stats)
+    assert got == reference(main, [1, 2, 3], 160, max_kv_size=16)
+    assert stats.draft_lengths[0] > 0 and stats.draft_lengths[1] > 0  # plain streaks and probes

@@ -246,6 +246,6 @@ def test_unreachable_hub_id_in_a_real_process():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, "-m", "mlx_spec.cli", "generate", "--model", "nobody-xyz/no-such-model",
                              "-p", "hi"], capture_output=True, text=True, env=env, timeout=120)
-    lines = [l for l in result.stderr.splitlines() if not l.startswith("mlx_spec: warning:")]
+    lines = [l for l in result.stderr.splitlines() if not l.startswith("mlx-spec: warning:")]
     assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("mlx-spec: error: "), result.stderr
-    assert "nobody-xyz/no-such-model" in lines[0]
+    assert "could not fetch nobody-xyz/no-such-model from the Hugging Face hub" in lines[0]
