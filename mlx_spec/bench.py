@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.generate import speculative_generate_step as mlx_lm_speculative
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .generate import speculative_generate_step
@@ -121,11 +122,33 @@ def decode_step_seconds(model, prompt, steps: int = 12) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def predicted_speedup(tokens_per_round: float, num_draft: int, cost_ratio: float):
+def verify_cost_ratio(model, prompt, num_draft: int, reps: int = 3) -> float:
+    """Seconds of one main forward over k+1 tokens over those of one token, after `prompt`.
+
+    The formula counts a verify pass as one main step; where hardware makes k+1
+    rows dearer (BLAS on a CPU), this is the factor it misses.
+    """
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array(prompt)[None], cache=cache))
+
+    def seconds(num_tokens):
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            mx.eval(model(mx.array(prompt[-num_tokens:])[None], cache=cache))
+            times.append(time.perf_counter() - start)
+            for c in cache:
+                c.trim(num_tokens)
+        return statistics.median(times)
+
+    return seconds(num_draft + 1) / seconds(1)
+
+
+def predicted_speedup(tokens_per_round: float, num_draft: int, cost_ratio: float, verify_ratio: float = 1.0):
     """Leviathan et al.: (1 - a^(k+1)) / ((1 - a)(k c + 1)), with a solved from the measured tokens per round.
 
-    Returns (alpha, predicted speed-up). The verify pass is counted as one main step,
-    so measured / predicted shows the engine's own overhead.
+    Returns (alpha, predicted speed-up). The verify pass counts as one main step,
+    or as `verify_ratio` main steps when that was measured.
     """
     lo, hi = 0.0, 1.0
     for _ in range(60):  # tokens per round (1 - a^(k+1)) / (1 - a) grows with a
@@ -134,7 +157,7 @@ def predicted_speedup(tokens_per_round: float, num_draft: int, cost_ratio: float
         lo, hi = (a, hi) if tau < tokens_per_round else (lo, a)
     alpha = (lo + hi) / 2
     tau = sum(alpha**i for i in range(num_draft + 1))
-    return alpha, tau / (num_draft * cost_ratio + 1)
+    return alpha, tau / (num_draft * cost_ratio + verify_ratio)
 
 
 @dataclass
@@ -169,8 +192,11 @@ def run_benchmark(main, draft, tokenizer, cfg: Config, progress: Callable[[str],
     cost = {}
     if draft is not None:
         for name, prompt in encoded.items():
-            cost[name] = decode_step_seconds(draft, prompt) / decode_step_seconds(main, prompt)
-            progress(f"{name}: draft step / main step = {cost[name]:.3f}")
+            ratio = decode_step_seconds(draft, prompt) / decode_step_seconds(main, prompt)
+            verify = {k: verify_cost_ratio(main, prompt, k) for k in cfg.draft_lengths if k != "auto"}
+            cost[name] = dict(draft_step=ratio, verify=verify)
+            progress(f"{name}: draft step / main step = {ratio:.3f}; verify of k+1 tokens / main step = "
+                     + ", ".join(f"{v:.2f} (k={k})" for k, v in verify.items()))
     runs = []
     total = cfg.repetitions * len(cfg.temps) * len(encoded) * len(plan)
     for rep in range(cfg.repetitions):
@@ -207,10 +233,14 @@ def summarize(runs: List[Run], cost: Dict[str, float]) -> List[dict]:
                    tokens_per_round=sum(r.tokens for r in group) / rounds if rounds else None,
                    time_to_first_token=statistics.median(r.time_to_first_token for r in group),
                    prompt_tps=statistics.median(r.prompt_tokens / r.time_to_first_token for r in group),
-                   peak_memory=max(r.peak_memory for r in group), predicted=None, efficiency=None)
+                   peak_memory=max(r.peak_memory for r in group), predicted=None, efficiency=None,
+                   predicted_with_verify=None, engine_efficiency=None)
         if k and k != "auto" and prompt in cost and row["tokens_per_round"]:
-            row["alpha"], row["predicted"] = predicted_speedup(row["tokens_per_round"], k, cost[prompt])
+            c, verify = cost[prompt]["draft_step"], cost[prompt]["verify"][k]
+            row["alpha"], row["predicted"] = predicted_speedup(row["tokens_per_round"], k, c)
             row["efficiency"] = row["speedup"] / row["predicted"]
+            row["predicted_with_verify"] = predicted_speedup(row["tokens_per_round"], k, c, verify)[1]
+            row["engine_efficiency"] = row["speedup"] / row["predicted_with_verify"]
         rows.append(row)
     return rows
 
@@ -221,12 +251,14 @@ def _fmt(x, spec=".2f"):
 
 def markdown(result: dict) -> str:
     rows = result["summary"]
-    out = ["| temp | prompt | variant | k | tok/s | speed-up | accepted | tokens/round | predicted | efficiency | TTFT s | peak GB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| temp | prompt | variant | k | tok/s | speed-up | accepted | tokens/round | predicted | efficiency "
+           "| predicted (measured verify) | efficiency (measured verify) | TTFT s | peak GB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['temp']} | {r['prompt']} | {r['variant']} | {r['num_draft'] or ''} | {r['tps']:.2f} "
                    f"| {r['speedup']:.2f}x | {_fmt(r['acceptance'] and 100 * r['acceptance'], '.0f')}{'%' if r['acceptance'] is not None else ''} "
                    f"| {_fmt(r['tokens_per_round'])} | {_fmt(r['predicted'])} | {_fmt(r['efficiency'])} "
+                   f"| {_fmt(r['predicted_with_verify'])} | {_fmt(r['engine_efficiency'])} "
                    f"| {r['time_to_first_token']:.2f} | {r['peak_memory']:.2f} |")
     out += ["", "| temp | prompt | main alone tok/s | mlx_spec best | mlx-lm best | mlx_spec / mlx-lm |", "|---|---|---|---|---|---|"]
     for temp, prompt in dict.fromkeys((r["temp"], r["prompt"]) for r in rows):

@@ -29,6 +29,7 @@ def test_predicted_speedup_formula():
     assert alpha == pytest.approx(0.5, abs=1e-6)
     assert predicted == pytest.approx(1.75 / 1.5, abs=1e-6)
     assert bench.predicted_speedup(3.0, 2, 0.0)[1] == pytest.approx(3.0, abs=1e-4)  # everything accepted, free draft
+    assert bench.predicted_speedup(1.75, 2, 0.25, verify_ratio=1.5)[1] == pytest.approx(1.75 / 2.0, abs=1e-6)
 
 
 def test_benchmark_runs_every_variant_and_writes_results(tmp_path, folders, capsys):
@@ -44,6 +45,8 @@ def test_benchmark_runs_every_variant_and_writes_results(tmp_path, folders, caps
     assert all(r["tokens"] == 12 and r["seconds"] > 0 for r in runs)
     rows = [r for r in result["summary"] if r["variant"] == bench.OURS and r["num_draft"] != "auto"]
     assert all(0 <= r["acceptance"] <= 1 and r["predicted"] > 0 and r["efficiency"] > 0 for r in rows)
+    assert all(r["predicted_with_verify"] > 0 and r["engine_efficiency"] > 0 for r in rows)
+    assert set(result["cost_ratio"]["prompt1"]["verify"]) == {"1", "3"}
     assert result["machine"]["main_dtype"] == "float32" and result["machine"]["mlx"]
     out = capsys.readouterr().out
     assert "| temp | prompt | variant |" in out and "mlx_spec / mlx-lm" in out
