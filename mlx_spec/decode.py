@@ -11,7 +11,7 @@ import mlx.core as mx
 
 from .accept import accept, accept_greedy
 from .cache import SLACK, CachePair, SlackRotatingCache
-from .draft import propose
+from .draft import DraftModel, propose
 from .sampling import SamplingParams
 from .verify import score
 
@@ -66,7 +66,7 @@ def prefill(model, layers: List, tokens: List[int], caches: CachePair, kv_quanti
 
 def rounds(
     model,
-    draft_model,
+    draft: Optional[DraftModel],
     caches: CachePair,
     policy,
     max_tokens: int,
@@ -88,15 +88,14 @@ def rounds(
     while num_emitted < max_tokens:
         start = time.perf_counter()
         tokens = caches.tokens
-        num_draft = 0 if draft_model is None else min(policy.choose(), max_tokens - num_emitted - 1, max_draft(len(tokens) - 1))
+        num_draft = 0 if draft is None else min(policy.choose(), max_tokens - num_emitted - 1, max_draft(len(tokens) - 1))
         if key is not None:
             key, draft_key, accept_key = mx.random.split(key, 3)
         history = mx.array(tokens, mx.int32) if logits_processors else None
         draft_tokens, draft_probs = mx.zeros((0,), mx.int32), mx.zeros((0, vocab_size))
         if num_draft > 0:
             draft_tokens, draft_probs = propose(
-                draft_model, caches.draft, tokens[caches.draft_offset :], num_draft, vocab_size,
-                params, draft_key if key is not None else None, history, logits_processors,
+                draft, caches.draft, tokens[caches.draft_offset :], num_draft, params, draft_key if key is not None else None, history, logits_processors,
             )
         logprobs, main_probs = score(model, caches.main, tokens[-1], draft_tokens, params, history, logits_processors)
         if params.greedy:

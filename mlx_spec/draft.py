@@ -6,13 +6,48 @@ import mlx.core as mx
 
 from .sampling import SamplingParams, filtered_scores, fit_vocab, log_probs, process
 
+# Model types whose logits are exactly `head(model.model(inputs))`, so the head can be cut.
+SHORTLIST_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
+
+
+class DraftModel:
+    """The draft as `propose` uses it: last-position logits over the main model's vocabulary.
+
+    With `shortlist` S, its output layer is cut to the first S token ids (BPE
+    vocabularies put frequent tokens first): on a 151,936-token vocabulary that
+    is most of a small draft's cost per step. Tokens beyond get draft
+    probability 0, so the output stays exactly the main model's; only the
+    acceptance of those rare tokens is lost.
+    """
+
+    def __init__(self, model, vocab_size: int, shortlist: Optional[int] = None):
+        self.model, self.vocab_size = model, vocab_size
+        self.head = None
+        if shortlist and type(model).__module__.rsplit(".", 1)[-1] in SHORTLIST_TYPES:
+            layer = getattr(model, "lm_head", None)
+            layer = model.model.embed_tokens if layer is None else layer
+            if layer.weight.shape[0] > shortlist and getattr(layer, "bias", None) is None:
+                self.head = layer
+                self.shortlist = shortlist
+
+    def __call__(self, inputs: mx.array, cache: List) -> mx.array:
+        if self.head is None:
+            return fit_vocab(self.model(inputs[None], cache=cache)[0, -1:], self.vocab_size)
+        hidden = self.model.model(inputs[None], cache=cache)[0, -1:]
+        rows, head = slice(0, self.shortlist), self.head
+        if hasattr(head, "scales"):  # quantized weights
+            logits = mx.quantized_matmul(hidden, head.weight[rows], head.scales[rows], head.biases[rows],
+                                         transpose=True, group_size=head.group_size, bits=head.bits)
+        else:
+            logits = hidden @ head.weight[rows].T
+        return fit_vocab(logits, self.vocab_size)
+
 
 def propose(
-    draft_model,
+    draft: DraftModel,
     draft_cache: List,
     pending_tokens: List[int],
     num_draft: int,
-    vocab_size: int,
     params: SamplingParams,
     key: Optional[mx.array],
     history: Optional[mx.array] = None,
@@ -27,7 +62,7 @@ def propose(
     tokens, probs = [], []
     keys = mx.random.split(key, max(num_draft, 1)) if key is not None else None
     for i in range(num_draft):
-        logits = fit_vocab(draft_model(inputs[None], cache=draft_cache)[0, -1:], vocab_size)
+        logits = draft(inputs, draft_cache)
         drafted = mx.concatenate(tokens) if tokens else None
         logits = process(logits, _extend(history, drafted), None, logits_processors)
         if params.greedy:
@@ -41,7 +76,7 @@ def propose(
     draft_tokens = mx.concatenate(tokens) if tokens else mx.zeros((0,), mx.int32)
     if params.greedy:
         return draft_tokens, None
-    draft_probs = mx.concatenate(probs) if probs else mx.zeros((0, vocab_size))
+    draft_probs = mx.concatenate(probs) if probs else mx.zeros((0, draft.vocab_size))
     return draft_tokens, draft_probs
 
 

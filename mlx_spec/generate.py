@@ -13,11 +13,13 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .cache import KEEP, SLACK, CachePair, make_prompt_cache
 from .adaptive import DraftController
 from .decode import FixedDraft, HostReads, prefill, rounds
+from .draft import DraftModel
 from .load import check_draft, output_size
 from .sampling import SamplingParams
 from .stats import GenerationStats
 
 KV_BITS = (2, 3, 4, 5, 6, 8)
+DRAFT_SHORTLIST = 32768  # default draft_vocab_size: 96% of Qwen2.5's output tokens, 1/5 of its output layer
 KV_GROUP_SIZES = (32, 64, 128)
 
 
@@ -39,6 +41,7 @@ def speculative_generate_step(
     logits_processors=None,
     prompt_cache: Optional[CachePair] = None,
     stats: Optional[GenerationStats] = None,
+    draft_vocab_size: Optional[int] = DRAFT_SHORTLIST,
 ) -> Iterator[Tuple[int, mx.array, bool]]:
     """Yield (token, logprobs, from_draft) for each generated token.
 
@@ -50,6 +53,8 @@ def speculative_generate_step(
     holding exactly the tokens yielded so far. `stats`, if given, is filled as
     generation goes (see GenerationStats). `num_draft_tokens="auto"` chooses
     each round's draft length, plain decoding included (see DraftController).
+    `draft_vocab_size` cuts the draft's output layer to the first so many token
+    ids (None: the whole vocabulary; see DraftModel); the output is unaffected.
     """
     prompt = _token_list(prompt_tokens)
     params = validate_options(num_draft_tokens, max_tokens, temp, top_p, top_k, min_p, seed,
@@ -58,8 +63,11 @@ def speculative_generate_step(
     vocab_size = output_size(model)
     if not all(0 <= t < vocab_size for t in prompt):
         raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {min(prompt)}..{max(prompt)}")
+    if draft_vocab_size is not None and (not isinstance(draft_vocab_size, int) or draft_vocab_size < 1):
+        raise ValueError(f"draft_vocab_size must be a positive integer or None, got {draft_vocab_size!r}")
     if draft_model is not None:
         check_draft(model, draft_model)
+    draft = None if draft_model is None else DraftModel(draft_model, vocab_size, draft_vocab_size)
     caches = prompt_cache if prompt_cache is not None else make_prompt_cache(model, draft_model, max_kv_size)
     if not isinstance(caches, CachePair):
         raise ValueError("prompt_cache must come from mlx_spec.make_prompt_cache(model, draft_model)")
@@ -90,7 +98,7 @@ def speculative_generate_step(
         stats.prompt_done()
         host = HostReads()
         for round_ in rounds(
-            model, draft_model, caches, policy, max_tokens, params, key, vocab_size,
+            model, draft, caches, policy, max_tokens, params, key, vocab_size,
             max_draft, kv_quantize, host, logits_processors,
         ):
             stats.record_round(round_.num_draft, round_.num_accepted)

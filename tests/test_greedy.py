@@ -78,3 +78,37 @@ def test_logits_match_plain_decoding(llama):
     ours = [lp for _, lp, _ in speculative_generate_step(prompt, llama, draft, num_draft_tokens=4, max_tokens=20)]
     for a, b in zip(plain, ours):
         assert np.allclose(np.array(a), np.array(b), atol=1e-4)
+
+
+@pytest.mark.parametrize("arch, quantize", [("llama", False), ("qwen2", False), ("gemma3_text", False), ("qwen2", True)])
+def test_draft_shortlist_keeps_greedy_exact(arch, quantize):
+    """A draft whose output layer is cut to the first ids: same output, fewer acceptances of the rest."""
+    main = make_model(arch, layers=4)
+    draft = perturbed(main, 0.005)
+    if quantize:
+        main, draft = quantized(main), quantized(draft)
+    for prompt in PROMPTS[:2]:
+        expected = reference(main, prompt, 40)
+        full, short = GenerationStats(), GenerationStats()
+        assert spec(prompt, main, draft, num_draft_tokens=3, max_tokens=40, stats=full, draft_vocab_size=None) == expected
+        assert spec(prompt, main, draft, num_draft_tokens=3, max_tokens=40, stats=short, draft_vocab_size=48) == expected
+        beyond = [t for t in expected if t >= 48]
+        if beyond:
+            assert short.accepted_draft_tokens < full.accepted_draft_tokens
+
+
+def test_shortlisted_draft_never_proposes_beyond_the_shortlist():
+    main = make_model("qwen2", layers=4)
+    proposed = []
+    from mlx_spec.draft import DraftModel, propose
+    from mlx_spec.cache import make_prompt_cache
+    from mlx_spec.sampling import SamplingParams
+
+    cache = make_prompt_cache(main, main)
+    draft = DraftModel(main, 97, shortlist=20)
+    assert draft.head is not None
+    for start in range(3, 60, 7):
+        tokens, probs = propose(draft, cache.draft, [start], 4, SamplingParams(temp=1.0), mx.random.key(start))
+        proposed += tokens.tolist()
+        assert float(probs[:, 20:].sum()) == 0.0
+    assert max(proposed) < 20

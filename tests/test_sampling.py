@@ -47,15 +47,17 @@ def next_dist(model, tokens, **shape):
 SHAPES = [dict(temp=1.0), dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02)]
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + [dict(temp=1.0, draft_vocab_size=6)])
 def test_first_two_tokens_follow_the_main_distribution(pair, shape):
     main, draft = pair
+    shape = dict(shape)
+    draft_vocab_size = shape.pop("draft_vocab_size", None)  # a shortlisted draft: same distribution
     p1 = next_dist(main, PROMPT, **shape)
     p2 = sum(p1[x] * next_dist(main, PROMPT + [x], **shape) for x in range(VOCAB) if p1[x] > 0)
     runs = 1000
     firsts, seconds = [], []
     for seed in range(runs):
-        out = spec(PROMPT, main, draft, num_draft_tokens=3, max_tokens=3, seed=seed, **shape)
+        out = spec(PROMPT, main, draft, num_draft_tokens=3, max_tokens=3, seed=seed, draft_vocab_size=draft_vocab_size, **shape)
         firsts.append(out[0])
         seconds.append(out[1])
     for tokens, p in ((firsts, p1), (seconds, p2)):
