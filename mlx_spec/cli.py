@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .cache import SLACK
 from .chat import ChatSession, Settings, conversation_tokens, interact, paint, use_color
-from .generate import KV_BITS, stream_generate
+from .generate import DRAFT_SHORTLIST, KV_BITS, stream_generate
 from .load import check_draft, load, model_name
 from .stats import GenerationStats
 
@@ -60,6 +60,8 @@ def add_model_arguments(p):
     p.add_argument("--no-draft", action="store_true", help="run the main model alone, for comparison")
     p.add_argument("--num-draft-tokens", type=_draft_length, default="auto", metavar="K",
                    help=f"draft tokens per round, 1..{SLACK}, or 'auto' to choose each round (default)")
+    p.add_argument("--draft-vocab-size", type=_int_at_least(0), default=DRAFT_SHORTLIST, metavar="N",
+                   help=f"cut the draft's output layer to the first N token ids; 0: all (default {DRAFT_SHORTLIST})")
     p.add_argument("--max-tokens", "-m", type=_int_at_least(1), default=256, metavar="N",
                    help="most tokens to generate (per reply in chat; default 256)")
     p.add_argument("--temp", type=float, default=0.0, metavar="T", help="sampling temperature (default 0: greedy)")
@@ -79,7 +81,8 @@ def settings_from(args) -> Settings:
     """The generation settings, checked before any model is loaded."""
     return Settings(max_tokens=args.max_tokens, num_draft_tokens=args.num_draft_tokens, temp=args.temp,
                     top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
-                    max_kv_size=args.max_kv_size, kv_bits=args.kv_bits)
+                    max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
+                    draft_vocab_size=args.draft_vocab_size or None)
 
 
 def load_models(args):

@@ -58,13 +58,11 @@ def speculative_generate_step(
     """
     prompt = _token_list(prompt_tokens)
     params = validate_options(num_draft_tokens, max_tokens, temp, top_p, top_k, min_p, seed,
-                              max_kv_size, kv_bits, kv_group_size, quantized_kv_start)
+                              max_kv_size, kv_bits, kv_group_size, quantized_kv_start, draft_vocab_size)
     policy = _policy(num_draft_tokens, model, draft_model, max_kv_size)
     vocab_size = output_size(model)
     if not all(0 <= t < vocab_size for t in prompt):
         raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {min(prompt)}..{max(prompt)}")
-    if draft_vocab_size is not None and (not isinstance(draft_vocab_size, int) or draft_vocab_size < 1):
-        raise ValueError(f"draft_vocab_size must be a positive integer or None, got {draft_vocab_size!r}")
     if draft_model is not None:
         check_draft(model, draft_model)
     draft = None if draft_model is None else DraftModel(draft_model, vocab_size, draft_vocab_size)
@@ -137,8 +135,11 @@ def _nbytes(model) -> int:
 
 
 def validate_options(num_draft_tokens="auto", max_tokens=256, temp=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None,
-                     max_kv_size=None, kv_bits=None, kv_group_size=64, quantized_kv_start=5000) -> SamplingParams:
+                     max_kv_size=None, kv_bits=None, kv_group_size=64, quantized_kv_start=5000,
+                     draft_vocab_size=DRAFT_SHORTLIST) -> SamplingParams:
     """Check generation options before any model is loaded; ValueError names the bad value."""
+    if draft_vocab_size is not None and (not isinstance(draft_vocab_size, int) or draft_vocab_size < 1):
+        raise ValueError(f"draft_vocab_size must be a positive integer or None, got {draft_vocab_size!r}")
     if seed is not None and not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if num_draft_tokens != "auto" and (not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= SLACK):

@@ -158,6 +158,7 @@ BAD = [
     (dict(kv_bits=7), "kv_bits.*7"),
     (dict(kv_bits=4, kv_group_size=48), "kv_group_size.*48"),
     (dict(prompt_cache=[]), "prompt_cache"),
+    (dict(draft_vocab_size=0), "draft_vocab_size.*0"),
 ]
 
 
