@@ -60,8 +60,8 @@ def add_model_arguments(p):
     p.add_argument("--no-draft", action="store_true", help="run the main model alone, for comparison")
     p.add_argument("--num-draft-tokens", type=_draft_length, default="auto", metavar="K",
                    help=f"draft tokens per round, 1..{SLACK}, or 'auto' to choose each round (default)")
-    p.add_argument("--draft-vocab-size", type=_int_at_least(0), default=DRAFT_SHORTLIST, metavar="N",
-                   help=f"cut the draft's output layer to the first N token ids; 0: all (default {DRAFT_SHORTLIST})")
+    p.add_argument("--draft-vocab-size", type=_int_at_least(0), default=DRAFT_SHORTLIST or 0, metavar="N",
+                   help="cut the draft's output layer to the first N token ids (default 0: all)")
     p.add_argument("--max-tokens", "-m", type=_int_at_least(1), default=256, metavar="N",
                    help="most tokens to generate (per reply in chat; default 256)")
     p.add_argument("--temp", type=float, default=0.0, metavar="T", help="sampling temperature (default 0: greedy)")

@@ -19,7 +19,9 @@ from .sampling import SamplingParams
 from .stats import GenerationStats
 
 KV_BITS = (2, 3, 4, 5, 6, 8)
-DRAFT_SHORTLIST = 32768  # default draft_vocab_size: 96% of Qwen2.5's output tokens, 1/5 of its output layer
+# Default draft_vocab_size: the whole vocabulary. A shortlist of 32768 ids made the default pair's rounds
+# 13% cheaper but lost as much in acceptance over 256 tokens (benchmarks/RESULTS.md).
+DRAFT_SHORTLIST = None
 KV_GROUP_SIZES = (32, 64, 128)
 
 
