@@ -11,7 +11,7 @@ class DraftController:
     """Adaptive draft length.
 
     Acceptance: a_i = P(draft token i accepted | tokens 1..i-1 accepted), per
-    position, from decayed counts (recent rounds weigh more). Expected tokens
+    position, from counts decayed by each drafting round (recent rounds weigh more). Expected tokens
     of a round with k drafts: E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j.
     Cost: seconds of a round T(k) = A + B k, a decayed least-squares fit over
     the rounds seen; until two draft lengths were seen, B = A * cost_ratio,
@@ -21,7 +21,7 @@ class DraftController:
     later stretch of easy tokens is caught.
     """
 
-    def __init__(self, max_draft: int = 10, cost_ratio: float = 0.3, decay: float = 0.9,
+    def __init__(self, max_draft: int = 10, cost_ratio: float = 0.3, decay: float = 0.95,
                  probe_every: int = 8, first_draft: int = 3):
         self.max_draft = max_draft
         self.cost_ratio = cost_ratio
@@ -37,8 +37,9 @@ class DraftController:
     # --- learning -------------------------------------------------------------
     def record(self, num_draft: int, num_accepted: int, seconds: float):
         d = self.decay
-        self.tried = [x * d for x in self.tried]
-        self.accepted = [x * d for x in self.accepted]
+        if num_draft > 0:  # plain rounds teach nothing about acceptance: keep what is known
+            self.tried = [x * d for x in self.tried]
+            self.accepted = [x * d for x in self.accepted]
         for i in range(1, min(num_draft, num_accepted + 1) + 1):  # positions observed this round
             self.tried[i] += 1.0
             self.accepted[i] += 1.0 if i <= num_accepted else 0.0
