@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Union
 
 from .cache import SLACK, make_prompt_cache
-from .generate import DRAFT_SHORTLIST, stream_generate, validate_options
+from .generate import DEFAULT_DRAFT_VOCAB_SIZE, stream_generate, validate_options
 from .load import model_name
 from .sampling import SamplingParams
 from .stats import GenerationStats
@@ -32,7 +32,7 @@ class Settings:
     seed: Optional[int] = None
     max_kv_size: Optional[int] = None
     kv_bits: Optional[int] = None
-    draft_vocab_size: Optional[int] = DRAFT_SHORTLIST
+    draft_vocab_size: Optional[int] = DEFAULT_DRAFT_VOCAB_SIZE
 
     def __post_init__(self):
         validate_options(**asdict(self))  # raises ValueError on a bad value, before any model loads

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .cache import SLACK
 from .chat import ChatSession, Settings, conversation_tokens, interact, paint, use_color
-from .generate import DRAFT_SHORTLIST, KV_BITS, stream_generate
+from .generate import DEFAULT_DRAFT_VOCAB_SIZE, KV_BITS, stream_generate
 from .load import check_draft, load, model_name
 from .stats import GenerationStats
 
@@ -60,7 +60,7 @@ def add_model_arguments(p):
     p.add_argument("--no-draft", action="store_true", help="run the main model alone, for comparison")
     p.add_argument("--num-draft-tokens", type=_draft_length, default="auto", metavar="K",
                    help=f"draft tokens per round, 1..{SLACK}, or 'auto' to choose each round (default)")
-    p.add_argument("--draft-vocab-size", type=_int_at_least(0), default=DRAFT_SHORTLIST or 0, metavar="N",
+    p.add_argument("--draft-vocab-size", type=_int_at_least(0), default=DEFAULT_DRAFT_VOCAB_SIZE or 0, metavar="N",
                    help="cut the draft's output layer to the first N token ids (default 0: all)")
     p.add_argument("--max-tokens", "-m", type=_int_at_least(1), default=256, metavar="N",
                    help="most tokens to generate (per reply in chat; default 256)")

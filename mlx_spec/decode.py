@@ -26,7 +26,6 @@ class Round:
     num_draft: int
     num_accepted: int
     logprobs: mx.array  # (k+1, V): the main model's log-probabilities at each verified position
-    seconds: float  # from building the round's graph to the host read
 
 
 class FixedDraft:
@@ -104,11 +103,10 @@ def rounds(
             num_accepted, next_token = accept(draft_tokens, draft_probs, main_probs, accept_key)
         values = host(mx.concatenate([draft_tokens, num_accepted[None], next_token[None]]))
         num_accepted = values[-2]
-        seconds = time.perf_counter() - start
-        policy.record(num_draft, num_accepted, seconds)
+        policy.record(num_draft, num_accepted, time.perf_counter() - start)
         new_tokens = values[:num_accepted] + values[-1:]
         tokens.extend(new_tokens)
         caches.rollback()  # drop the rejected positions from both caches
         kv_quantize(caches)
         num_emitted += len(new_tokens)
-        yield Round(new_tokens, num_draft, num_accepted, logprobs, seconds)
+        yield Round(new_tokens, num_draft, num_accepted, logprobs)

@@ -21,7 +21,7 @@ from .stats import GenerationStats
 KV_BITS = (2, 3, 4, 5, 6, 8)
 # Default draft_vocab_size: the whole vocabulary. A shortlist of 32768 ids made the default pair's rounds
 # 13% cheaper but lost as much in acceptance over 256 tokens (benchmarks/RESULTS.md).
-DRAFT_SHORTLIST = None
+DEFAULT_DRAFT_VOCAB_SIZE = None
 KV_GROUP_SIZES = (32, 64, 128)
 
 
@@ -43,7 +43,7 @@ def speculative_generate_step(
     logits_processors=None,
     prompt_cache: Optional[CachePair] = None,
     stats: Optional[GenerationStats] = None,
-    draft_vocab_size: Optional[int] = DRAFT_SHORTLIST,
+    draft_vocab_size: Optional[int] = DEFAULT_DRAFT_VOCAB_SIZE,
 ) -> Iterator[Tuple[int, mx.array, bool]]:
     """Yield (token, logprobs, from_draft) for each generated token.
 
@@ -138,7 +138,7 @@ def _nbytes(model) -> int:
 
 def validate_options(num_draft_tokens="auto", max_tokens=256, temp=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None,
                      max_kv_size=None, kv_bits=None, kv_group_size=64, quantized_kv_start=5000,
-                     draft_vocab_size=DRAFT_SHORTLIST) -> SamplingParams:
+                     draft_vocab_size=DEFAULT_DRAFT_VOCAB_SIZE) -> SamplingParams:
     """Check generation options before any model is loaded; ValueError names the bad value."""
     if draft_vocab_size is not None and (not isinstance(draft_vocab_size, int) or draft_vocab_size < 1):
         raise ValueError(f"draft_vocab_size must be a positive integer or None, got {draft_vocab_size!r}")
