@@ -90,6 +90,7 @@ def speculative_generate_step(
     num_known = len(caches.tokens)
     num_yielded = 0
     try:
+        stats.start()
         stats.prompt_tokens = num_known - caches.main_offset
         prefill(model, caches.main, caches.tokens[caches.main_offset : -1], caches, kv_quantize)
         if draft_model is not None:

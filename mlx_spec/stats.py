@@ -42,6 +42,9 @@ class GenerationStats:
     def generation_tps(self) -> float:
         return self.generation_tokens / self.generation_time if self.generation_time else 0.0
 
+    def start(self):
+        self._start = time.perf_counter()
+
     def prompt_done(self):
         self.prompt_time = time.perf_counter() - self._start
 
