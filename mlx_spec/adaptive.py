@@ -4,7 +4,7 @@ Pure and deterministic: it learns only from what `record` tells it after each
 round (draft length, tokens accepted, seconds the round took).
 """
 
-from typing import List
+from typing import List, Optional
 
 
 class DraftController:
@@ -35,7 +35,7 @@ class DraftController:
         self.plain_streak = 0
 
     # --- learning -------------------------------------------------------------
-    def record(self, num_draft: int, num_accepted: int, seconds: float):
+    def record(self, num_draft: int, num_accepted: int, seconds: Optional[float]):
         d = self.decay
         if num_draft > 0:  # plain rounds teach nothing about acceptance: keep what is known
             self.tried = [x * d for x in self.tried]
@@ -43,8 +43,9 @@ class DraftController:
         for i in range(1, min(num_draft, num_accepted + 1) + 1):  # positions observed this round
             self.tried[i] += 1.0
             self.accepted[i] += 1.0 if i <= num_accepted else 0.0
-        k = float(num_draft)
-        self.sums = [s * d + x for s, x in zip(self.sums, (1.0, k, k * k, seconds, k * seconds))]
+        if seconds is not None:  # None: the round's time says nothing about T(k)
+            k = float(num_draft)
+            self.sums = [s * d + x for s, x in zip(self.sums, (1.0, k, k * k, seconds, k * seconds))]
         self.num_rounds += 1
         self.plain_streak = self.plain_streak + 1 if num_draft == 0 else 0
 

@@ -37,7 +37,7 @@ class FixedDraft:
     def choose(self) -> int:
         return self.num_draft
 
-    def record(self, num_draft: int, num_accepted: int, seconds: float):
+    def record(self, num_draft: int, num_accepted: int, seconds: Optional[float]):
         pass
 
 
@@ -92,10 +92,10 @@ def rounds(
             key, draft_key, accept_key = mx.random.split(key, 3)
         history = mx.array(tokens, mx.int32) if logits_processors else None
         draft_tokens, draft_probs = mx.zeros((0,), mx.int32), mx.zeros((0, vocab_size))
+        num_behind = len(tokens) - caches.draft_offset if num_draft > 0 else 0
         if num_draft > 0:
-            draft_tokens, draft_probs = propose(
-                draft, caches.draft, tokens[caches.draft_offset :], num_draft, params, draft_key if key is not None else None, history, logits_processors,
-            )
+            draft_tokens, draft_probs = propose(draft, caches.draft, tokens[caches.draft_offset :], num_draft, params,
+                                                draft_key if key is not None else None, history, logits_processors)
         logprobs, main_probs = score(model, caches.main, tokens[-1], draft_tokens, params, history, logits_processors)
         if params.greedy:
             num_accepted, next_token = accept_greedy(draft_tokens, logprobs)
@@ -103,7 +103,8 @@ def rounds(
             num_accepted, next_token = accept(draft_tokens, draft_probs, main_probs, accept_key)
         values = host(mx.concatenate([draft_tokens, num_accepted[None], next_token[None]]))
         num_accepted = values[-2]
-        policy.record(num_draft, num_accepted, time.perf_counter() - start)
+        # A draft that sat out plain rounds caught up on them in this round: not a cost of k.
+        policy.record(num_draft, num_accepted, None if num_behind > 2 else time.perf_counter() - start)
         new_tokens = values[:num_accepted] + values[-1:]
         tokens.extend(new_tokens)
         caches.rollback()  # drop the rejected positions from both caches

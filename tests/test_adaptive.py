@@ -43,6 +43,15 @@ def test_learns_the_cost_line():
     assert c.cost() == pytest.approx((0.5, 0.2))
 
 
+def test_a_round_without_a_time_teaches_acceptance_only():
+    c = DraftController()
+    for k in (3, 5):
+        c.record(k, 1, 0.5 + 0.2 * k)
+    c.record(1, 1, None)  # e.g. the draft caught up on skipped tokens in that round
+    assert c.cost() == pytest.approx((0.5, 0.2))
+    assert c.tried[1] > 2.5 and c.accepted[1] > 2.5
+
+
 def test_uses_the_prior_cost_ratio_until_two_lengths_were_seen():
     c = DraftController(cost_ratio=0.25)
     c.record(4, 2, 2.0)
