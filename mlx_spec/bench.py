@@ -83,11 +83,12 @@ def _run_mlx_lm(main, draft, prompt, max_tokens, temp, num_draft, seed):
             first = first or time.perf_counter() - start
         return 0, 0, max_tokens, first
     drafted = accepted = rounds = emitted = 0
+    previous_from_draft = False
     steps = mlx_lm_speculative(mx.array(prompt), main, draft, num_draft_tokens=num_draft,
                                max_tokens=max_tokens, sampler=sampler)
     for _, _, from_draft in steps:
         first = first or time.perf_counter() - start
-        if emitted == 0 or not previous_from_draft:  # a round starts: mlx-lm drafts min(k, tokens left)
+        if not previous_from_draft:  # a round starts: mlx-lm drafts min(k, tokens left)
             drafted += min(num_draft, max_tokens - emitted)
         previous_from_draft = from_draft
         emitted += 1

@@ -7,7 +7,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from mlx_spec import GenerationStats, make_prompt_cache, speculative_generate_step
 from mlx_spec.cache import SLACK, SlackRotatingCache
-from tiny import first_layers, make_model, perturbed, reference, spec
+from tiny import make_model, perturbed, reference, spec
 
 
 @pytest.fixture(scope="module")
