@@ -4,35 +4,48 @@ Pure and deterministic: it learns only from what `record` tells it after each
 round (draft length, tokens accepted, seconds the round took).
 """
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 
 class DraftController:
     """Adaptive draft length.
 
     Acceptance: a_i = P(draft token i accepted | tokens 1..i-1 accepted), per
-    position, from counts decayed by each drafting round (recent rounds weigh more). Expected tokens
-    of a round with k drafts: E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j.
-    Cost: seconds of a round T(k) = A + B k, a decayed least-squares fit over
-    the rounds seen; until two draft lengths were seen, B = A * cost_ratio,
-    the prior (e.g. the draft's parameter count over the main model's).
-    Choice: argmax over k in 0..max_draft of E(k) / T(k). When plain decoding
-    wins, a round with one draft token probes every `probe_every` rounds, so a
-    later stretch of easy tokens is caught.
+    position, from counts decayed by each drafting round (recent rounds weigh
+    more). Positions with few observations lean on the pooled rate of all
+    positions, which itself starts from `prior_acceptance` worth `prior_rounds`
+    observations, so one unlucky first round does not stop drafting for long.
+    Expected tokens of a round with k drafts: E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j.
+    Cost: plain rounds T(0) and drafting rounds T(k) = A + B k are learnt apart
+    (a verify pass over k+1 tokens is not a plain step plus k cheap rows), from
+    decayed averages and a decayed least-squares line. Until two draft lengths
+    were seen, B = T(0) * cost_ratio, the prior (e.g. the draft's bytes over the
+    main model's); until a plain round was seen, T(0) = A.
+    Choice: argmax over k in 0..max_draft of E(k) / T(k). While plain decoding
+    wins, a one-token round probes after `probe_every` plain rounds; each probe
+    that does not bring drafting back doubles the gap (up to `max_probe_gap`),
+    so a pair whose draft never agrees costs little, and code after prose is
+    still caught.
     """
 
     def __init__(self, max_draft: int = 10, cost_ratio: float = 0.3, decay: float = 0.95,
-                 probe_every: int = 8, first_draft: int = 3):
+                 probe_every: int = 4, max_probe_gap: int = 64, first_draft: int = 3,
+                 prior_acceptance: float = 0.8, prior_rounds: float = 4.0):
         self.max_draft = max_draft
         self.cost_ratio = cost_ratio
         self.decay = decay
         self.probe_every = probe_every
+        self.max_probe_gap = max_probe_gap
         self.first_draft = first_draft
+        self.prior_acceptance = prior_acceptance
+        self.prior_rounds = prior_rounds
         self.tried = [0.0] * (max_draft + 1)  # decayed trials at position i (index 1..max_draft)
         self.accepted = [0.0] * (max_draft + 1)
-        self.sums = [0.0] * 5  # decayed sums of w, w k, w k^2, w t, w k t
+        self.plain = [0.0, 0.0]  # decayed sums over plain rounds of w, w t
+        self.sums = [0.0] * 5  # decayed sums over drafting rounds of w, w k, w k^2, w t, w k t
         self.num_rounds = 0
         self.plain_streak = 0
+        self.probe_gap = probe_every
 
     # --- learning -------------------------------------------------------------
     def record(self, num_draft: int, num_accepted: int, seconds: Optional[float]):
@@ -44,28 +57,37 @@ class DraftController:
             self.tried[i] += 1.0
             self.accepted[i] += 1.0 if i <= num_accepted else 0.0
         if seconds is not None:  # None: the round's time says nothing about T(k)
-            k = float(num_draft)
-            self.sums = [s * d + x for s, x in zip(self.sums, (1.0, k, k * k, seconds, k * seconds))]
+            if num_draft == 0:
+                self.plain = [s * d + x for s, x in zip(self.plain, (1.0, seconds))]
+            else:
+                k = float(num_draft)
+                self.sums = [s * d + x for s, x in zip(self.sums, (1.0, k, k * k, seconds, k * seconds))]
         self.num_rounds += 1
         self.plain_streak = self.plain_streak + 1 if num_draft == 0 else 0
 
     def acceptance(self) -> List[float]:
-        """a_1..a_max_draft; positions with little data lean on the pooled rate."""
-        pooled = (sum(self.accepted) + 1.0) / (sum(self.tried) + 2.0)
+        """a_1..a_max_draft."""
+        n0 = self.prior_rounds
+        pooled = (sum(self.accepted) + n0 * self.prior_acceptance) / (sum(self.tried) + n0)
         return [(self.accepted[i] + 2.0 * pooled) / (self.tried[i] + 2.0) for i in range(1, self.max_draft + 1)]
 
-    def cost(self) -> tuple:
-        """(A, B) of T(k) = A + B k, in seconds."""
+    def cost(self) -> Tuple[float, float, float]:
+        """(T0, A, B): seconds of a plain round, and T(k) = A + B k of a drafting round."""
         w, wk, wkk, wt, wkt = self.sums
+        t0 = self.plain[1] / self.plain[0] if self.plain[0] > 0 else None
+        if w == 0:  # no timed drafting round yet
+            t0 = 1.0 if t0 is None else t0
+            return t0, t0, self.cost_ratio * t0
         det = w * wkk - wk * wk
-        if w > 0 and det > 1e-6 * w * w:
+        if det > 1e-6 * w * w:
             b = (w * wkt - wk * wt) / det
             a = (wt - b * wk) / w
             if a > 0 and b >= 0:
-                return a, b
+                return (a if t0 is None else t0), a, b
         mean_k, mean_t = wk / w, wt / w
-        a = mean_t / (1.0 + self.cost_ratio * mean_k)
-        return a, self.cost_ratio * a
+        b = self.cost_ratio * (mean_t / (1.0 + self.cost_ratio * mean_k) if t0 is None else t0)
+        a = max(mean_t - b * mean_k, 0.0)
+        return (a if t0 is None else t0), a, b
 
     # --- deciding -------------------------------------------------------------
     def expected_tokens(self, k: int) -> float:
@@ -76,13 +98,17 @@ class DraftController:
         return total
 
     def best(self) -> int:
-        a, b = self.cost()
-        return max(range(self.max_draft + 1), key=lambda k: (self.expected_tokens(k) / (a + b * k), -k))
+        t0, a, b = self.cost()
+        return max(range(self.max_draft + 1),
+                   key=lambda k: (self.expected_tokens(k) / (t0 if k == 0 else a + b * k), -k))
 
     def choose(self) -> int:
         if self.num_rounds == 0:
             return min(self.first_draft, self.max_draft)
         k = self.best()
-        if k == 0 and self.plain_streak >= self.probe_every:
+        if k > 0:
+            self.probe_gap = self.probe_every
+        elif self.plain_streak >= self.probe_gap:
+            self.probe_gap = min(2 * self.probe_gap, self.max_probe_gap)
             return 1
         return k

@@ -1,4 +1,4 @@
-"""Step 1 of a round: the draft model proposes k tokens, lazily (no host sync)."""
+"""Step 1 of a round: the draft model proposes k tokens without a host sync."""
 
 from typing import List, Optional, Tuple
 
@@ -56,7 +56,8 @@ def propose(
     """Feed `pending_tokens` (those not yet in the draft cache) and draft `num_draft` tokens.
 
     Returns draft_tokens (k,) int32 and, when sampling, draft_probs (k, V) = q,
-    the distributions the tokens were drawn from. All lazy.
+    the distributions the tokens were drawn from. Each token is scheduled with
+    `mx.async_eval` as soon as it is built; nothing here waits for the device.
     """
     inputs = mx.array(pending_tokens, mx.int32)
     tokens, probs = [], []
@@ -72,6 +73,7 @@ def propose(
             token = mx.random.categorical(scores, key=keys[i]).astype(mx.int32)
             probs.append(mx.softmax(scores, axis=-1))
         tokens.append(token)
+        mx.async_eval(token)  # start this step while the next one is built: no host sync
         inputs = token
     draft_tokens = mx.concatenate(tokens) if tokens else mx.zeros((0,), mx.int32)
     if params.greedy:

@@ -36,11 +36,11 @@ def test_picks_the_draft_length_that_maximises_the_formula(alpha, a, b):
     assert np.mean([rates[k] for k in late]) > 0.95 * best, (sorted(set(late)), max(rates, key=rates.get))
 
 
-def test_learns_the_cost_line():
+def test_learns_plain_and_drafting_costs_apart():
     c = DraftController()
-    for k in (3, 5, 1, 4, 0, 2):
-        c.record(k, 0, 0.5 + 0.2 * k)
-    assert c.cost() == pytest.approx((0.5, 0.2))
+    for k in (3, 5, 1, 4, 0, 2, 0):
+        c.record(k, 0, 0.4 if k == 0 else 0.5 + 0.2 * k)  # a verify pass is dearer than a plain step
+    assert c.cost() == pytest.approx((0.4, 0.5, 0.2))
 
 
 def test_a_round_without_a_time_teaches_acceptance_only():
@@ -48,14 +48,43 @@ def test_a_round_without_a_time_teaches_acceptance_only():
     for k in (3, 5):
         c.record(k, 1, 0.5 + 0.2 * k)
     c.record(1, 1, None)  # e.g. the draft caught up on skipped tokens in that round
-    assert c.cost() == pytest.approx((0.5, 0.2))
+    assert c.cost() == pytest.approx((0.5, 0.5, 0.2))
     assert c.tried[1] > 2.5 and c.accepted[1] > 2.5
 
 
 def test_uses_the_prior_cost_ratio_until_two_lengths_were_seen():
     c = DraftController(cost_ratio=0.25)
     c.record(4, 2, 2.0)
-    assert c.cost() == pytest.approx((1.0, 0.25))
+    assert c.cost() == pytest.approx((1.0, 1.0, 0.25))  # T0 unseen: taken as A
+    c.record(0, 0, 0.8)
+    assert c.cost() == pytest.approx((0.8, 2.0 - 4 * 0.2, 0.2))  # B = T0 * ratio, the line through the mean
+
+
+def test_one_bad_first_round_does_not_stop_drafting():
+    c = DraftController()
+    c.record(3, 0, 1.9)
+    c.record(0, 0, 1.0)
+    # prior acceptance 0.8 over 4 rounds: after one miss a1 is still about 0.56
+    assert c.acceptance()[0] == pytest.approx((0 + 2 * (3.2 / 5)) / 3)
+    assert c.choose() == 1  # E(1) = 1.43 tokens for T(1) = 1.3 plain steps: keep drafting
+    dear = DraftController()
+    dear.record(3, 0, 3.0)
+    dear.record(0, 0, 1.0)
+    assert dear.choose() == 0  # unless drafting is dear
+
+
+def test_probes_back_off_while_plain_decoding_keeps_winning():
+    c = DraftController(probe_every=4, max_probe_gap=16, cost_ratio=1.0)
+    c.record(3, 0, 4.0)
+    chosen = []
+    for _ in range(80):
+        k = c.choose()
+        chosen.append(k)
+        c.record(k, 0, 1.0 if k == 0 else 2.0 + 1.0 * k)
+    probes = [i for i, k in enumerate(chosen) if k > 0]
+    gaps = [b - a - 1 for a, b in zip(probes, probes[1:])]
+    assert set(chosen) == {0, 1}
+    assert gaps[:3] == [8, 16, 16] and probes[0] == 4
 
 
 def test_falls_to_plain_decoding_when_the_draft_is_as_slow_as_the_main_model():
