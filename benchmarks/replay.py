@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""Replay the adaptive draft-length controller offline, on traces recorded from a real pair.
+
+  python3 benchmarks/replay.py record [--max-tokens 256] [--out traces.json]   # ~30 min on a 2-core CPU
+  python3 benchmarks/replay.py replay traces.json                                 # seconds
+
+`record` generates each benchmark prompt once per temperature with the default
+pair and stores, for every generated position, what a draft token there would
+have met: at temperature 0 whether the draft's greedy token equals the main
+model's; above it the probability that rejection sampling accepts the draft's
+sample, sum(min(p, q)), and that an exact-match check accepts it (mlx-lm's rule
+at temp > 0), sum(p q). It also measures the seconds of a round at each draft
+length k on this machine, and of the draft catching up on skipped tokens.
+
+`replay` drives `DraftController` and every fixed k over those traces with
+those costs and prints tokens per second relative to plain decoding. A round
+with k drafts starting at position t accepts the run of agreeing positions
+from t on (at temp > 0, each with its acceptance probability), which is what
+the engine does when the draft and main model see the same accepted prefix.
+Controller changes can thus be tried on every prompt in seconds instead of
+hours; the benchmark then confirms them (benchmarks/RESULTS.md).
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import numpy as np
+
+
+def replay(policy, trace: dict, round_seconds: List[float], catch_up_seconds: float, seed: int = 0,
+           noise: float = 0.03) -> float:
+    """Tokens per second of `policy` over `trace`, in plain-decoding steps (round_seconds[0] = 1 step)."""
+    rng = np.random.default_rng(seed)
+    greedy = "agree" in trace
+    positions = trace["agree"] if greedy else trace["accept"]
+    n, t, seconds, behind = len(positions), 0, 0.0, 1
+    while t < n:
+        k = min(policy.choose(), n - t - 1, len(round_seconds) - 1)
+        accepted = 0
+        while accepted < k and (positions[t + accepted] if greedy else rng.random() < positions[t + accepted]):
+            accepted += 1
+        cost = round_seconds[k] + (catch_up_seconds * behind if k > 0 and behind > 2 else 0.0)
+        cost *= 1.0 + noise * rng.standard_normal()
+        seconds += cost
+        policy.record(k, accepted, None if k > 0 and behind > 2 else cost)  # as decode.rounds does
+        behind = behind + 1 if k == 0 else 1 + (accepted == k)  # tokens the draft has not seen
+        t += accepted + 1
+    return n / seconds * round_seconds[0]
+
+
+class Fixed:
+    def __init__(self, k: int):
+        self.k = k
+
+    def choose(self) -> int:
+        return self.k
+
+    def record(self, *_):
+        pass
+
+
+def replay_table(traces: dict, make_auto: Callable, seeds: int = 8, noise: float = 0.03) -> List[dict]:
+    """Per trace: mean rate of each fixed k and of auto over `seeds` noisy replays."""
+    costs = traces["costs"]
+    rows = []
+    for name, trace in traces["traces"].items():
+        def rate(make):
+            return statistics.mean(replay(make(), trace, costs["round_seconds"], costs["catch_up_seconds"], s,
+                                          noise) for s in range(seeds))
+        fixed = {k: rate(lambda: Fixed(k)) for k in range(len(costs["round_seconds"]))}
+        best = max(fixed, key=fixed.get)
+        auto = rate(make_auto)
+        rows.append(dict(trace=name, fixed=fixed, best_k=best, auto=auto, auto_over_best=auto / fixed[best]))
+    return rows
+
+
+# --- recording on the real pair ----------------------------------------------------------------
+def record(args) -> dict:
+    from mlx_spec.blas import ensure_openblas
+
+    ensure_openblas()
+    import mlx.core as mx
+
+    from mlx_spec import GenerationStats, speculative_generate_step
+    from mlx_spec.bench import PROMPTS, _encode
+    from mlx_spec.fetch import fetch_default_pair
+    from mlx_spec.load import load
+
+    main_path, draft_path = fetch_default_pair(progress=lambda s: print(s, file=sys.stderr))
+    main, tokenizer = load(str(main_path))
+    draft = load(str(draft_path))[0]
+    traces: Dict[str, dict] = {}
+    for name, text in PROMPTS.items():
+        prompt = _encode(tokenizer, text)
+        for temp in args.temps:
+            out = [t for t, _, _ in speculative_generate_step(prompt, main, draft, num_draft_tokens=4,
+                                                               max_tokens=args.max_tokens, temp=temp, seed=1)]
+            seq = mx.array(prompt + out, mx.int32)[None]
+            main_logits = main(seq)[0, len(prompt) - 1 : -1]
+            draft_logits = draft(seq)[0, len(prompt) - 1 : -1, : main_logits.shape[-1]]
+            if temp == 0:
+                trace = dict(agree=(mx.argmax(draft_logits, -1) == mx.array(out)).tolist())
+            else:
+                p, q = mx.softmax(main_logits / temp, -1), mx.softmax(draft_logits / temp, -1)
+                trace = dict(accept=mx.minimum(p, q).sum(-1).tolist(), exact_match=(p * q).sum(-1).tolist())
+            traces[f"{name}@{temp:g}"] = trace
+            rates = trace.get("agree") or trace["accept"]
+            print(f"{name} temp {temp:g}: mean acceptance {sum(rates) / len(rates):.3f}", file=sys.stderr)
+    costs = measure_costs(main, draft, _encode(tokenizer, PROMPTS["quicksort"]), args.max_draft,
+                          speculative_generate_step, GenerationStats, mx)
+    return dict(traces=traces, costs=costs, cost_ratio=_nbytes(draft) / _nbytes(main))
+
+
+def measure_costs(main, draft, prompt, max_draft, generate_step, stats_type, mx, tokens: int = 24) -> dict:
+    """Seconds per round at each fixed k (median of 3 runs), and per token the draft catches up on."""
+    round_seconds = []
+    for k in range(max_draft + 1):
+        samples = []
+        for _ in range(3):
+            stats = stats_type()
+            for _ in generate_step(prompt, main, draft if k else None, num_draft_tokens=max(k, 1),
+                                   max_tokens=tokens, stats=stats):
+                pass
+            samples.append(stats.generation_time / stats.num_rounds)
+        round_seconds.append(statistics.median(samples))
+        print(f"k={k}: {round_seconds[-1]:.3f} s per round", file=sys.stderr)
+    from mlx_lm.models.cache import make_prompt_cache
+
+    def draft_forward(n):
+        cache = make_prompt_cache(draft)
+        mx.eval(draft(mx.array(prompt)[None], cache=cache))
+        start = time.perf_counter()
+        mx.eval(draft(mx.array(prompt[-n:])[None], cache=cache))
+        return time.perf_counter() - start
+
+    catch_up = statistics.median((draft_forward(9) - draft_forward(1)) / 8 for _ in range(3))
+    return dict(round_seconds=round_seconds, catch_up_seconds=max(catch_up, 0.0))
+
+
+def _nbytes(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(w.nbytes for _, w in tree_flatten(model.parameters()))
+
+
+# --- command line ----------------------------------------------------------------------------
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record", help="record traces and costs on the default pair")
+    rec.add_argument("--max-tokens", type=int, default=256)
+    rec.add_argument("--max-draft", type=int, default=8)
+    rec.add_argument("--temps", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.7])
+    rec.add_argument("--out", default="traces.json")
+    rep = sub.add_parser("replay", help="replay the controller and fixed draft lengths over recorded traces")
+    rep.add_argument("traces")
+    rep.add_argument("--seeds", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.command == "record":
+        result = record(args)
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+        print(f"wrote {args.out}", file=sys.stderr)
+        return 0
+    try:
+        with open(args.traces) as f:
+            traces = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read traces {args.traces}: {e}", file=sys.stderr)
+        return 2
+    from mlx_spec.adaptive import DraftController
+
+    max_draft = len(traces["costs"]["round_seconds"]) - 1
+    rows = replay_table(traces, lambda: DraftController(max_draft, cost_ratio=traces["cost_ratio"]), args.seeds)
+    ks = list(rows[0]["fixed"])
+    print("| trace | " + " | ".join(f"k={k}" for k in ks) + " | auto | auto / best fixed |")
+    print("|---" * (len(ks) + 3) + "|")
+    for r in rows:
+        print(f"| {r['trace']} | " + " | ".join(f"{r['fixed'][k]:.3f}" for k in ks)
+              + f" | {r['auto']:.3f} | {r['auto_over_best']:.3f} (best k={r['best_k']}) |")
+    geo = math.exp(statistics.mean(math.log(r["auto_over_best"]) for r in rows))
+    print(f"\nauto / best fixed: geometric mean {geo:.3f}, worst {min(r['auto_over_best'] for r in rows):.3f}")
+    for name, trace in traces["traces"].items():
+        if "exact_match" in trace:
+            ours, theirs = statistics.mean(trace["accept"]), statistics.mean(trace["exact_match"])
+            print(f"{name}: per-token acceptance, rejection sampling {ours:.3f} vs exact match {theirs:.3f} "
+                  f"({ours / theirs:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

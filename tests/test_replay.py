@@ -1,0 +1,54 @@
+"""The offline controller replay (benchmarks/replay.py) on synthetic traces."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import replay  # noqa: E402
+
+from mlx_spec.adaptive import DraftController  # noqa: E402
+
+COSTS = dict(round_seconds=[0.5, 0.7, 0.9, 1.1, 1.3], catch_up_seconds=0.01)
+
+
+def test_a_fixed_k_over_a_trace_that_always_agrees_emits_k_plus_one_per_round():
+    trace = dict(agree=[True] * 100)
+    rate = replay.replay(replay.Fixed(4), trace, COSTS["round_seconds"], 0.01, noise=0.0)
+    # 20 rounds of 5 tokens at 1.3 s, in plain steps of 0.5 s
+    assert rate == pytest.approx(100 / (20 * 1.3) * 0.5)
+
+
+def test_a_round_stops_at_the_first_disagreement():
+    trace = dict(agree=[True, False] * 50)  # every round: 1 accepted, then the main token
+    rate = replay.replay(replay.Fixed(3), trace, COSTS["round_seconds"], 0.01, noise=0.0)
+    # the last round drafts only 1 token: one position is left for its own main token, as in the engine
+    assert rate == pytest.approx(100 / (49 * 1.1 + 0.7) * 0.5)
+
+
+def test_auto_decodes_plainly_when_the_draft_never_agrees_and_drafts_when_it_always_does():
+    traces = dict(costs=COSTS, traces={"never": dict(agree=[False] * 300), "always": dict(agree=[True] * 300)})
+    rows = {r["trace"]: r for r in replay.replay_table(traces, lambda: DraftController(4, cost_ratio=0.3), seeds=2)}
+    assert rows["never"]["best_k"] == 0 and rows["never"]["auto_over_best"] > 0.9
+    assert rows["always"]["best_k"] == 4 and rows["always"]["auto_over_best"] > 0.95
+
+
+def test_temperature_traces_accept_with_their_probability():
+    trace = dict(accept=[0.5] * 4000)
+    rate = replay.replay(replay.Fixed(1), trace, [1.0, 1.0], 0.0, noise=0.0)
+    assert rate == pytest.approx(1.5, abs=0.05)  # 1 + 0.5 tokens per round of one plain step
+
+
+def test_replay_command_prints_the_table_and_refuses_a_missing_file(tmp_path, capsys):
+    path = tmp_path / "traces.json"
+    path.write_text(json.dumps(dict(costs=COSTS, cost_ratio=0.3, traces={
+        "code@0": dict(agree=[True] * 60 + [False] * 4),
+        "prose@0.7": dict(accept=[0.6] * 64, exact_match=[0.3] * 64)})))
+    assert replay.main(["replay", str(path), "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| code@0 |" in out and "| prose@0.7 |" in out
+    assert "rejection sampling 0.600 vs exact match 0.300 (2.00x)" in out
+    assert replay.main(["replay", str(tmp_path / "nope.json")]) == 2
+    assert "cannot read traces" in capsys.readouterr().err
