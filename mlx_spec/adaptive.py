@@ -6,6 +6,9 @@ round (draft length, tokens accepted, seconds the round took).
 
 from typing import List, Optional, Tuple
 
+SLOPE_PRIOR = 2.0  # weight of the prior slope in the cost line's fit
+OUTLIER = 1.5  # a round's seconds count at most this times what its kind of round was expected to take
+
 
 class DraftController:
     """Adaptive draft length.
@@ -18,14 +21,16 @@ class DraftController:
     Expected tokens of a round with k drafts: E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j.
     Cost: plain rounds T(0) and drafting rounds T(k) = A + B k are learnt apart
     (a verify pass over k+1 tokens is not a plain step plus k cheap rows), from
-    decayed averages and a decayed least-squares line. Until two draft lengths
-    were seen, B = T(0) * cost_ratio, the prior (e.g. the draft's bytes over the
-    main model's); until a plain round was seen, T(0) = A.
+    a decayed average and a decayed least-squares line whose slope leans on the
+    prior B = T(0) * cost_ratio (e.g. the draft's bytes over the main model's)
+    until several draft lengths were seen; until a plain round was seen,
+    T(0) = A. A round slower than 1.5x its expectation counts as 1.5x.
     Choice: argmax over k in 0..max_draft of E(k) / T(k). While plain decoding
-    wins, a one-token round probes after `probe_every` plain rounds; each probe
-    that does not bring drafting back doubles the gap (up to `max_probe_gap`),
-    so a pair whose draft never agrees costs little, and code after prose is
-    still caught.
+    wins, two one-token rounds probe after `probe_every` plain rounds (the
+    first catches the draft up on the skipped tokens and is not timed, the
+    second is); each probe that does not bring drafting back doubles the gap
+    (up to `max_probe_gap`), so a pair whose draft never agrees costs little,
+    and code after prose is still caught.
     """
 
     def __init__(self, max_draft: int = 10, cost_ratio: float = 0.3, decay: float = 0.95,
@@ -46,6 +51,7 @@ class DraftController:
         self.num_rounds = 0
         self.plain_streak = 0
         self.probe_gap = probe_every
+        self.probe_left = 0
 
     # --- learning -------------------------------------------------------------
     def record(self, num_draft: int, num_accepted: int, seconds: Optional[float]):
@@ -57,6 +63,8 @@ class DraftController:
             self.tried[i] += 1.0
             self.accepted[i] += 1.0 if i <= num_accepted else 0.0
         if seconds is not None:  # None: the round's time says nothing about T(k)
+            if (self.plain if num_draft == 0 else self.sums)[0] > 0:  # one slow round must not rule for long
+                seconds = min(seconds, OUTLIER * self.round_seconds(num_draft))
             if num_draft == 0:
                 self.plain = [s * d + x for s, x in zip(self.plain, (1.0, seconds))]
             else:
@@ -72,22 +80,27 @@ class DraftController:
         return [(self.accepted[i] + 2.0 * pooled) / (self.tried[i] + 2.0) for i in range(1, self.max_draft + 1)]
 
     def cost(self) -> Tuple[float, float, float]:
-        """(T0, A, B): seconds of a plain round, and T(k) = A + B k of a drafting round."""
+        """(T0, A, B): seconds of a plain round, and T(k) = A + B k of a drafting round.
+
+        The line is a least-squares fit whose slope is pulled towards the prior
+        B0 = T0 * cost_ratio with the weight of `SLOPE_PRIOR` (in rounds times k^2),
+        so that few draft lengths, or one slow round, cannot tilt it far.
+        """
         w, wk, wkk, wt, wkt = self.sums
         t0 = self.plain[1] / self.plain[0] if self.plain[0] > 0 else None
         if w == 0:  # no timed drafting round yet
             t0 = 1.0 if t0 is None else t0
             return t0, t0, self.cost_ratio * t0
-        det = w * wkk - wk * wk
-        if det > 1e-6 * w * w:
-            b = (w * wkt - wk * wt) / det
-            a = (wt - b * wk) / w
-            if a > 0 and b >= 0:
-                return (a if t0 is None else t0), a, b
         mean_k, mean_t = wk / w, wt / w
-        b = self.cost_ratio * (mean_t / (1.0 + self.cost_ratio * mean_k) if t0 is None else t0)
+        b0 = self.cost_ratio * (mean_t / (1.0 + self.cost_ratio * mean_k) if t0 is None else t0)
+        lam = SLOPE_PRIOR
+        b = max((w * (wkt + lam * b0) - wk * wt) / (w * (wkk + lam) - wk * wk), 0.0)
         a = max(mean_t - b * mean_k, 0.0)
         return (a if t0 is None else t0), a, b
+
+    def round_seconds(self, k: int) -> float:
+        t0, a, b = self.cost()
+        return t0 if k == 0 else a + b * k
 
     # --- deciding -------------------------------------------------------------
     def expected_tokens(self, k: int) -> float:
@@ -98,17 +111,19 @@ class DraftController:
         return total
 
     def best(self) -> int:
-        t0, a, b = self.cost()
-        return max(range(self.max_draft + 1),
-                   key=lambda k: (self.expected_tokens(k) / (t0 if k == 0 else a + b * k), -k))
+        return max(range(self.max_draft + 1), key=lambda k: (self.expected_tokens(k) / self.round_seconds(k), -k))
 
     def choose(self) -> int:
         if self.num_rounds == 0:
             return min(self.first_draft, self.max_draft)
+        if self.probe_left > 0:
+            self.probe_left -= 1
+            return 1
         k = self.best()
         if k > 0:
             self.probe_gap = self.probe_every
         elif self.plain_streak >= self.probe_gap:
             self.probe_gap = min(2 * self.probe_gap, self.max_probe_gap)
+            self.probe_left = 1  # the first round catches the draft up on skipped tokens; the second is timed
             return 1
         return k

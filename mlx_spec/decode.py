@@ -93,6 +93,8 @@ def rounds(
         history = mx.array(tokens, mx.int32) if logits_processors else None
         draft_tokens, draft_probs = mx.zeros((0,), mx.int32), mx.zeros((0, vocab_size))
         num_behind = len(tokens) - caches.draft_offset if num_draft > 0 else 0
+        if num_behind > SLACK + 1:  # after a long plain stretch: catch the draft up in chunks a rotating cache takes
+            prefill(draft.model, caches.draft, tokens[caches.draft_offset : -1], caches, kv_quantize)
         if num_draft > 0:
             draft_tokens, draft_probs = propose(draft, caches.draft, tokens[caches.draft_offset :], num_draft, params,
                                                 draft_key if key is not None else None, history, logits_processors)
