@@ -31,6 +31,8 @@ from typing import Callable, Dict, List
 
 import numpy as np
 
+from mlx_spec.bench import PROMPTS
+
 
 def replay(policy, trace: dict, round_seconds: List[float], catch_up_seconds: float, seed: int = 0,
            noise: float = 0.03) -> float:
@@ -87,7 +89,7 @@ def record(args) -> dict:
     import mlx.core as mx
 
     from mlx_spec import GenerationStats, speculative_generate_step
-    from mlx_spec.bench import PROMPTS, _encode
+    from mlx_spec.bench import _encode
     from mlx_spec.fetch import fetch_default_pair
     from mlx_spec.load import load
 
@@ -95,8 +97,8 @@ def record(args) -> dict:
     main, tokenizer = load(str(main_path))
     draft = load(str(draft_path))[0]
     traces: Dict[str, dict] = {}
-    for name, text in PROMPTS.items():
-        prompt = _encode(tokenizer, text)
+    for name in args.prompt or PROMPTS:
+        prompt = _encode(tokenizer, PROMPTS[name])
         for temp in args.temps:
             out = [t for t, _, _ in speculative_generate_step(prompt, main, draft, num_draft_tokens=4,
                                                                max_tokens=args.max_tokens, temp=temp, seed=1)]
@@ -111,9 +113,11 @@ def record(args) -> dict:
             traces[f"{name}@{temp:g}"] = trace
             rates = trace.get("agree") or trace["accept"]
             print(f"{name} temp {temp:g}: mean acceptance {sum(rates) / len(rates):.3f}", file=sys.stderr)
-    costs = measure_costs(main, draft, _encode(tokenizer, PROMPTS["quicksort"]), args.max_draft,
-                          speculative_generate_step, GenerationStats, mx)
-    return dict(traces=traces, costs=costs, cost_ratio=_nbytes(draft) / _nbytes(main))
+    result = dict(traces=traces, cost_ratio=_nbytes(draft) / _nbytes(main))
+    if not args.no_costs:
+        result["costs"] = measure_costs(main, draft, _encode(tokenizer, PROMPTS["quicksort"]), args.max_draft,
+                                        speculative_generate_step, GenerationStats, mx)
+    return result
 
 
 def measure_costs(main, draft, prompt, max_draft, generate_step, stats_type, mx, tokens: int = 24) -> dict:
@@ -148,6 +152,21 @@ def _nbytes(model) -> int:
     return sum(w.nbytes for _, w in tree_flatten(model.parameters()))
 
 
+def print_table(traces: dict, seeds: int):
+    from mlx_spec.adaptive import DraftController
+
+    max_draft = len(traces["costs"]["round_seconds"]) - 1
+    rows = replay_table(traces, lambda: DraftController(max_draft, cost_ratio=traces["cost_ratio"]), seeds)
+    ks = list(rows[0]["fixed"])
+    print("| trace | " + " | ".join(f"k={k}" for k in ks) + " | auto | auto / best fixed |")
+    print("|---" * (len(ks) + 3) + "|")
+    for r in rows:
+        print(f"| {r['trace']} | " + " | ".join(f"{r['fixed'][k]:.3f}" for k in ks)
+              + f" | {r['auto']:.3f} | {r['auto_over_best']:.3f} (best k={r['best_k']}) |")
+    geo = math.exp(statistics.mean(math.log(r["auto_over_best"]) for r in rows))
+    print(f"\nauto / best fixed: geometric mean {geo:.3f}, worst {min(r['auto_over_best'] for r in rows):.3f}")
+
+
 # --- command line ----------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -156,6 +175,8 @@ def main(argv=None) -> int:
     rec.add_argument("--max-tokens", type=int, default=256)
     rec.add_argument("--max-draft", type=int, default=8)
     rec.add_argument("--temps", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.7])
+    rec.add_argument("--prompt", action="append", choices=list(PROMPTS), help="default: every benchmark prompt")
+    rec.add_argument("--no-costs", action="store_true", help="traces only (the costs need a quiet machine)")
     rec.add_argument("--out", default="traces.json")
     rep = sub.add_parser("replay", help="replay the controller and fixed draft lengths over recorded traces")
     rep.add_argument("traces")
@@ -173,18 +194,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: cannot read traces {args.traces}: {e}", file=sys.stderr)
         return 2
-    from mlx_spec.adaptive import DraftController
-
-    max_draft = len(traces["costs"]["round_seconds"]) - 1
-    rows = replay_table(traces, lambda: DraftController(max_draft, cost_ratio=traces["cost_ratio"]), args.seeds)
-    ks = list(rows[0]["fixed"])
-    print("| trace | " + " | ".join(f"k={k}" for k in ks) + " | auto | auto / best fixed |")
-    print("|---" * (len(ks) + 3) + "|")
-    for r in rows:
-        print(f"| {r['trace']} | " + " | ".join(f"{r['fixed'][k]:.3f}" for k in ks)
-              + f" | {r['auto']:.3f} | {r['auto_over_best']:.3f} (best k={r['best_k']}) |")
-    geo = math.exp(statistics.mean(math.log(r["auto_over_best"]) for r in rows))
-    print(f"\nauto / best fixed: geometric mean {geo:.3f}, worst {min(r['auto_over_best'] for r in rows):.3f}")
+    if "costs" in traces:
+        print_table(traces, args.seeds)
     for name, trace in traces["traces"].items():
         if "exact_match" in trace:
             ours, theirs = statistics.mean(trace["accept"]), statistics.mean(trace["exact_match"])
