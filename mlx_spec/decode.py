@@ -1,6 +1,9 @@
 """The round loop: draft, verify, accept in one lazy graph; one host sync; rollback; yield.
 
-Prefill of the prompt also lives here, since it fills the same pair of caches.
+Without a draft, each plain round is built and scheduled before the previous
+round's token is read, as mlx-lm's generate_step does, so that building a graph
+never leaves the device idle. Prefill of the prompt also lives here, since it
+fills the same pair of caches.
 """
 
 import time
@@ -83,33 +86,57 @@ def rounds(
     round's draft length and learns from its outcome; `max_draft(offset)` bounds
     the draft length of a round starting at main cache offset `offset`.
     """
-    num_emitted = 0
-    while num_emitted < max_tokens:
-        start = time.perf_counter()
-        tokens = caches.tokens
-        num_draft = 0 if draft is None else min(policy.choose(), max_tokens - num_emitted - 1, max_draft(len(tokens) - 1))
-        if key is not None:
-            key, draft_key, accept_key = mx.random.split(key, 3)
-        history = mx.array(tokens, mx.int32) if logits_processors else None
-        draft_tokens, draft_probs = mx.zeros((0,), mx.int32), mx.zeros((0, vocab_size))
-        num_behind = len(tokens) - caches.draft_offset if num_draft > 0 else 0
-        if num_behind > SLACK + 1:  # after a long plain stretch: catch the draft up in chunks a rotating cache takes
-            prefill(draft.model, caches.draft, tokens[caches.draft_offset : -1], caches, kv_quantize)
-        if num_draft > 0:
-            draft_tokens, draft_probs = propose(draft, caches.draft, tokens[caches.draft_offset :], num_draft, params,
-                                                draft_key if key is not None else None, history, logits_processors)
-        logprobs, main_probs = score(model, caches.main, tokens[-1], draft_tokens, params, history, logits_processors)
+    num_emitted, accept_key = 0, None
+    ahead = None  # without a draft: the next plain round, scheduled before this round's token is read
+
+    def verify(last, draft_tokens, draft_probs, history, accept_key):
+        """The round's lazy result: its history, logprobs, next token, and what the host reads."""
+        logprobs, main_probs = score(model, caches.main, last, draft_tokens, params, history, logits_processors)
         if params.greedy:
             num_accepted, next_token = accept_greedy(draft_tokens, logprobs)
         else:
             num_accepted, next_token = accept(draft_tokens, draft_probs, main_probs, accept_key)
-        values = host(mx.concatenate([draft_tokens, num_accepted[None], next_token[None]]))
+        return history, logprobs, next_token, mx.concatenate([draft_tokens, num_accepted[None], next_token[None]])
+
+    while num_emitted < max_tokens:
+        start = time.perf_counter()
+        tokens = caches.tokens
+        num_draft = 0 if draft is None else min(policy.choose(), max_tokens - num_emitted - 1, max_draft(len(tokens) - 1))
+        draft_tokens = mx.zeros((0,), mx.int32)
+        num_behind = len(tokens) - caches.draft_offset if num_draft > 0 else 0
+        if ahead is not None:
+            (history, logprobs, next_token, readout), ahead = ahead, None
+        else:
+            if key is not None:
+                key, draft_key, accept_key = mx.random.split(key, 3)
+            history = mx.array(tokens, mx.int32) if logits_processors else None
+            draft_probs = mx.zeros((0, vocab_size))
+            if num_behind > SLACK + 1:  # after a long plain stretch: catch the draft up in chunks a rotating cache takes
+                prefill(draft.model, caches.draft, tokens[caches.draft_offset : -1], caches, kv_quantize)
+            if num_draft > 0:
+                draft_tokens, draft_probs = propose(draft, caches.draft, tokens[caches.draft_offset :], num_draft,
+                                                    params, draft_key if key is not None else None, history,
+                                                    logits_processors)
+            history, logprobs, next_token, readout = verify(
+                mx.array(tokens[-1:], mx.int32), draft_tokens, draft_probs, history, accept_key)
+        if draft is None and num_emitted + 1 < max_tokens:
+            # Plain decoding, as mlx-lm's generate_step: the next step is built and queued behind this one
+            # before this one's token is read, so building a graph never leaves the device idle.
+            mx.async_eval(readout)  # first in the queue: reading it does not wait for the next step
+            kv_quantize(caches)  # as after every step of mlx-lm's generate_step
+            if key is not None:
+                key, _, accept_key = mx.random.split(key, 3)
+            ahead_history = None if history is None else mx.concatenate([history, next_token[None]])
+            ahead = verify(next_token[None], draft_tokens, mx.zeros((0, vocab_size)), ahead_history, accept_key)
+            mx.async_eval(ahead[1:])
+        values = host(readout)
         num_accepted = values[-2]
         # A draft that sat out plain rounds caught up on them in this round: not a cost of k.
         policy.record(num_draft, num_accepted, None if num_behind > 2 else time.perf_counter() - start)
         new_tokens = values[:num_accepted] + values[-1:]
         tokens.extend(new_tokens)
-        caches.rollback()  # drop the rejected positions from both caches
+        if num_draft > 0:
+            caches.rollback()  # drop the rejected positions from both caches (a plain round has none)
         kv_quantize(caches)
         num_emitted += len(new_tokens)
         yield Round(new_tokens, num_draft, num_accepted, logprobs)

@@ -10,19 +10,19 @@ from .sampling import SamplingParams, filtered_scores, log_probs, process
 def score(
     main_model,
     main_cache: List,
-    last_token: int,
+    last_token: mx.array,
     draft_tokens: mx.array,
     params: SamplingParams,
     history: Optional[mx.array] = None,
     logits_processors=None,
 ) -> Tuple[mx.array, Optional[mx.array]]:
-    """One main forward over [last, d_1..d_k]: k+1 positions.
+    """One main forward over [last, d_1..d_k]: k+1 positions (`last_token`: (1,) int32).
 
     Returns (logprobs, main_probs): the main model's log-probabilities after
     logits processors, (k+1, V), in the model's dtype as plain decoding computes
     them; and, when sampling, p, the distributions to sample from (None for greedy).
     """
-    inputs = mx.concatenate([mx.array([last_token], mx.int32), draft_tokens])
+    inputs = mx.concatenate([last_token, draft_tokens])
     logits = main_model(inputs[None], cache=main_cache)[0]
     logits = process(logits, history, draft_tokens, logits_processors)
     logprobs = log_probs(logits)

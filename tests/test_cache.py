@@ -3,6 +3,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from mlx_spec import GenerationStats, make_prompt_cache, speculative_generate_step
@@ -162,3 +163,48 @@ def test_adaptive_plain_streaks_with_a_rotating_cache(pair):
     got = spec([1, 2, 3], main, stranger, max_tokens=160, max_kv_size=16, stats=stats)
     assert got == reference(main, [1, 2, 3], 160, max_kv_size=16)
     assert stats.draft_lengths[0] > 0 and stats.draft_lengths[1] > 0  # plain streaks and probes
+
+
+NO_DRAFT_OPTIONS = [dict(max_kv_size=16), dict(kv_bits=4, kv_group_size=32, quantized_kv_start=20),
+                    dict(logits_processors="repetition")]
+
+
+@pytest.mark.parametrize("options", NO_DRAFT_OPTIONS, ids=["rotating", "quantized", "processors"])
+def test_no_draft_is_mlx_lm_plain_decoding_with_every_cache_kind(options):
+    """Without a draft each step is scheduled before the previous token is read: same tokens, same caches."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    main = make_model("qwen2", layers=4, hidden=128)  # head dim 32: one quantization group
+    kw = dict(options)
+    if kw.get("logits_processors"):
+        kw["logits_processors"] = make_logits_processors(repetition_penalty=2.0)
+    prompt = [(7 * i + 3) % 90 + 3 for i in range(20)]  # its first step reaches quantized_kv_start
+    expected = list(generate_step(mx.array(prompt), main, max_tokens=60, **kw))
+    assert [t for t, _ in expected] != reference(main, prompt, 60)
+    cache = make_prompt_cache(main, max_kv_size=kw.get("max_kv_size"))
+    got = list(speculative_generate_step(prompt, main, None, max_tokens=60, prompt_cache=cache, **kw))
+    assert [t for t, _, _ in got] == [t for t, _ in expected]
+    for (_, ours, _), (_, theirs) in zip(got, expected):  # each step saw the cache mlx-lm's step saw
+        assert np.allclose(np.array(ours), np.array(theirs), atol=1e-4)
+    check_consistent(cache)
+    if "kv_bits" in kw:
+        assert all(isinstance(c, QuantizedKVCache) for c in cache.main)
+
+
+@pytest.mark.parametrize("max_kv_size", [None, 16])
+def test_no_draft_early_stop_drops_the_step_scheduled_ahead(pair, max_kv_size):
+    main, _ = pair
+    prompt = [1, 5, 9, 22, 3]
+    cache = make_prompt_cache(main, max_kv_size=max_kv_size)
+    steps = speculative_generate_step(prompt, main, None, max_tokens=100, prompt_cache=cache)
+    first = [next(steps)[0] for _ in range(23)]
+    assert cache.main_offset == len(cache.tokens)  # the 24th step is already in the cache
+    steps.close()
+    assert cache.tokens == prompt + first
+    check_consistent(cache)
+    fresh = make_prompt_cache(main, max_kv_size=max_kv_size)
+    assert spec(prompt, main, None, max_tokens=23, prompt_cache=fresh) == first  # nothing scheduled past the end
+    cont = spec([30, 31], main, None, max_tokens=30, prompt_cache=cache)
+    assert cont == spec([30, 31], main, None, max_tokens=30, prompt_cache=fresh)
+    if max_kv_size is None:
+        assert cont == reference(main, prompt + first + [30, 31], 30)

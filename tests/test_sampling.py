@@ -1,5 +1,7 @@
 """Sampled output follows the main model's distribution; acceptance reaches sum min(p, q)."""
 
+import importlib
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -98,3 +100,19 @@ def test_sampled_from_draft_flags_match_acceptance(pair):
     flags = [f for _, _, f in speculative_generate_step(PROMPT, main, draft, num_draft_tokens=4, max_tokens=60, temp=1.0, seed=1, stats=stats)]
     assert sum(flags) == stats.accepted_draft_tokens
     assert len(flags) == 60 == stats.accepted_draft_tokens + stats.num_rounds
+
+
+@pytest.mark.parametrize("temp", [0.0, 0.8])
+def test_no_draft_scheduled_ahead_equals_plain_rounds(pair, temp, monkeypatch):
+    """Plain decoding with no draft builds each step before the previous token is read; with a draft that
+    never drafts (k = 0 every round) it does not. Both draw the same keys: the same tokens."""
+    from mlx_spec.decode import FixedDraft
+
+    generate_module = importlib.import_module("mlx_spec.generate")  # the package's `generate` is the function
+
+    main, draft = pair
+    pipelined = spec(PROMPT, main, None, max_tokens=40, temp=temp, seed=3)
+    monkeypatch.setattr(generate_module, "_policy", lambda *args: FixedDraft(0))
+    stats = GenerationStats()
+    assert spec(PROMPT, main, draft, max_tokens=40, temp=temp, seed=3, stats=stats) == pipelined
+    assert stats.num_rounds == 40 and stats.total_draft_tokens == 0

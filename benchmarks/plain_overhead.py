@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Per-token host overhead of plain decoding: mlx-lm's generate_step against mlx_spec without a draft.
+
+  python3 benchmarks/plain_overhead.py [--tokens 200] [--repetitions 7]   # about 2 min on a 2-core CPU
+
+On a model whose layers are tiny (the default pair's main architecture, 28
+layers, hidden size 256), a step costs mostly the building and dispatching of
+its graph, which is where a decoding loop's own overhead shows. Three loops,
+interleaved: mlx-lm's generate_step; mlx_spec with no draft (each step
+scheduled before the previous token is read, as mlx-lm does); and mlx_spec
+with a draft that never drafts (k = 0 every round: one step at a time, each
+built only after the previous token was read). Prints ms per token.
+"""
+
+import argparse
+import importlib
+import statistics
+import time
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.models import qwen2
+
+from mlx_spec import speculative_generate_step
+from mlx_spec.decode import FixedDraft
+
+# Qwen2.5-1.5B's layout with tiny matrices: same number of operations per step, almost no arithmetic.
+CONFIG = dict(model_type="qwen2", hidden_size=256, num_hidden_layers=28, intermediate_size=512,
+              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=4096,
+              rope_theta=1000000.0, tie_word_embeddings=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--repetitions", type=int, default=7)
+    args = parser.parse_args(argv)
+    model = qwen2.Model(qwen2.ModelArgs.from_dict(CONFIG))
+    mx.eval(model.parameters())
+    prompt = list(range(1, 20))
+    generate_module = importlib.import_module("mlx_spec.generate")
+
+    def mlx_lm():
+        return list(generate_step(mx.array(prompt), model, max_tokens=args.tokens))
+
+    def no_draft():
+        return list(speculative_generate_step(prompt, model, None, max_tokens=args.tokens))
+
+    def one_at_a_time():
+        policy = generate_module._policy
+        generate_module._policy = lambda *_: FixedDraft(0)
+        try:
+            return list(speculative_generate_step(prompt, model, model, max_tokens=args.tokens))
+        finally:
+            generate_module._policy = policy
+
+    loops = {"mlx-lm generate_step": mlx_lm, "mlx_spec, no draft": no_draft,
+             "mlx_spec, k = 0 rounds (not scheduled ahead)": one_at_a_time}
+    times = {name: [] for name in loops}
+    for rep in range(args.repetitions + 1):  # the first pass warms up
+        for name, loop in loops.items():
+            start = time.perf_counter()
+            loop()
+            if rep:
+                times[name].append(1e3 * (time.perf_counter() - start) / args.tokens)
+    print("| loop | ms per token, median | min |\n|---|---|---|")
+    for name, values in times.items():
+        print(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
