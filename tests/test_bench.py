@@ -2,6 +2,9 @@
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -64,6 +67,30 @@ def test_bad_input(tmp_path, folders, over, message):
     a = args_for(tmp_path, model=folders[0], draft_model=folders[1], **over)
     with pytest.raises(ValueError, match=message):
         bench.run(a, progress=lambda s: None)
+
+
+def test_preset_runs_each_published_pair_and_prints_its_figures(tmp_path, folders, monkeypatch, capsys):
+    main, draft = folders
+    monkeypatch.setitem(bench.PRESETS, "tiny", [(main, draft, "w5 w6 w7", 7.30, 17.74), (main, None, "w8 w9", 2.0, 3.0)])
+    a = args_for(tmp_path, preset="tiny", max_tokens=6, draft_lengths="2", no_peer=True, no_plain=True)
+    assert bench.run(a, progress=lambda s: None) == 0
+    out = capsys.readouterr().out
+    assert "LM Studio (M3 Pro): 7.30 -> 17.74 tok/s, 2.43x" in out and "LM Studio (M3 Pro): 2.00 -> 3.00 tok/s, 1.50x" in out
+    first, second = (json.loads((tmp_path / "out" / f"bench{i}.json").read_text()) for i in (1, 2))
+    assert first["published"] == dict(main_alone_tps=7.30, with_draft_tps=17.74)
+    assert first["models"] == dict(main=main, draft=draft) and second["models"] == dict(main=main, draft=None)
+    assert {r["prompt"] for r in first["runs"]} == {"preset"} and len(first["runs"]) == 2  # main alone, k=2
+    assert [r["variant"] for r in second["runs"]] == [bench.MAIN_ALONE]
+
+
+def test_preset_with_the_hub_out_of_reach_is_one_clear_line():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "mlx_spec.cli", "bench", "--preset", "lmstudio-m3pro", "--out",
+                             "/tmp/mlx_spec_preset_test"], capture_output=True, text=True, env=env, timeout=120)
+    errors = [l for l in result.stderr.splitlines() if l.startswith("mlx-spec: error: ")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and errors[0].startswith(
+        "mlx-spec: error: could not fetch mlx-community/Qwen2.5-32B-Instruct-4bit from the Hugging Face hub")
 
 
 def test_quick_mode_is_small(tmp_path):
