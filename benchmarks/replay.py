@@ -4,13 +4,14 @@
   python3 benchmarks/replay.py record [--max-tokens 256] [--out traces.json]   # ~30 min on a 2-core CPU
   python3 benchmarks/replay.py replay traces.json                                 # seconds
 
-`record` generates each benchmark prompt once per temperature with the default
-pair and stores, for every generated position, what a draft token there would
-have met: at temperature 0 whether the draft's greedy token equals the main
-model's; above it the probability that rejection sampling accepts the draft's
-sample, sum(min(p, q)), and that an exact-match check accepts it (mlx-lm's rule
-at temp > 0), sum(p q). It also measures the seconds of a round at each draft
-length k on this machine, and of the draft catching up on skipped tokens.
+`record` generates each benchmark prompt once per temperature (`--samples N`
+texts at temperature > 0) with the default pair and stores, for every
+generated position, what a draft token there would have met: at temperature 0
+whether the draft's greedy token equals the main model's; above it the
+probability that rejection sampling accepts the draft's sample, sum(min(p, q)),
+and that an exact-match check accepts it (mlx-lm's rule at temp > 0), sum(p q).
+It also measures the seconds of a round at each draft length k on this
+machine, and of the draft catching up on skipped tokens.
 
 `replay` drives `DraftController` and every fixed k over those traces with
 those costs and prints tokens per second relative to plain decoding. A round
@@ -18,7 +19,10 @@ with k drafts starting at position t accepts the run of agreeing positions
 from t on (at temp > 0, each with its acceptance probability), which is what
 the engine does when the draft and main model see the same accepted prefix.
 Controller changes can thus be tried on every prompt in seconds instead of
-hours; the benchmark then confirms them (benchmarks/RESULTS.md).
+hours; the benchmark then confirms them (benchmarks/RESULTS.md). For traces
+above temperature 0 it also prints the acceptance rate (accepted / drafted) of
+rounds of k drafts under both rules, rejection sampling against exact match, on
+the same texts: free of the sampling noise of timed runs.
 """
 
 import argparse
@@ -56,14 +60,49 @@ def replay(policy, trace: dict, round_seconds: List[float], catch_up_seconds: fl
 
 
 class Fixed:
+    """A fixed draft length; counts what its rounds drafted and accepted."""
+
     def __init__(self, k: int):
         self.k = k
+        self.drafted = self.accepted = 0
 
     def choose(self) -> int:
         return self.k
 
-    def record(self, *_):
-        pass
+    def record(self, num_draft: int, num_accepted: int, _seconds):
+        self.drafted += num_draft
+        self.accepted += num_accepted
+
+
+def acceptance_rate(accept: List[float], k: int, seeds: int = 200) -> float:
+    """Accepted / drafted of rounds of k drafts along a trace whose position t accepts with accept[t]."""
+    total = [0, 0]
+    for s in range(seeds):
+        policy = Fixed(k)
+        replay(policy, dict(accept=accept), [1.0] * (k + 1), 0.0, seed=s, noise=0.0)
+        total[0] += policy.accepted
+        total[1] += policy.drafted
+    return total[0] / total[1]
+
+
+def acceptance_table(traces: dict, ks=(1, 2, 3, 4)) -> List[str]:
+    """Rejection sampling against exact match, per prompt and draft length, pooled over a prompt's samples."""
+    groups: Dict[str, List[dict]] = {}
+    for name, trace in traces["traces"].items():
+        if "exact_match" in trace:
+            groups.setdefault(name.split("#")[0], []).append(trace)
+    lines = ["| trace | samples | per token | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 3) + "|"]
+    for name, group in groups.items():
+        ours = [x for t in group for x in t["accept"]]
+        theirs = [x for t in group for x in t["exact_match"]]
+        cells = []
+        for k in ks:
+            a = statistics.mean(acceptance_rate(t["accept"], k) for t in group)
+            b = statistics.mean(acceptance_rate(t["exact_match"], k) for t in group)
+            cells.append(f"{a:.3f} vs {b:.3f} ({a / b:.2f}x)")
+        lines.append(f"| {name} | {len(group)} | {statistics.mean(ours):.3f} vs {statistics.mean(theirs):.3f} "
+                     f"({statistics.mean(ours) / statistics.mean(theirs):.2f}x) | " + " | ".join(cells) + " |")
+    return lines
 
 
 def replay_table(traces: dict, make_auto: Callable, seeds: int = 8, noise: float = 0.03) -> List[dict]:
@@ -99,9 +138,9 @@ def record(args) -> dict:
     traces: Dict[str, dict] = {}
     for name in args.prompt or PROMPTS:
         prompt = _encode(tokenizer, PROMPTS[name])
-        for temp in args.temps:
+        for temp, seed in [(t, s) for t in args.temps for s in range(1, (args.samples if t > 0 else 1) + 1)]:
             out = [t for t, _, _ in speculative_generate_step(prompt, main, draft, num_draft_tokens=4,
-                                                               max_tokens=args.max_tokens, temp=temp, seed=1)]
+                                                               max_tokens=args.max_tokens, temp=temp, seed=seed)]
             seq = mx.array(prompt + out, mx.int32)[None]
             main_logits = main(seq)[0, len(prompt) - 1 : -1]
             draft_logits = draft(seq)[0, len(prompt) - 1 : -1, : main_logits.shape[-1]]
@@ -110,9 +149,9 @@ def record(args) -> dict:
             else:
                 p, q = mx.softmax(main_logits / temp, -1), mx.softmax(draft_logits / temp, -1)
                 trace = dict(accept=mx.minimum(p, q).sum(-1).tolist(), exact_match=(p * q).sum(-1).tolist())
-            traces[f"{name}@{temp:g}"] = trace
+            traces[f"{name}@{temp:g}" + (f"#{seed}" if seed > 1 else "")] = trace
             rates = trace.get("agree") or trace["accept"]
-            print(f"{name} temp {temp:g}: mean acceptance {sum(rates) / len(rates):.3f}", file=sys.stderr)
+            print(f"{name} temp {temp:g} seed {seed}: mean acceptance {sum(rates) / len(rates):.3f}", file=sys.stderr)
     result = dict(traces=traces, cost_ratio=_nbytes(draft) / _nbytes(main))
     if not args.no_costs:
         result["costs"] = measure_costs(main, draft, _encode(tokenizer, PROMPTS["quicksort"]), args.max_draft,
@@ -176,6 +215,7 @@ def main(argv=None) -> int:
     rec.add_argument("--max-draft", type=int, default=8)
     rec.add_argument("--temps", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.7])
     rec.add_argument("--prompt", action="append", choices=list(PROMPTS), help="default: every benchmark prompt")
+    rec.add_argument("--samples", type=int, default=1, help="texts sampled per prompt at temp > 0 (seeds 1..N)")
     rec.add_argument("--no-costs", action="store_true", help="traces only (the costs need a quiet machine)")
     rec.add_argument("--out", default="traces.json")
     rep = sub.add_parser("replay", help="replay the controller and fixed draft lengths over recorded traces")
@@ -196,11 +236,9 @@ def main(argv=None) -> int:
         return 2
     if "costs" in traces:
         print_table(traces, args.seeds)
-    for name, trace in traces["traces"].items():
-        if "exact_match" in trace:
-            ours, theirs = statistics.mean(trace["accept"]), statistics.mean(trace["exact_match"])
-            print(f"{name}: per-token acceptance, rejection sampling {ours:.3f} vs exact match {theirs:.3f} "
-                  f"({ours / theirs:.2f}x)")
+    if any("exact_match" in t for t in traces["traces"].values()):
+        print("\nAcceptance at temp > 0, rejection sampling vs exact match (mlx-lm), accepted / drafted:\n")
+        print("\n".join(acceptance_table(traces)))
     return 0
 
 

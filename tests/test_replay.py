@@ -41,14 +41,23 @@ def test_temperature_traces_accept_with_their_probability():
     assert rate == pytest.approx(1.5, abs=0.05)  # 1 + 0.5 tokens per round of one plain step
 
 
+def test_acceptance_rate_of_fixed_rounds():
+    # rounds of 2 drafts accept 0, 1 or 2 with chances 1 - a, a (1 - a), a^2: rate (a + a^2) / 2
+    assert replay.acceptance_rate([0.5] * 2000, 2, seeds=20) == pytest.approx(0.375, abs=0.01)
+    assert replay.acceptance_rate([0.9] * 2000, 1, seeds=20) == pytest.approx(0.9, abs=0.01)
+    assert replay.acceptance_rate([1.0] * 100, 4, seeds=2) == 1.0
+
+
 def test_replay_command_prints_the_table_and_refuses_a_missing_file(tmp_path, capsys):
     path = tmp_path / "traces.json"
     path.write_text(json.dumps(dict(costs=COSTS, cost_ratio=0.3, traces={
         "code@0": dict(agree=[True] * 60 + [False] * 4),
-        "prose@0.7": dict(accept=[0.6] * 64, exact_match=[0.3] * 64)})))
+        "prose@0.7": dict(accept=[0.6] * 64, exact_match=[0.3] * 64),
+        "prose@0.7#2": dict(accept=[0.8] * 64, exact_match=[0.5] * 64)})))
     assert replay.main(["replay", str(path), "--seeds", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| code@0 |" in out and "| prose@0.7 |" in out
-    assert "rejection sampling 0.600 vs exact match 0.300 (2.00x)" in out
+    assert "| code@0 |" in out and "| prose@0.7 |" in out and "| prose@0.7#2 |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| prose@0.7 | 2 |"))  # both samples pooled
+    assert "| 0.700 vs 0.400 (1.75x) |" in row
     assert replay.main(["replay", str(tmp_path / "nope.json")]) == 2
     assert "cannot read traces" in capsys.readouterr().err
