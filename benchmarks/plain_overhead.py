@@ -25,9 +25,18 @@ from mlx_spec import speculative_generate_step
 from mlx_spec.decode import FixedDraft
 
 # Qwen2.5-1.5B's layout with tiny matrices: same number of operations per step, almost no arithmetic.
-CONFIG = dict(model_type="qwen2", hidden_size=256, num_hidden_layers=28, intermediate_size=512,
-              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=4096,
-              rope_theta=1000000.0, tie_word_embeddings=True)
+CONFIG = dict(
+    model_type="qwen2",
+    hidden_size=256,
+    num_hidden_layers=28,
+    intermediate_size=512,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    vocab_size=4096,
+    rope_theta=1000000.0,
+    tie_word_embeddings=True,
+)
 
 
 def main(argv=None):
@@ -54,8 +63,11 @@ def main(argv=None):
         finally:
             generate_module._policy = policy
 
-    loops = {"mlx-lm generate_step": mlx_lm, "mlx_spec, no draft": no_draft,
-             "mlx_spec, k = 0 rounds (not scheduled ahead)": one_at_a_time}
+    loops = {
+        "mlx-lm generate_step": mlx_lm,
+        "mlx_spec, no draft": no_draft,
+        "mlx_spec, k = 0 rounds (not scheduled ahead)": one_at_a_time,
+    }
     times = {name: [] for name in loops}
     for rep in range(args.repetitions + 1):  # the first pass warms up
         for name, loop in loops.items():

@@ -31,15 +31,16 @@ import math
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import numpy as np
 
 from mlx_spec.bench import PROMPTS
 
 
-def replay(policy, trace: dict, round_seconds: List[float], catch_up_seconds: float, seed: int = 0,
-           noise: float = 0.03) -> float:
+def replay(
+    policy, trace: dict, round_seconds: list[float], catch_up_seconds: float, seed: int = 0, noise: float = 0.03
+) -> float:
     """Tokens per second of `policy` over `trace`, in plain-decoding steps (round_seconds[0] = 1 step)."""
     rng = np.random.default_rng(seed)
     greedy = "agree" in trace
@@ -74,7 +75,7 @@ class Fixed:
         self.accepted += num_accepted
 
 
-def acceptance_rate(accept: List[float], k: int, seeds: int = 200) -> float:
+def acceptance_rate(accept: list[float], k: int, seeds: int = 200) -> float:
     """Accepted / drafted of rounds of k drafts along a trace whose position t accepts with accept[t]."""
     total = [0, 0]
     for s in range(seeds):
@@ -85,9 +86,9 @@ def acceptance_rate(accept: List[float], k: int, seeds: int = 200) -> float:
     return total[0] / total[1]
 
 
-def acceptance_table(traces: dict, ks=(1, 2, 3, 4)) -> List[str]:
+def acceptance_table(traces: dict, ks=(1, 2, 3, 4)) -> list[str]:
     """Rejection sampling against exact match, per prompt and draft length, pooled over a prompt's samples."""
-    groups: Dict[str, List[dict]] = {}
+    groups: dict[str, list[dict]] = {}
     for name, trace in traces["traces"].items():
         if "exact_match" in trace:
             groups.setdefault(name.split("#")[0], []).append(trace)
@@ -100,20 +101,25 @@ def acceptance_table(traces: dict, ks=(1, 2, 3, 4)) -> List[str]:
             a = statistics.mean(acceptance_rate(t["accept"], k) for t in group)
             b = statistics.mean(acceptance_rate(t["exact_match"], k) for t in group)
             cells.append(f"{a:.3f} vs {b:.3f} ({a / b:.2f}x)")
-        lines.append(f"| {name} | {len(group)} | {statistics.mean(ours):.3f} vs {statistics.mean(theirs):.3f} "
-                     f"({statistics.mean(ours) / statistics.mean(theirs):.2f}x) | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {name} | {len(group)} | {statistics.mean(ours):.3f} vs {statistics.mean(theirs):.3f} "
+            f"({statistics.mean(ours) / statistics.mean(theirs):.2f}x) | " + " | ".join(cells) + " |"
+        )
     return lines
 
 
-def replay_table(traces: dict, make_auto: Callable, seeds: int = 8, noise: float = 0.03) -> List[dict]:
+def replay_table(traces: dict, make_auto: Callable, seeds: int = 8, noise: float = 0.03) -> list[dict]:
     """Per trace: mean rate of each fixed k and of auto over `seeds` noisy replays."""
     costs = traces["costs"]
     rows = []
     for name, trace in traces["traces"].items():
-        def rate(make):
-            return statistics.mean(replay(make(), trace, costs["round_seconds"], costs["catch_up_seconds"], s,
-                                          noise) for s in range(seeds))
-        fixed = {k: rate(lambda: Fixed(k)) for k in range(len(costs["round_seconds"]))}
+
+        def rate(make, trace=trace):
+            return statistics.mean(
+                replay(make(), trace, costs["round_seconds"], costs["catch_up_seconds"], s, noise) for s in range(seeds)
+            )
+
+        fixed = {k: rate(lambda k=k: Fixed(k)) for k in range(len(costs["round_seconds"]))}
         best = max(fixed, key=fixed.get)
         auto = rate(make_auto)
         rows.append(dict(trace=name, fixed=fixed, best_k=best, auto=auto, auto_over_best=auto / fixed[best]))
@@ -135,12 +141,16 @@ def record(args) -> dict:
     main_path, draft_path = fetch_default_pair(progress=lambda s: print(s, file=sys.stderr))
     main, tokenizer = load(str(main_path))
     draft = load(str(draft_path))[0]
-    traces: Dict[str, dict] = {}
+    traces: dict[str, dict] = {}
     for name in args.prompt or PROMPTS:
         prompt = _encode(tokenizer, PROMPTS[name])
         for temp, seed in [(t, s) for t in args.temps for s in range(1, (args.samples if t > 0 else 1) + 1)]:
-            out = [t for t, _, _ in speculative_generate_step(prompt, main, draft, num_draft_tokens=4,
-                                                               max_tokens=args.max_tokens, temp=temp, seed=seed)]
+            out = [
+                t
+                for t, _, _ in speculative_generate_step(
+                    prompt, main, draft, num_draft_tokens=4, max_tokens=args.max_tokens, temp=temp, seed=seed
+                )
+            ]
             seq = mx.array(prompt + out, mx.int32)[None]
             main_logits = main(seq)[0, len(prompt) - 1 : -1]
             draft_logits = draft(seq)[0, len(prompt) - 1 : -1, : main_logits.shape[-1]]
@@ -154,8 +164,15 @@ def record(args) -> dict:
             print(f"{name} temp {temp:g} seed {seed}: mean acceptance {sum(rates) / len(rates):.3f}", file=sys.stderr)
     result = dict(traces=traces, cost_ratio=_nbytes(draft) / _nbytes(main))
     if not args.no_costs:
-        result["costs"] = measure_costs(main, draft, _encode(tokenizer, PROMPTS["quicksort"]), args.max_draft,
-                                        speculative_generate_step, GenerationStats, mx)
+        result["costs"] = measure_costs(
+            main,
+            draft,
+            _encode(tokenizer, PROMPTS["quicksort"]),
+            args.max_draft,
+            speculative_generate_step,
+            GenerationStats,
+            mx,
+        )
     return result
 
 
@@ -166,8 +183,9 @@ def measure_costs(main, draft, prompt, max_draft, generate_step, stats_type, mx,
         samples = []
         for _ in range(3):
             stats = stats_type()
-            for _ in generate_step(prompt, main, draft if k else None, num_draft_tokens=max(k, 1),
-                                   max_tokens=tokens, stats=stats):
+            for _ in generate_step(
+                prompt, main, draft if k else None, num_draft_tokens=max(k, 1), max_tokens=tokens, stats=stats
+            ):
                 pass
             samples.append(stats.generation_time / stats.num_rounds)
         round_seconds.append(statistics.median(samples))
@@ -200,8 +218,11 @@ def print_table(traces: dict, seeds: int):
     print("| trace | " + " | ".join(f"k={k}" for k in ks) + " | auto | auto / best fixed |")
     print("|---" * (len(ks) + 3) + "|")
     for r in rows:
-        print(f"| {r['trace']} | " + " | ".join(f"{r['fixed'][k]:.3f}" for k in ks)
-              + f" | {r['auto']:.3f} | {r['auto_over_best']:.3f} (best k={r['best_k']}) |")
+        print(
+            f"| {r['trace']} | "
+            + " | ".join(f"{r['fixed'][k]:.3f}" for k in ks)
+            + f" | {r['auto']:.3f} | {r['auto_over_best']:.3f} (best k={r['best_k']}) |"
+        )
     geo = math.exp(statistics.mean(math.log(r["auto_over_best"]) for r in rows))
     print(f"\nauto / best fixed: geometric mean {geo:.3f}, worst {min(r['auto_over_best'] for r in rows):.3f}")
 

@@ -3,8 +3,6 @@
 Notation (Leviathan et al. 2023, Chen et al. 2023): p = main model, q = draft.
 """
 
-from typing import Tuple
-
 import mlx.core as mx
 
 
@@ -13,7 +11,7 @@ def _leading_true(flags: mx.array) -> mx.array:
     return mx.cumprod(flags.astype(mx.int32)).sum().astype(mx.int32)
 
 
-def accept_greedy(draft_tokens: mx.array, main_scores: mx.array) -> Tuple[mx.array, mx.array]:
+def accept_greedy(draft_tokens: mx.array, main_scores: mx.array) -> tuple[mx.array, mx.array]:
     """Greedy verification.
 
     draft_tokens: (k,) ids d_1..d_k; main_scores: (k+1, V) main logits (or any
@@ -33,7 +31,7 @@ def accept(
     draft_probs: mx.array,
     main_probs: mx.array,
     key: mx.array,
-) -> Tuple[mx.array, mx.array]:
+) -> tuple[mx.array, mx.array]:
     """Rejection sampling (speculative sampling).
 
     draft_tokens: (k,) with d_i ~ q_i; draft_probs: (k, V) = q_1..q_k;

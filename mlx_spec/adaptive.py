@@ -4,8 +4,6 @@ Pure and deterministic: it learns only from what `record` tells it after each
 round (draft length, tokens accepted, seconds the round took).
 """
 
-from typing import List, Optional, Tuple
-
 SLOPE_PRIOR = 2.0  # weight of the prior slope in the cost line's fit
 OUTLIER = 1.5  # a round's seconds count at most this times what its kind of round was expected to take
 
@@ -33,9 +31,17 @@ class DraftController:
     and code after prose is still caught.
     """
 
-    def __init__(self, max_draft: int = 10, cost_ratio: float = 0.3, decay: float = 0.95,
-                 probe_every: int = 4, max_probe_gap: int = 64, first_draft: int = 3,
-                 prior_acceptance: float = 0.8, prior_rounds: float = 4.0):
+    def __init__(
+        self,
+        max_draft: int = 10,
+        cost_ratio: float = 0.3,
+        decay: float = 0.95,
+        probe_every: int = 4,
+        max_probe_gap: int = 64,
+        first_draft: int = 3,
+        prior_acceptance: float = 0.8,
+        prior_rounds: float = 4.0,
+    ):
         self.max_draft = max_draft
         self.cost_ratio = cost_ratio
         self.decay = decay
@@ -54,7 +60,7 @@ class DraftController:
         self.probe_left = 0
 
     # --- learning -------------------------------------------------------------
-    def record(self, num_draft: int, num_accepted: int, seconds: Optional[float]):
+    def record(self, num_draft: int, num_accepted: int, seconds: float | None):
         d = self.decay
         if num_draft > 0:  # plain rounds teach nothing about acceptance: keep what is known
             self.tried = [x * d for x in self.tried]
@@ -73,13 +79,13 @@ class DraftController:
         self.num_rounds += 1
         self.plain_streak = self.plain_streak + 1 if num_draft == 0 else 0
 
-    def acceptance(self) -> List[float]:
+    def acceptance(self) -> list[float]:
         """a_1..a_max_draft."""
         n0 = self.prior_rounds
         pooled = (sum(self.accepted) + n0 * self.prior_acceptance) / (sum(self.tried) + n0)
         return [(self.accepted[i] + 2.0 * pooled) / (self.tried[i] + 2.0) for i in range(1, self.max_draft + 1)]
 
-    def cost(self) -> Tuple[float, float, float]:
+    def cost(self) -> tuple[float, float, float]:
         """(T0, A, B): seconds of a plain round, and T(k) = A + B k of a drafting round.
 
         The line is a least-squares fit whose slope is pulled towards the prior

@@ -9,9 +9,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
@@ -33,10 +33,20 @@ PROMPTS = {
 # LM Studio 0.3.10, MLX engine, M3 Pro 36 GB: (main, draft, prompt, tok/s alone, tok/s with draft)
 PRESETS = {
     "lmstudio-m3pro": [
-        ("mlx-community/Qwen2.5-32B-Instruct-4bit", "mlx-community/Qwen2.5-0.5B-Instruct-4bit",
-         "Write a quicksort algorithm in Python. Write code only.", 7.30, 17.74),
-        ("mlx-community/Meta-Llama-3.1-8B-Instruct-4bit", "mlx-community/Llama-3.2-1B-Instruct-4bit",
-         "Explain the Pythagorean theorem", 29.65, 50.91),
+        (
+            "mlx-community/Qwen2.5-32B-Instruct-4bit",
+            "mlx-community/Qwen2.5-0.5B-Instruct-4bit",
+            "Write a quicksort algorithm in Python. Write code only.",
+            7.30,
+            17.74,
+        ),
+        (
+            "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit",
+            "mlx-community/Llama-3.2-1B-Instruct-4bit",
+            "Explain the Pythagorean theorem",
+            29.65,
+            50.91,
+        ),
     ],
 }
 
@@ -47,7 +57,7 @@ MAIN_ALONE, OURS, OURS_PLAIN, MLX_LM = "main alone", "mlx_spec", "mlx_spec, no d
 class Run:
     prompt: str
     variant: str
-    num_draft: Optional[int]
+    num_draft: int | None
     temp: float
     rep: int
     tokens: int
@@ -66,8 +76,16 @@ class Run:
 
 def _run_ours(main, draft, prompt, max_tokens, temp, num_draft, seed):
     stats = GenerationStats()
-    steps = speculative_generate_step(prompt, main, draft, num_draft_tokens=num_draft or "auto",
-                                      max_tokens=max_tokens, temp=temp, seed=seed, stats=stats)
+    steps = speculative_generate_step(
+        prompt,
+        main,
+        draft,
+        num_draft_tokens=num_draft or "auto",
+        max_tokens=max_tokens,
+        temp=temp,
+        seed=seed,
+        stats=stats,
+    )
     for _ in steps:
         pass
     return stats.total_draft_tokens, stats.accepted_draft_tokens, stats.num_rounds, stats.time_to_first_token
@@ -84,8 +102,9 @@ def _run_mlx_lm(main, draft, prompt, max_tokens, temp, num_draft, seed):
         return 0, 0, max_tokens, first
     drafted = accepted = rounds = emitted = 0
     previous_from_draft = False
-    steps = mlx_lm_speculative(mx.array(prompt), main, draft, num_draft_tokens=num_draft,
-                               max_tokens=max_tokens, sampler=sampler)
+    steps = mlx_lm_speculative(
+        mx.array(prompt), main, draft, num_draft_tokens=num_draft, max_tokens=max_tokens, sampler=sampler
+    )
     for _, _, from_draft in steps:
         first = first or time.perf_counter() - start
         if not previous_from_draft:  # a round starts: mlx-lm drafts min(k, tokens left)
@@ -108,8 +127,21 @@ def run_once(variant, num_draft, main, draft, prompt, max_tokens, temp, rep, pro
         counts = _run_ours(main, draft if variant == OURS else None, prompt, max_tokens, temp, num_draft, rep)
     seconds = time.perf_counter() - start
     drafted, accepted, rounds, first = counts
-    return Run(prompt_name, variant, num_draft, temp, rep, max_tokens, seconds, first, len(prompt),
-               drafted, accepted, rounds, mx.get_peak_memory() / 1e9)
+    return Run(
+        prompt_name,
+        variant,
+        num_draft,
+        temp,
+        rep,
+        max_tokens,
+        seconds,
+        first,
+        len(prompt),
+        drafted,
+        accepted,
+        rounds,
+        mx.get_peak_memory() / 1e9,
+    )
 
 
 def decode_step_seconds(model, prompt, steps: int = 12) -> float:
@@ -163,10 +195,10 @@ def predicted_speedup(tokens_per_round: float, num_draft: int, cost_ratio: float
 
 @dataclass
 class Config:
-    prompts: Dict[str, str]
+    prompts: dict[str, str]
     max_tokens: int = 256
     draft_lengths: list = field(default_factory=lambda: list(range(1, 9)) + ["auto"])
-    temps: List[float] = field(default_factory=lambda: [0.0])
+    temps: list[float] = field(default_factory=lambda: [0.0])
     repetitions: int = 1
     peer: bool = True
     ours_plain: bool = True
@@ -196,8 +228,10 @@ def run_benchmark(main, draft, tokenizer, cfg: Config, progress: Callable[[str],
             ratio = decode_step_seconds(draft, prompt) / decode_step_seconds(main, prompt)
             verify = {k: verify_cost_ratio(main, prompt, k) for k in cfg.draft_lengths if k != "auto"}
             cost[name] = dict(draft_step=ratio, verify=verify)
-            progress(f"{name}: draft step / main step = {ratio:.3f}; verify of k+1 tokens / main step = "
-                     + ", ".join(f"{v:.2f} (k={k})" for k, v in verify.items()))
+            progress(
+                f"{name}: draft step / main step = {ratio:.3f}; verify of k+1 tokens / main step = "
+                + ", ".join(f"{v:.2f} (k={k})" for k, v in verify.items())
+            )
     runs = []
     total = cfg.repetitions * len(cfg.temps) * len(encoded) * len(plan)
     for rep in range(cfg.repetitions):
@@ -206,21 +240,27 @@ def run_benchmark(main, draft, tokenizer, cfg: Config, progress: Callable[[str],
                 for variant, k in plan:
                     run = run_once(variant, k, main, draft, prompt, cfg.max_tokens, temp, rep, name)
                     runs.append(run)
-                    progress(f"[{len(runs)}/{total}] {name} temp={temp} {variant}"
-                             f"{'' if k is None else f' k={k}'}: {run.tps:.2f} tok/s")
-    return {"config": asdict(cfg), "cost_ratio": cost, "runs": [dict(asdict(r), tps=r.tps) for r in runs],
-            "summary": summarize(runs, cost)}
+                    progress(
+                        f"[{len(runs)}/{total}] {name} temp={temp} {variant}"
+                        f"{'' if k is None else f' k={k}'}: {run.tps:.2f} tok/s"
+                    )
+    return {
+        "config": asdict(cfg),
+        "cost_ratio": cost,
+        "runs": [dict(asdict(r), tps=r.tps) for r in runs],
+        "summary": summarize(runs, cost),
+    }
 
 
-def _encode(tokenizer, text: str) -> List[int]:
+def _encode(tokenizer, text: str) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     return tokenizer.encode(text)
 
 
-def summarize(runs: List[Run], cost: Dict[str, float]) -> List[dict]:
+def summarize(runs: list[Run], cost: dict[str, float]) -> list[dict]:
     """One row per (temp, prompt, variant, k): medians over repetitions, ratios to the main model alone."""
-    groups: Dict[tuple, List[Run]] = {}
+    groups: dict[tuple, list[Run]] = {}
     for r in runs:
         groups.setdefault((r.temp, r.prompt, r.variant, r.num_draft), []).append(r)
     rows = []
@@ -229,13 +269,23 @@ def summarize(runs: List[Run], cost: Dict[str, float]) -> List[dict]:
         tps = statistics.median(r.tps for r in group)
         drafted = sum(r.draft_tokens for r in group)
         rounds = sum(r.rounds for r in group)
-        row = dict(temp=temp, prompt=prompt, variant=variant, num_draft=k, tps=tps, speedup=tps / base,
-                   acceptance=sum(r.accepted_tokens for r in group) / drafted if drafted else None,
-                   tokens_per_round=sum(r.tokens for r in group) / rounds if rounds else None,
-                   time_to_first_token=statistics.median(r.time_to_first_token for r in group),
-                   prompt_tps=statistics.median(r.prompt_tokens / r.time_to_first_token for r in group),
-                   peak_memory=max(r.peak_memory for r in group), predicted=None, efficiency=None,
-                   predicted_with_verify=None, engine_efficiency=None)
+        row = dict(
+            temp=temp,
+            prompt=prompt,
+            variant=variant,
+            num_draft=k,
+            tps=tps,
+            speedup=tps / base,
+            acceptance=sum(r.accepted_tokens for r in group) / drafted if drafted else None,
+            tokens_per_round=sum(r.tokens for r in group) / rounds if rounds else None,
+            time_to_first_token=statistics.median(r.time_to_first_token for r in group),
+            prompt_tps=statistics.median(r.prompt_tokens / r.time_to_first_token for r in group),
+            peak_memory=max(r.peak_memory for r in group),
+            predicted=None,
+            efficiency=None,
+            predicted_with_verify=None,
+            engine_efficiency=None,
+        )
         if k and k != "auto" and prompt in cost and row["tokens_per_round"]:
             c, verify = cost[prompt]["draft_step"], cost[prompt]["verify"][k]
             row["alpha"], row["predicted"] = predicted_speedup(row["tokens_per_round"], k, c)
@@ -252,25 +302,35 @@ def _fmt(x, spec=".2f"):
 
 def markdown(result: dict) -> str:
     rows = result["summary"]
-    out = ["| temp | prompt | variant | k | tok/s | speed-up | accepted | tokens/round | predicted | efficiency "
-           "| predicted (measured verify) | efficiency (measured verify) | TTFT s | peak GB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| temp | prompt | variant | k | tok/s | speed-up | accepted | tokens/round | predicted | efficiency "
+        "| predicted (measured verify) | efficiency (measured verify) | TTFT s | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['temp']} | {r['prompt']} | {r['variant']} | {r['num_draft'] or ''} | {r['tps']:.2f} "
-                   f"| {r['speedup']:.2f}x | {_fmt(r['acceptance'] and 100 * r['acceptance'], '.0f')}{'%' if r['acceptance'] is not None else ''} "
-                   f"| {_fmt(r['tokens_per_round'])} | {_fmt(r['predicted'])} | {_fmt(r['efficiency'])} "
-                   f"| {_fmt(r['predicted_with_verify'])} | {_fmt(r['engine_efficiency'])} "
-                   f"| {r['time_to_first_token']:.2f} | {r['peak_memory']:.2f} |")
-    out += ["", "| temp | prompt | main alone tok/s | mlx_spec best | mlx-lm best | mlx_spec / mlx-lm |", "|---|---|---|---|---|---|"]
+        out.append(
+            f"| {r['temp']} | {r['prompt']} | {r['variant']} | {r['num_draft'] or ''} | {r['tps']:.2f} "
+            f"| {r['speedup']:.2f}x | {_fmt(r['acceptance'] and 100 * r['acceptance'], '.0f')}{'%' if r['acceptance'] is not None else ''} "
+            f"| {_fmt(r['tokens_per_round'])} | {_fmt(r['predicted'])} | {_fmt(r['efficiency'])} "
+            f"| {_fmt(r['predicted_with_verify'])} | {_fmt(r['engine_efficiency'])} "
+            f"| {r['time_to_first_token']:.2f} | {r['peak_memory']:.2f} |"
+        )
+    out += [
+        "",
+        "| temp | prompt | main alone tok/s | mlx_spec best | mlx-lm best | mlx_spec / mlx-lm |",
+        "|---|---|---|---|---|---|",
+    ]
     for temp, prompt in dict.fromkeys((r["temp"], r["prompt"]) for r in rows):
         mine = [r for r in rows if (r["temp"], r["prompt"], r["variant"]) == (temp, prompt, OURS)]
         peer = [r for r in rows if (r["temp"], r["prompt"], r["variant"]) == (temp, prompt, MLX_LM)]
         base = next(r["tps"] for r in rows if (r["temp"], r["prompt"], r["variant"]) == (temp, prompt, MAIN_ALONE))
         best = max(mine, key=lambda r: r["tps"]) if mine else None
         best_peer = max(peer, key=lambda r: r["tps"]) if peer else None
-        out.append(f"| {temp} | {prompt} | {base:.2f} "
-                   f"| {_best(best)} | {_best(best_peer)} "
-                   f"| {_fmt(best and best_peer and best['tps'] / best_peer['tps'])}{'x' if best and best_peer else ''} |")
+        out.append(
+            f"| {temp} | {prompt} | {base:.2f} "
+            f"| {_best(best)} | {_best(best_peer)} "
+            f"| {_fmt(best and best_peer and best['tps'] / best_peer['tps'])}{'x' if best and best_peer else ''} |"
+        )
     return "\n".join(out)
 
 
@@ -290,7 +350,11 @@ def plot(result: dict, path: Path):
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.6), squeeze=False)
     for ax, (temp, prompt) in zip(axes[0], panels):
         for variant, style in ((OURS, "o-"), (MLX_LM, "s--")):
-            pts = sorted((r["num_draft"], r["speedup"]) for r in rows if (r["temp"], r["prompt"], r["variant"]) == (temp, prompt, variant))
+            pts = sorted(
+                (r["num_draft"], r["speedup"])
+                for r in rows
+                if (r["temp"], r["prompt"], r["variant"]) == (temp, prompt, variant)
+            )
             if pts:
                 ax.plot(*zip(*pts), style, label=variant)
         ax.axhline(1.0, color="gray", lw=0.8)
@@ -305,7 +369,7 @@ def plot(result: dict, path: Path):
     plt.close(fig)
 
 
-def machine(main_dtype: str, draft_dtype: Optional[str]) -> dict:
+def machine(main_dtype: str, draft_dtype: str | None) -> dict:
     from .blas import blas_info
 
     backend = "metal" if mx.metal.is_available() else ("cuda" if mx.cuda.is_available() else "cpu")
@@ -317,9 +381,19 @@ def machine(main_dtype: str, draft_dtype: Optional[str]) -> dict:
     if sys.platform == "darwin":
         import subprocess
 
-        chip = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout.strip()
-    return dict(chip=chip, platform=platform.platform(), mlx=mx.__version__, backend=backend, blas=blas_info(),
-                main_dtype=main_dtype, draft_dtype=draft_dtype, date=time.strftime("%Y-%m-%d %H:%M"))
+        chip = subprocess.run(
+            ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True
+        ).stdout.strip()
+    return dict(
+        chip=chip,
+        platform=platform.platform(),
+        mlx=mx.__version__,
+        backend=backend,
+        blas=blas_info(),
+        main_dtype=main_dtype,
+        draft_dtype=draft_dtype,
+        date=time.strftime("%Y-%m-%d %H:%M"),
+    )
 
 
 def model_dtype(model) -> str:
@@ -332,7 +406,7 @@ def model_dtype(model) -> str:
     return str(next(iter(weights.values())).dtype).replace("mlx.core.", "")
 
 
-def save(result: dict, out_dir: Path, stem: str = "bench") -> List[Path]:
+def save(result: dict, out_dir: Path, stem: str = "bench") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
     paths[0].write_text(json.dumps(result, indent=1))
@@ -360,7 +434,7 @@ def parse_draft_lengths(text: str) -> list:
     return values
 
 
-def parse_temps(text: str) -> List[float]:
+def parse_temps(text: str) -> list[float]:
     try:
         temps = [float(x) for x in text.split(",")]
     except ValueError:
@@ -400,11 +474,21 @@ def config_from_args(args) -> Config:
             raise ValueError(f"prompt file not found: {args.prompt_file}")
         for line in filter(None, map(str.strip, path.read_text().splitlines())):
             prompts[f"prompt{len(prompts) + 1}"] = line
-    cfg = Config(prompts=prompts or dict(PROMPTS), max_tokens=args.max_tokens,
-                 draft_lengths=parse_draft_lengths(args.draft_lengths), temps=parse_temps(args.temps),
-                 repetitions=args.repetitions, peer=not args.no_peer, ours_plain=not args.no_plain)
+    cfg = Config(
+        prompts=prompts or dict(PROMPTS),
+        max_tokens=args.max_tokens,
+        draft_lengths=parse_draft_lengths(args.draft_lengths),
+        temps=parse_temps(args.temps),
+        repetitions=args.repetitions,
+        peer=not args.no_peer,
+        ours_plain=not args.no_plain,
+    )
     if args.quick:
-        cfg.prompts = dict(list(cfg.prompts.items())[:1]) if (args.prompt or args.prompt_file) else {"quicksort": PROMPTS["quicksort"]}
+        cfg.prompts = (
+            dict(list(cfg.prompts.items())[:1])
+            if (args.prompt or args.prompt_file)
+            else {"quicksort": PROMPTS["quicksort"]}
+        )
         cfg.max_tokens, cfg.draft_lengths, cfg.repetitions = min(cfg.max_tokens, 32), [2, 4, "auto"], 1
     return cfg
 
@@ -437,8 +521,10 @@ def run(args, progress: Callable[[str], None] = lambda s: print(s, file=sys.stde
         text = markdown(result)
         if published:
             result["published"] = dict(zip(("main_alone_tps", "with_draft_tps"), published))
-            text += (f"\n\nLM Studio (M3 Pro): {published[0]:.2f} -> {published[1]:.2f} tok/s, "
-                     f"{published[1] / published[0]:.2f}x")
+            text += (
+                f"\n\nLM Studio (M3 Pro): {published[0]:.2f} -> {published[1]:.2f} tok/s, "
+                f"{published[1] / published[0]:.2f}x"
+            )
         print(f"## {main_path} + {draft_path}\n\n{text}\n", flush=True)
         paths = save(result, out_dir, stem=f"bench{i + 1 if len(pairs) > 1 else ''}")
         progress("wrote " + ", ".join(map(str, paths)))

@@ -70,8 +70,9 @@ def ensure_openblas() -> None:
     if not _warned:
         _warned = True
         reason = "preloading it did not take effect" if library else f"it is not installed (fix: {_FIX})"
-        print(f"mlx-spec: warning: MLX runs without OpenBLAS, float32 matmuls are ~40x slower: {reason}",
-              file=sys.stderr)
+        print(
+            f"mlx-spec: warning: MLX runs without OpenBLAS, float32 matmuls are ~40x slower: {reason}", file=sys.stderr
+        )
 
 
 def blas_info() -> str:

@@ -7,7 +7,7 @@ overwrites an entry that is still needed after the rollback.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -57,7 +57,7 @@ class SlackRotatingCache:
         return positions
 
     # --- the mlx-lm cache interface ----------------------------------------
-    def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):
+    def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False):
         window = min(window_size or self.max_size, self.max_size)
         end = self.offset + N
         if not self._wrapped(end) and end - 1 < window:
@@ -166,7 +166,7 @@ def _can_trim_to(cache, length: int) -> bool:
     return not isinstance(cache, RotatingKVCache) or cache.is_trimmable()
 
 
-def _offset(layers: List[Any]) -> int:
+def _offset(layers: list[Any]) -> int:
     return layers[0].offset if layers else 0
 
 
@@ -179,9 +179,9 @@ class CachePair:
     cache yet: it is the input of the next forward pass.
     """
 
-    main: List[Any]
-    draft: Optional[List[Any]]
-    tokens: List[int] = field(default_factory=list)
+    main: list[Any]
+    draft: list[Any] | None
+    tokens: list[int] = field(default_factory=list)
 
     @property
     def main_offset(self) -> int:
@@ -218,7 +218,7 @@ class CachePair:
                 if isinstance(cache, RotatingKVCache):
                     layers[i] = SlackRotatingCache.from_rotating(cache)
 
-    def quantize(self, kv_bits: Optional[int], kv_group_size: int, quantized_kv_start: int):
+    def quantize(self, kv_bits: int | None, kv_group_size: int, quantized_kv_start: int):
         """Quantize standard caches that reached `quantized_kv_start`, as mlx-lm does."""
         if kv_bits is None:
             return
@@ -236,7 +236,7 @@ class CachePair:
 TRIMMABLE = (KVCache, QuantizedKVCache, RotatingKVCache, SlackRotatingCache)
 
 
-def _model_cache(model, max_kv_size: Optional[int], role: str) -> List[Any]:
+def _model_cache(model, max_kv_size: int | None, role: str) -> list[Any]:
     layers = _mlx_lm_make_cache(model, max_kv_size=max_kv_size)
     for cache in layers:
         if not isinstance(cache, TRIMMABLE):
@@ -247,7 +247,7 @@ def _model_cache(model, max_kv_size: Optional[int], role: str) -> List[Any]:
     return layers
 
 
-def make_prompt_cache(model, draft_model=None, max_kv_size: Optional[int] = None) -> CachePair:
+def make_prompt_cache(model, draft_model=None, max_kv_size: int | None = None) -> CachePair:
     """Caches for both models, reusable across calls (turns of a conversation)."""
     if max_kv_size is not None and max_kv_size <= KEEP:
         raise ValueError(f"max_kv_size must be larger than {KEEP}, got {max_kv_size}")

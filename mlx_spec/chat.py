@@ -7,7 +7,6 @@ import os
 import sys
 from contextlib import closing
 from dataclasses import asdict, dataclass
-from typing import Optional, Union
 
 from .cache import SLACK, make_prompt_cache
 from .generate import DEFAULT_DRAFT_VOCAB_SIZE, stream_generate, validate_options
@@ -24,15 +23,15 @@ class Settings:
     """Generation settings of `generate` and `chat`: stream_generate's keyword arguments."""
 
     max_tokens: int = 256
-    num_draft_tokens: Union[int, str] = "auto"
+    num_draft_tokens: int | str = "auto"
     temp: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
-    seed: Optional[int] = None
-    max_kv_size: Optional[int] = None
-    kv_bits: Optional[int] = None
-    draft_vocab_size: Optional[int] = DEFAULT_DRAFT_VOCAB_SIZE
+    seed: int | None = None
+    max_kv_size: int | None = None
+    kv_bits: int | None = None
+    draft_vocab_size: int | None = DEFAULT_DRAFT_VOCAB_SIZE
 
     def __post_init__(self):
         validate_options(**asdict(self))  # raises ValueError on a bad value, before any model loads
@@ -48,7 +47,7 @@ def paint(text: str, from_draft: bool, color: bool) -> str:
     return f"{GREEN}{text}{RESET}" if color and from_draft and text else text
 
 
-def conversation_tokens(tokenizer, messages, system_prompt: Optional[str] = None):
+def conversation_tokens(tokenizer, messages, system_prompt: str | None = None):
     """Token ids of the conversation rendered by the chat template, ending with the assistant's turn opening."""
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return tokenizer.apply_chat_template(system + messages, add_generation_prompt=True)
@@ -61,16 +60,26 @@ class ChatSession:
     cached prefix it shares with the caches' tokens and prefills only the rest.
     """
 
-    def __init__(self, model, tokenizer, draft_model=None, settings: Optional[Settings] = None,
-                 system_prompt: Optional[str] = None, out=None, color: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        draft_model=None,
+        settings: Settings | None = None,
+        system_prompt: str | None = None,
+        out=None,
+        color: bool = False,
+    ):
         self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
         self.settings = settings or Settings()
         self.system_prompt = system_prompt
         self.out = out or sys.stdout
         self.color = color
         if not tokenizer.has_chat_template:
-            raise ValueError("the model has no chat template, which chat needs "
-                             "(`mlx-spec generate --ignore-chat-template` works without)")
+            raise ValueError(
+                "the model has no chat template, which chat needs "
+                "(`mlx-spec generate --ignore-chat-template` works without)"
+            )
         # A rotating cache (max_kv_size) never fills up; otherwise the model's trained length is the limit.
         args = getattr(model, "args", None)
         self.context_limit = None if self.settings.max_kv_size else getattr(args, "max_position_embeddings", None)
@@ -152,8 +161,10 @@ class ChatSession:
         if self.context_limit is not None:
             room = self.context_limit - len(tokens)
             if room <= 0:
-                self.say(f"context full: the conversation would be {len(tokens)} tokens, the model's limit is "
-                         f"{self.context_limit}; /reset starts a new conversation")
+                self.say(
+                    f"context full: the conversation would be {len(tokens)} tokens, the model's limit is "
+                    f"{self.context_limit}; /reset starts a new conversation"
+                )
                 return
             max_tokens = min(max_tokens, room)
         new_tokens = self.reuse_cache(tokens)
@@ -177,8 +188,10 @@ class ChatSession:
             self.say("[stopped]")
         self.say(self.turn_line(stats), dim=True)
         if self.context_limit is not None and len(self.cache.tokens) >= self.context_limit:
-            self.say(f"context full: the conversation reached the model's limit of {self.context_limit} tokens; "
-                     "/reset starts a new conversation")
+            self.say(
+                f"context full: the conversation reached the model's limit of {self.context_limit} tokens; "
+                "/reset starts a new conversation"
+            )
 
     def reuse_cache(self, tokens):
         """Truncate the caches to the prefix they share with `tokens`; return the tokens left to prefill."""
@@ -196,8 +209,10 @@ class ChatSession:
     def turn_line(self, stats: GenerationStats) -> str:
         parts = [f"{stats.generation_tokens} tokens", f"{stats.generation_tps:.1f} tokens/s"]
         if self.draft_model is not None:
-            parts.append(f"accepted {stats.accepted_draft_tokens}/{stats.total_draft_tokens} draft tokens "
-                         f"({100 * stats.acceptance_rate:.1f}%)")
+            parts.append(
+                f"accepted {stats.accepted_draft_tokens}/{stats.total_draft_tokens} draft tokens "
+                f"({100 * stats.acceptance_rate:.1f}%)"
+            )
             parts.append(f"{stats.mean_tokens_per_round:.2f} tokens per round")
             if self.settings.num_draft_tokens == "auto":
                 parts.append(f"draft length {stats.mean_draft_length:.1f} on average")
@@ -212,8 +227,11 @@ class ChatSession:
         self.out.flush()
 
     def intro(self):
-        draft = "" if self.draft_model is None else (
-            f", draft {model_name(self.draft_model)} ({self.settings.num_draft_tokens} draft tokens per round)")
+        draft = (
+            ""
+            if self.draft_model is None
+            else (f", draft {model_name(self.draft_model)} ({self.settings.num_draft_tokens} draft tokens per round)")
+        )
         self.say(f"mlx-spec chat: main {model_name(self.model)}{draft}")
         if self.color and self.draft_model is not None:
             self.say(f"{GREEN}green{RESET}: draft tokens the main model accepted; plain: the main model's own")

@@ -54,24 +54,51 @@ def note(message: str):
 
 
 def add_model_arguments(p):
-    p.add_argument("--model", metavar="PATH", help="main model: MLX folder, Hugging Face id or .gguf file "
-                                   "(default: the Qwen2.5-Coder 1.5B / 0.5B Instruct pair, fetched once)")
-    p.add_argument("--draft-model", metavar="PATH", help="draft model (default: none with --model, the pair's draft without)")
+    p.add_argument(
+        "--model",
+        metavar="PATH",
+        help="main model: MLX folder, Hugging Face id or .gguf file "
+        "(default: the Qwen2.5-Coder 1.5B / 0.5B Instruct pair, fetched once)",
+    )
+    p.add_argument(
+        "--draft-model", metavar="PATH", help="draft model (default: none with --model, the pair's draft without)"
+    )
     p.add_argument("--no-draft", action="store_true", help="run the main model alone, for comparison")
-    p.add_argument("--num-draft-tokens", type=_draft_length, default="auto", metavar="K",
-                   help=f"draft tokens per round, 1..{SLACK}, or 'auto' to choose each round (default)")
-    p.add_argument("--draft-vocab-size", type=_int_at_least(0), default=DEFAULT_DRAFT_VOCAB_SIZE or 0, metavar="N",
-                   help="cut the draft's output layer to the first N token ids (default 0: all)")
-    p.add_argument("--max-tokens", "-m", type=_int_at_least(1), default=256, metavar="N",
-                   help="most tokens to generate (per reply in chat; default 256)")
+    p.add_argument(
+        "--num-draft-tokens",
+        type=_draft_length,
+        default="auto",
+        metavar="K",
+        help=f"draft tokens per round, 1..{SLACK}, or 'auto' to choose each round (default)",
+    )
+    p.add_argument(
+        "--draft-vocab-size",
+        type=_int_at_least(0),
+        default=DEFAULT_DRAFT_VOCAB_SIZE or 0,
+        metavar="N",
+        help="cut the draft's output layer to the first N token ids (default 0: all)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        "-m",
+        type=_int_at_least(1),
+        default=256,
+        metavar="N",
+        help="most tokens to generate (per reply in chat; default 256)",
+    )
     p.add_argument("--temp", type=float, default=0.0, metavar="T", help="sampling temperature (default 0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens (0: off)")
-    p.add_argument("--min-p", type=float, default=0.0, metavar="P",
-                   help="drop tokens below P x the top probability (0: off)")
+    p.add_argument(
+        "--min-p", type=float, default=0.0, metavar="P", help="drop tokens below P x the top probability (0: off)"
+    )
     p.add_argument("--seed", type=int, help="seed for sampling")
-    p.add_argument("--max-kv-size", type=_int_at_least(1), metavar="N",
-                   help="sliding-window KV cache of N tokens (the context never fills up)")
+    p.add_argument(
+        "--max-kv-size",
+        type=_int_at_least(1),
+        metavar="N",
+        help="sliding-window KV cache of N tokens (the context never fills up)",
+    )
     p.add_argument("--kv-bits", type=int, choices=KV_BITS, help="quantize the KV cache to this many bits")
     p.add_argument("--system-prompt", metavar="TEXT", help="system prompt for the chat template")
     p.add_argument("--no-color", action="store_true", help="do not colour the draft's tokens")
@@ -79,10 +106,18 @@ def add_model_arguments(p):
 
 def settings_from(args) -> Settings:
     """The generation settings, checked before any model is loaded."""
-    return Settings(max_tokens=args.max_tokens, num_draft_tokens=args.num_draft_tokens, temp=args.temp,
-                    top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
-                    max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
-                    draft_vocab_size=args.draft_vocab_size or None)
+    return Settings(
+        max_tokens=args.max_tokens,
+        num_draft_tokens=args.num_draft_tokens,
+        temp=args.temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        max_kv_size=args.max_kv_size,
+        kv_bits=args.kv_bits,
+        draft_vocab_size=args.draft_vocab_size or None,
+    )
 
 
 def load_models(args):
@@ -136,15 +171,27 @@ def generate_command(args) -> int:
             sys.stdout.flush()
     if args.json:
         num_draft = settings.num_draft_tokens if draft_model is not None else 0
-        print(json.dumps(dict(text=output, tokens=tokens, finish_reason=finish_reason, model=model_name(model),
-                              draft_model=model_name(draft_model) if draft_model is not None else None,
-                              num_draft_tokens=num_draft, **stats.as_dict())))
+        print(
+            json.dumps(
+                dict(
+                    text=output,
+                    tokens=tokens,
+                    finish_reason=finish_reason,
+                    model=model_name(model),
+                    draft_model=model_name(draft_model) if draft_model is not None else None,
+                    num_draft_tokens=num_draft,
+                    **stats.as_dict(),
+                )
+            )
+        )
         return 0
     print()
     lines = ["=" * 10, stats.summary()]
     if args.verbose:
-        lines.append(f"Time to first token: {stats.time_to_first_token:.3f} s; {stats.num_rounds} rounds, "
-                     f"{stats.host_syncs} host syncs; draft lengths: {dict(sorted(stats.draft_lengths.items()))}")
+        lines.append(
+            f"Time to first token: {stats.time_to_first_token:.3f} s; {stats.num_rounds} rounds, "
+            f"{stats.host_syncs} host syncs; draft lengths: {dict(sorted(stats.draft_lengths.items()))}"
+        )
     if color and draft_model is not None:
         lines.append("Draft tokens the main model accepted are shown in green.")
     print("\n".join(lines), file=sys.stderr)
@@ -162,8 +209,14 @@ def chat_command(args) -> int:
     """chat in the terminal; the KV caches live across turns, draft tokens in green"""
     settings = settings_from(args)
     model, tokenizer, draft_model = load_models(args)
-    session = ChatSession(model, tokenizer, draft_model, settings, system_prompt=args.system_prompt,
-                          color=use_color(sys.stdout, args.no_color))
+    session = ChatSession(
+        model,
+        tokenizer,
+        draft_model,
+        settings,
+        system_prompt=args.system_prompt,
+        color=use_color(sys.stdout, args.no_color),
+    )
     return interact(session)
 
 
@@ -173,8 +226,11 @@ def chat_command(args) -> int:
 def add_convert_arguments(p):
     p.add_argument("gguf", metavar="FILE.gguf", help="a llama.cpp GGUF model file (qwen2 or llama)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the MLX model folder to write (must not exist)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="weight type (default: float16 on Apple GPUs, float32 on CPUs)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="weight type (default: float16 on Apple GPUs, float32 on CPUs)",
+    )
     p.add_argument("--q-bits", type=int, choices=(4, 8), help="re-quantize the weights to this many bits")
 
 
@@ -216,8 +272,11 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    parser = _Parser(prog=PROG, parents=[common],
-                     description="Speculative decoding on MLX: a draft model proposes, the main model verifies.")
+    parser = _Parser(
+        prog=PROG,
+        parents=[common],
+        description="Speculative decoding on MLX: a draft model proposes, the main model verifies.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_arguments, run) in COMMANDS.items():
         summary = (run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None

@@ -7,8 +7,8 @@ fills the same pair of caches.
 """
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional
 
 import mlx.core as mx
 
@@ -25,7 +25,7 @@ PREFILL_STEP = 2048  # as mlx-lm's generate_step, so long prompts fill caches al
 class Round:
     """What one round produced: `tokens` = accepted draft tokens + one main token."""
 
-    tokens: List[int]
+    tokens: list[int]
     num_draft: int
     num_accepted: int
     logprobs: mx.array  # (k+1, V): the main model's log-probabilities at each verified position
@@ -40,7 +40,7 @@ class FixedDraft:
     def choose(self) -> int:
         return self.num_draft
 
-    def record(self, num_draft: int, num_accepted: int, seconds: Optional[float]):
+    def record(self, num_draft: int, num_accepted: int, seconds: float | None):
         pass
 
 
@@ -55,7 +55,7 @@ class HostReads:
         return array.tolist()
 
 
-def prefill(model, layers: List, tokens: List[int], caches: CachePair, kv_quantize: Callable):
+def prefill(model, layers: list, tokens: list[int], caches: CachePair, kv_quantize: Callable):
     """Feed `tokens` through `model` into `layers`, in chunks, evaluating each chunk."""
     chunk = PREFILL_STEP
     if any(isinstance(c, SlackRotatingCache) for c in layers):
@@ -68,12 +68,12 @@ def prefill(model, layers: List, tokens: List[int], caches: CachePair, kv_quanti
 
 def rounds(
     model,
-    draft: Optional[DraftModel],
+    draft: DraftModel | None,
     caches: CachePair,
     policy,
     max_tokens: int,
     params: SamplingParams,
-    key: Optional[mx.array],
+    key: mx.array | None,
     vocab_size: int,
     max_draft: Callable[[int], int],
     kv_quantize: Callable,
@@ -101,7 +101,9 @@ def rounds(
     while num_emitted < max_tokens:
         start = time.perf_counter()
         tokens = caches.tokens
-        num_draft = 0 if draft is None else min(policy.choose(), max_tokens - num_emitted - 1, max_draft(len(tokens) - 1))
+        num_draft = (
+            0 if draft is None else min(policy.choose(), max_tokens - num_emitted - 1, max_draft(len(tokens) - 1))
+        )
         draft_tokens = mx.zeros((0,), mx.int32)
         num_behind = len(tokens) - caches.draft_offset if num_draft > 0 else 0
         if ahead is not None:
@@ -111,14 +113,24 @@ def rounds(
                 key, draft_key, accept_key = mx.random.split(key, 3)
             history = mx.array(tokens, mx.int32) if logits_processors else None
             draft_probs = mx.zeros((0, vocab_size))
-            if num_behind > SLACK + 1:  # after a long plain stretch: catch the draft up in chunks a rotating cache takes
+            if (
+                num_behind > SLACK + 1
+            ):  # after a long plain stretch: catch the draft up in chunks a rotating cache takes
                 prefill(draft.model, caches.draft, tokens[caches.draft_offset : -1], caches, kv_quantize)
             if num_draft > 0:
-                draft_tokens, draft_probs = propose(draft, caches.draft, tokens[caches.draft_offset :], num_draft,
-                                                    params, draft_key if key is not None else None, history,
-                                                    logits_processors)
+                draft_tokens, draft_probs = propose(
+                    draft,
+                    caches.draft,
+                    tokens[caches.draft_offset :],
+                    num_draft,
+                    params,
+                    draft_key if key is not None else None,
+                    history,
+                    logits_processors,
+                )
             history, logprobs, next_token, readout = verify(
-                mx.array(tokens[-1:], mx.int32), draft_tokens, draft_probs, history, accept_key)
+                mx.array(tokens[-1:], mx.int32), draft_tokens, draft_probs, history, accept_key
+            )
         if draft is None and num_emitted + 1 < max_tokens:
             # Plain decoding, as mlx-lm's generate_step: the next step is built and queued behind this one
             # before this one's token is read, so building a graph never leaves the device idle.

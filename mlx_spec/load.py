@@ -2,7 +2,6 @@
 
 import weakref
 from pathlib import Path
-from typing import Optional
 
 import mlx_lm
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -14,7 +13,7 @@ class IncompatibleDraftError(ValueError):
     """The draft model cannot serve the main model (different vocabulary or special tokens)."""
 
 
-def load(path_or_hub_id: str, dtype: Optional[str] = None, q_bits: Optional[int] = None, **kwargs):
+def load(path_or_hub_id: str, dtype: str | None = None, q_bits: int | None = None, **kwargs):
     """Load (model, tokenizer) from an MLX folder, a hub id, or a .gguf file.
 
     A .gguf file is converted once into the user cache (see `mlx_spec.gguf`);
@@ -37,8 +36,9 @@ def load(path_or_hub_id: str, dtype: Optional[str] = None, q_bits: Optional[int]
         model, tokenizer = mlx_lm.load(str(path if path.exists() else source), **kwargs)
     except Exception as e:  # hub unreachable, repo missing, unsupported model type
         if not path.exists():
-            raise ValueError(f"could not fetch {source} from the Hugging Face hub (offline, or no such model): "
-                             f"{type(e).__name__}") from e
+            raise ValueError(
+                f"could not fetch {source} from the Hugging Face hub (offline, or no such model): {type(e).__name__}"
+            ) from e
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"could not load model {source}: {type(e).__name__}: {first_line}") from e
     _loaded[id(model)] = (source, tokenizer)

@@ -5,8 +5,8 @@ log-probabilities, then temperature) shapes p (main) and q (draft), exactly as
 mlx-lm's sampler shapes the distribution that plain decoding samples from.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, List, Optional
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
@@ -38,9 +38,9 @@ class SamplingParams:
 
 def process(
     logits: mx.array,
-    history: Optional[mx.array],
-    next_tokens: Optional[mx.array],
-    processors: Optional[List[LogitsProcessor]],
+    history: mx.array | None,
+    next_tokens: mx.array | None,
+    processors: list[LogitsProcessor] | None,
 ) -> mx.array:
     """Apply logits processors row by row to `logits` (n, V).
 

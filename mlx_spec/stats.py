@@ -64,8 +64,16 @@ class GenerationStats:
 
     def add(self, other: "GenerationStats"):
         """Add another generation's counts (a chat turn's) to these totals."""
-        for name in ("prompt_tokens", "prompt_time", "generation_tokens", "generation_time",
-                     "total_draft_tokens", "accepted_draft_tokens", "num_rounds", "host_syncs"):
+        for name in (
+            "prompt_tokens",
+            "prompt_time",
+            "generation_tokens",
+            "generation_time",
+            "total_draft_tokens",
+            "accepted_draft_tokens",
+            "num_rounds",
+            "host_syncs",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.draft_lengths.update(other.draft_lengths)
         self.peak_memory = max(self.peak_memory, other.peak_memory)
@@ -77,8 +85,14 @@ class GenerationStats:
     def as_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
         out["draft_lengths"] = dict(sorted(self.draft_lengths.items()))
-        for name in ("rejected_draft_tokens", "acceptance_rate", "mean_tokens_per_round", "mean_draft_length",
-                     "prompt_tps", "generation_tps"):
+        for name in (
+            "rejected_draft_tokens",
+            "acceptance_rate",
+            "mean_tokens_per_round",
+            "mean_draft_length",
+            "prompt_tps",
+            "generation_tps",
+        ):
             out[name] = getattr(self, name)
         return out
 

@@ -1,7 +1,5 @@
 """Step 2 of a round: the main model scores the last token and the k draft tokens in one forward."""
 
-from typing import List, Optional, Tuple
-
 import mlx.core as mx
 
 from .sampling import SamplingParams, filtered_scores, log_probs, process
@@ -9,13 +7,13 @@ from .sampling import SamplingParams, filtered_scores, log_probs, process
 
 def score(
     main_model,
-    main_cache: List,
+    main_cache: list,
     last_token: mx.array,
     draft_tokens: mx.array,
     params: SamplingParams,
-    history: Optional[mx.array] = None,
+    history: mx.array | None = None,
     logits_processors=None,
-) -> Tuple[mx.array, Optional[mx.array]]:
+) -> tuple[mx.array, mx.array | None]:
     """One main forward over [last, d_1..d_k]: k+1 positions (`last_token`: (1,) int32).
 
     Returns (logprobs, main_probs): the main model's log-probabilities after

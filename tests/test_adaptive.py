@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from tiny import make_model, perturbed, reference, spec
 
 from mlx_spec import GenerationStats
 from mlx_spec.adaptive import DraftController
-from tiny import make_model, perturbed, reference, spec
 
 
 def formula(alpha, k, a, b):
@@ -50,7 +50,7 @@ def test_one_slow_round_neither_tilts_the_line_far_nor_counts_in_full():
         c.record(4, 4, 2.6)
     c.record(4, 4, 26.0)  # e.g. the machine was busy: counts as 1.5 x 2.6
     t0, a, b = c.cost()
-    weights = [0.95 ** i for i in range(1, 11)]
+    weights = [0.95**i for i in range(1, 11)]
     assert a + 4 * b == pytest.approx((2.6 * sum(weights) + 1.5 * 2.6) / (sum(weights) + 1))
     assert b == pytest.approx(0.4, rel=0.05)  # one length seen: the prior slope T0 * cost_ratio
 

@@ -2,11 +2,11 @@
 
 import pytest
 from mlx_lm.sample_utils import make_logits_processors
+from tiny import VOCAB, make_model, perturbed, reference, spec, toy_tokenizer
+from tiny_folders import save_model_folder
 
 import mlx_spec
 from mlx_spec import GenerationStats, IncompatibleDraftError, check_draft, make_prompt_cache, stream_generate
-from tiny import VOCAB, make_model, perturbed, reference, spec, toy_tokenizer
-from tiny_folders import save_model_folder
 
 PROMPT = [1, 5, 9, 22, 3]
 
@@ -40,7 +40,9 @@ def test_end_token_stops_and_nothing_follows(pair, k):
     eos = expected[stop_at]
     tok = toy_tokenizer(eos=f"w{eos}")
     cache = make_prompt_cache(main, main)
-    responses = list(stream_generate(main, tok, PROMPT, draft_model=main, prompt_cache=cache, max_tokens=40, num_draft_tokens=k))
+    responses = list(
+        stream_generate(main, tok, PROMPT, draft_model=main, prompt_cache=cache, max_tokens=40, num_draft_tokens=k)
+    )
     assert [r.token for r in responses] == expected[: stop_at + 1]
     assert responses[-1].finish_reason == "stop"
     assert cache.tokens == PROMPT + expected[: stop_at + 1]  # nothing after the end token, even in the caches
@@ -99,7 +101,10 @@ def test_logits_processors_see_plain_decodings_history(pair, temp_free_processor
     assert expected != reference(main, PROMPT, 40)
     for k in (1, 3, 7):
         stats = GenerationStats()
-        assert spec(PROMPT, main, draft, num_draft_tokens=k, max_tokens=40, logits_processors=procs, stats=stats) == expected
+        assert (
+            spec(PROMPT, main, draft, num_draft_tokens=k, max_tokens=40, logits_processors=procs, stats=stats)
+            == expected
+        )
         assert stats.accepted_draft_tokens > 0
 
 
@@ -123,7 +128,9 @@ def test_incompatible_draft_is_refused(tmp_path):
     good, _ = mlx_spec.load(str(good_dir))
     assert mlx_spec.generate(m, tok, PROMPT, draft_model=good, max_tokens=5)
     bad, _ = mlx_spec.load(str(bad_dir))
-    with pytest.raises(IncompatibleDraftError, match=r"main .*main.* and draft .*bad.* different vocabularies.*'w3' vs 'v3'"):
+    with pytest.raises(
+        IncompatibleDraftError, match=r"main .*main.* and draft .*bad.* different vocabularies.*'w3' vs 'v3'"
+    ):
         mlx_spec.generate(m, tok, PROMPT, draft_model=bad, max_tokens=5)
     with pytest.raises(IncompatibleDraftError, match="different vocabularies"):
         list(mlx_spec.speculative_generate_step(PROMPT, m, bad, max_tokens=5))

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from tiny_folders import write_tiny_pair
 
 from mlx_spec import bench
-from tiny_folders import write_tiny_pair
 
 
 def args_for(tmp_path, **over):
@@ -37,8 +37,15 @@ def test_predicted_speedup_formula():
 
 def test_benchmark_runs_every_variant_and_writes_results(tmp_path, folders, capsys):
     main, draft = folders
-    a = args_for(tmp_path, model=main, draft_model=draft, prompt=["w5 w6 w7", "quicksort"], max_tokens=12,
-                 draft_lengths="1,3,auto", temps="0,0.7")
+    a = args_for(
+        tmp_path,
+        model=main,
+        draft_model=draft,
+        prompt=["w5 w6 w7", "quicksort"],
+        max_tokens=12,
+        draft_lengths="1,3,auto",
+        temps="0,0.7",
+    )
     assert bench.run(a, progress=lambda s: None) == 0
     result = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert (tmp_path / "out" / "bench.png").stat().st_size > 1000
@@ -55,14 +62,17 @@ def test_benchmark_runs_every_variant_and_writes_results(tmp_path, folders, caps
     assert "| temp | prompt | variant |" in out and "mlx_spec / mlx-lm" in out
 
 
-@pytest.mark.parametrize("over, message", [
-    (dict(preset="lmstudio-m1"), "unknown preset 'lmstudio-m1'"),
-    (dict(prompt_file="/no/such/prompts.txt"), "prompt file not found: /no/such/prompts.txt"),
-    (dict(draft_lengths="0-4"), "within 1..32"),
-    (dict(draft_lengths="a,b"), "'a,b'"),
-    (dict(temps="-1"), "--temps must be >= 0"),
-    (dict(max_tokens=0), "--max-tokens must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (dict(preset="lmstudio-m1"), "unknown preset 'lmstudio-m1'"),
+        (dict(prompt_file="/no/such/prompts.txt"), "prompt file not found: /no/such/prompts.txt"),
+        (dict(draft_lengths="0-4"), "within 1..32"),
+        (dict(draft_lengths="a,b"), "'a,b'"),
+        (dict(temps="-1"), "--temps must be >= 0"),
+        (dict(max_tokens=0), "--max-tokens must be >= 1"),
+    ],
+)
 def test_bad_input(tmp_path, folders, over, message):
     a = args_for(tmp_path, model=folders[0], draft_model=folders[1], **over)
     with pytest.raises(ValueError, match=message):
@@ -71,11 +81,16 @@ def test_bad_input(tmp_path, folders, over, message):
 
 def test_preset_runs_each_published_pair_and_prints_its_figures(tmp_path, folders, monkeypatch, capsys):
     main, draft = folders
-    monkeypatch.setitem(bench.PRESETS, "tiny", [(main, draft, "w5 w6 w7", 7.30, 17.74), (main, None, "w8 w9", 2.0, 3.0)])
+    monkeypatch.setitem(
+        bench.PRESETS, "tiny", [(main, draft, "w5 w6 w7", 7.30, 17.74), (main, None, "w8 w9", 2.0, 3.0)]
+    )
     a = args_for(tmp_path, preset="tiny", max_tokens=6, draft_lengths="2", no_peer=True, no_plain=True)
     assert bench.run(a, progress=lambda s: None) == 0
     out = capsys.readouterr().out
-    assert "LM Studio (M3 Pro): 7.30 -> 17.74 tok/s, 2.43x" in out and "LM Studio (M3 Pro): 2.00 -> 3.00 tok/s, 1.50x" in out
+    assert (
+        "LM Studio (M3 Pro): 7.30 -> 17.74 tok/s, 2.43x" in out
+        and "LM Studio (M3 Pro): 2.00 -> 3.00 tok/s, 1.50x" in out
+    )
     first, second = (json.loads((tmp_path / "out" / f"bench{i}.json").read_text()) for i in (1, 2))
     assert first["published"] == dict(main_alone_tps=7.30, with_draft_tps=17.74)
     assert first["models"] == dict(main=main, draft=draft) and second["models"] == dict(main=main, draft=None)
@@ -85,12 +100,27 @@ def test_preset_runs_each_published_pair_and_prints_its_figures(tmp_path, folder
 
 def test_preset_with_the_hub_out_of_reach_is_one_clear_line():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-m", "mlx_spec.cli", "bench", "--preset", "lmstudio-m3pro", "--out",
-                             "/tmp/mlx_spec_preset_test"], capture_output=True, text=True, env=env, timeout=120)
-    errors = [l for l in result.stderr.splitlines() if l.startswith("mlx-spec: error: ")]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_spec.cli",
+            "bench",
+            "--preset",
+            "lmstudio-m3pro",
+            "--out",
+            "/tmp/mlx_spec_preset_test",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mlx-spec: error: ")]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert len(errors) == 1 and errors[0].startswith(
-        "mlx-spec: error: could not fetch mlx-community/Qwen2.5-32B-Instruct-4bit from the Hugging Face hub")
+        "mlx-spec: error: could not fetch mlx-community/Qwen2.5-32B-Instruct-4bit from the Hugging Face hub"
+    )
 
 
 def test_quick_mode_is_small(tmp_path):

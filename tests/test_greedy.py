@@ -4,9 +4,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
+from tiny import first_layers, make_model, perturbed, quantized, reference, spec
 
 from mlx_spec import GenerationStats, speculative_generate_step
-from tiny import first_layers, make_model, perturbed, quantized, reference, spec
 
 PROMPTS = [[1, 5, 9, 22, 3], [7], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52], [90, 2, 90, 2]]
 
@@ -21,7 +21,9 @@ def test_every_draft_length(llama, k):
     draft = perturbed(llama, 0.005)
     for prompt in PROMPTS[:2]:
         stats = GenerationStats()
-        assert spec(prompt, llama, draft, num_draft_tokens=k, max_tokens=40, stats=stats) == reference(llama, prompt, 40)
+        assert spec(prompt, llama, draft, num_draft_tokens=k, max_tokens=40, stats=stats) == reference(
+            llama, prompt, 40
+        )
         assert 0 < stats.accepted_draft_tokens < stats.total_draft_tokens  # both paths exercised
 
 
@@ -80,7 +82,9 @@ def test_logits_match_plain_decoding(llama):
         assert np.allclose(np.array(a), np.array(b), atol=1e-4)
 
 
-@pytest.mark.parametrize("arch, quantize", [("llama", False), ("qwen2", False), ("gemma3_text", False), ("qwen2", True)])
+@pytest.mark.parametrize(
+    "arch, quantize", [("llama", False), ("qwen2", False), ("gemma3_text", False), ("qwen2", True)]
+)
 def test_draft_shortlist_keeps_greedy_exact(arch, quantize):
     """A draft whose output layer is cut to the first ids: same output, fewer acceptances of the rest."""
     main = make_model(arch, layers=4)
@@ -90,8 +94,12 @@ def test_draft_shortlist_keeps_greedy_exact(arch, quantize):
     for prompt in PROMPTS[:2]:
         expected = reference(main, prompt, 40)
         full, short = GenerationStats(), GenerationStats()
-        assert spec(prompt, main, draft, num_draft_tokens=3, max_tokens=40, stats=full, draft_vocab_size=None) == expected
-        assert spec(prompt, main, draft, num_draft_tokens=3, max_tokens=40, stats=short, draft_vocab_size=48) == expected
+        assert (
+            spec(prompt, main, draft, num_draft_tokens=3, max_tokens=40, stats=full, draft_vocab_size=None) == expected
+        )
+        assert (
+            spec(prompt, main, draft, num_draft_tokens=3, max_tokens=40, stats=short, draft_vocab_size=48) == expected
+        )
         beyond = [t for t in expected if t >= 48]
         if beyond:
             assert short.accepted_draft_tokens < full.accepted_draft_tokens
@@ -100,8 +108,8 @@ def test_draft_shortlist_keeps_greedy_exact(arch, quantize):
 def test_shortlisted_draft_never_proposes_beyond_the_shortlist():
     main = make_model("qwen2", layers=4)
     proposed = []
-    from mlx_spec.draft import DraftModel, propose
     from mlx_spec.cache import make_prompt_cache
+    from mlx_spec.draft import DraftModel, propose
     from mlx_spec.sampling import SamplingParams
 
     cache = make_prompt_cache(main, main)

@@ -15,7 +15,18 @@ QUICKSORT = "Write a quicksort algorithm in Python. Write code only."
 
 
 def generate(*flags):
-    cmd = [sys.executable, "-m", "mlx_spec.cli", "generate", "--prompt", QUICKSORT, "--max-tokens", "48", "--json", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_spec.cli",
+        "generate",
+        "--prompt",
+        QUICKSORT,
+        "--max-tokens",
+        "48",
+        "--json",
+        *flags,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)

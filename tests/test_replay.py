@@ -50,10 +50,19 @@ def test_acceptance_rate_of_fixed_rounds():
 
 def test_replay_command_prints_the_table_and_refuses_a_missing_file(tmp_path, capsys):
     path = tmp_path / "traces.json"
-    path.write_text(json.dumps(dict(costs=COSTS, cost_ratio=0.3, traces={
-        "code@0": dict(agree=[True] * 60 + [False] * 4),
-        "prose@0.7": dict(accept=[0.6] * 64, exact_match=[0.3] * 64),
-        "prose@0.7#2": dict(accept=[0.8] * 64, exact_match=[0.5] * 64)})))
+    path.write_text(
+        json.dumps(
+            dict(
+                costs=COSTS,
+                cost_ratio=0.3,
+                traces={
+                    "code@0": dict(agree=[True] * 60 + [False] * 4),
+                    "prose@0.7": dict(accept=[0.6] * 64, exact_match=[0.3] * 64),
+                    "prose@0.7#2": dict(accept=[0.8] * 64, exact_match=[0.5] * 64),
+                },
+            )
+        )
+    )
     assert replay.main(["replay", str(path), "--seeds", "1"]) == 0
     out = capsys.readouterr().out
     assert "| code@0 |" in out and "| prose@0.7 |" in out and "| prose@0.7#2 |" in out

@@ -5,10 +5,10 @@ import importlib
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from mlx_spec import GenerationStats, speculative_generate_step
 from test_accept import CRITICAL, chi_squared
 from tiny import make_model, perturbed, spec
+
+from mlx_spec import GenerationStats, speculative_generate_step
 
 VOCAB = 12
 PROMPT = [3, 7, 1]
@@ -59,7 +59,9 @@ def test_first_two_tokens_follow_the_main_distribution(pair, shape):
     runs = 1000
     firsts, seconds = [], []
     for seed in range(runs):
-        out = spec(PROMPT, main, draft, num_draft_tokens=3, max_tokens=3, seed=seed, draft_vocab_size=draft_vocab_size, **shape)
+        out = spec(
+            PROMPT, main, draft, num_draft_tokens=3, max_tokens=3, seed=seed, draft_vocab_size=draft_vocab_size, **shape
+        )
         firsts.append(out[0])
         seconds.append(out[1])
     for tokens, p in ((firsts, p1), (seconds, p2)):
@@ -97,7 +99,12 @@ def test_seed_makes_a_run_reproducible(pair):
 def test_sampled_from_draft_flags_match_acceptance(pair):
     main, draft = pair
     stats = GenerationStats()
-    flags = [f for _, _, f in speculative_generate_step(PROMPT, main, draft, num_draft_tokens=4, max_tokens=60, temp=1.0, seed=1, stats=stats)]
+    flags = [
+        f
+        for _, _, f in speculative_generate_step(
+            PROMPT, main, draft, num_draft_tokens=4, max_tokens=60, temp=1.0, seed=1, stats=stats
+        )
+    ]
     assert sum(flags) == stats.accepted_draft_tokens
     assert len(flags) == 60 == stats.accepted_draft_tokens + stats.num_rounds
 

@@ -11,19 +11,43 @@ from mlx_lm.models import gemma3_text, llama, qwen2
 VOCAB = 97
 
 
-def make_model(arch: str = "llama", layers: int = 2, seed: int = 0, vocab: int = VOCAB, window: int = 8, scale: float = 2.0, hidden: int = 64):
+def make_model(
+    arch: str = "llama",
+    layers: int = 2,
+    seed: int = 0,
+    vocab: int = VOCAB,
+    window: int = 8,
+    scale: float = 2.0,
+    hidden: int = 64,
+):
     """A float32 model with random weights; `scale` multiplies them (sharper logits)."""
     mx.random.seed(seed)
-    common = dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=128, num_attention_heads=4,
-                  num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=vocab)
+    common = dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=vocab,
+    )
     if arch == "llama":
-        model = llama.Model(llama.ModelArgs(model_type="llama", rope_theta=10000.0, tie_word_embeddings=False, **common))
+        model = llama.Model(
+            llama.ModelArgs(model_type="llama", rope_theta=10000.0, tie_word_embeddings=False, **common)
+        )
     elif arch == "qwen2":
         model = qwen2.Model(qwen2.ModelArgs(model_type="qwen2", **common))
     elif arch == "gemma3_text":
-        model = gemma3_text.Model(gemma3_text.ModelArgs(
-            model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=16, sliding_window=window,
-            sliding_window_pattern=2, **common))
+        model = gemma3_text.Model(
+            gemma3_text.ModelArgs(
+                model_type="gemma3_text",
+                head_dim=16,
+                query_pre_attn_scalar=16,
+                sliding_window=window,
+                sliding_window_pattern=2,
+                **common,
+            )
+        )
     else:
         raise ValueError(arch)
     if scale != 1.0:
@@ -81,4 +105,3 @@ def toy_tokenizer(vocab: int = VOCAB, eos: str = "</s>", prefix: str = "w"):
     core = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token=eos, unk_token="<unk>")
-

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from tokenizers import decoders
-
 from tiny import make_model, perturbed, toy_tokenizer
+from tokenizers import decoders
 
 # Role markers and turn ends are vocabulary words, so a rendered conversation tokenizes back exactly.
 CHAT_TEMPLATE = (
