@@ -20,6 +20,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .generate import speculative_generate_step
+from .options import MAX_DRAFT_TOKENS
 from .stats import GenerationStats
 
 PROMPTS = {
@@ -416,7 +417,7 @@ def save(result: dict, out_dir: Path, stem: str = "bench") -> list[Path]:
 
 
 def parse_draft_lengths(text: str) -> list:
-    """'1-8', '1,2,4' or '1-8,auto' -> draft lengths, each in 1..32 or 'auto'."""
+    """'1-8', '1,2,4' or '1-8,auto' -> draft lengths, each in 1..MAX_DRAFT_TOKENS or 'auto'."""
     values = []
     try:
         for item in text.split(","):
@@ -429,8 +430,8 @@ def parse_draft_lengths(text: str) -> list:
                 values.append(int(item))
     except ValueError:
         raise ValueError(f"--draft-lengths must look like '1-8', '1,2,4' or '1-8,auto', got {text!r}") from None
-    if not values or any(v != "auto" and not 1 <= v <= 32 for v in values):
-        raise ValueError(f"--draft-lengths must be within 1..32 (or auto), got {text!r}")
+    if not values or any(v != "auto" and not 1 <= v <= MAX_DRAFT_TOKENS for v in values):
+        raise ValueError(f"--draft-lengths must be within 1..{MAX_DRAFT_TOKENS} (or auto), got {text!r}")
     return values
 
 

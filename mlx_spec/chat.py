@@ -6,35 +6,15 @@
 import os
 import sys
 from contextlib import closing
-from dataclasses import asdict, dataclass
 
-from .cache import SLACK, make_prompt_cache
-from .generate import DEFAULT_DRAFT_VOCAB_SIZE, stream_generate, validate_options
+from .cache import make_prompt_cache
+from .generate import stream_generate
 from .load import model_name
-from .sampling import SamplingParams
+from .options import MAX_DRAFT_TOKENS, GenerationOptions, parse_num_draft_tokens
 from .stats import GenerationStats
 
 GREEN, DIM, RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
 PROMPT = ">>> "
-
-
-@dataclass
-class Settings:
-    """Generation settings of `generate` and `chat`: stream_generate's keyword arguments."""
-
-    max_tokens: int = 256
-    num_draft_tokens: int | str = "auto"
-    temp: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    max_kv_size: int | None = None
-    kv_bits: int | None = None
-    draft_vocab_size: int | None = DEFAULT_DRAFT_VOCAB_SIZE
-
-    def __post_init__(self):
-        validate_options(**asdict(self))  # raises ValueError on a bad value, before any model loads
 
 
 def use_color(stream, no_color: bool = False) -> bool:
@@ -65,13 +45,13 @@ class ChatSession:
         model,
         tokenizer,
         draft_model=None,
-        settings: Settings | None = None,
+        settings: GenerationOptions | None = None,
         system_prompt: str | None = None,
         out=None,
         color: bool = False,
     ):
         self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
-        self.settings = settings or Settings()
+        self.settings = settings or GenerationOptions()
         self.system_prompt = system_prompt
         self.out = out or sys.stdout
         self.color = color
@@ -136,21 +116,21 @@ class ChatSession:
     def set_draft(self, arg: str):
         if self.draft_model is None:
             self.say("no draft model in this session")
-        elif arg != "auto" and (not arg.isdigit() or not 1 <= int(arg) <= SLACK):
-            self.say(f"/draft takes 'auto' or a whole number from 1 to {SLACK}, got {arg!r}")
         else:
-            self.settings.num_draft_tokens = arg if arg == "auto" else int(arg)
+            try:
+                self.settings = self.settings.replace(num_draft_tokens=parse_num_draft_tokens(arg))
+            except ValueError:
+                self.say(f"/draft takes 'auto' or a whole number from 1 to {MAX_DRAFT_TOKENS}, got {arg!r}")
+                return
             self.say("choosing the draft length each round" if arg == "auto" else f"drafting {arg} tokens per round")
 
     def set_temp(self, arg: str):
-        settings = self.settings
         try:
-            SamplingParams(float(arg), settings.top_p, settings.top_k, settings.min_p)
+            self.settings = self.settings.replace(temp=float(arg))
         except ValueError:
             self.say(f"/temp takes a number >= 0, got {arg!r}")
         else:
-            settings.temp = float(arg)
-            self.say(f"temperature {settings.temp}")
+            self.say(f"temperature {self.settings.temp}")
 
     # --- a turn ------------------------------------------------------------
     def turn(self, text: str):
@@ -170,7 +150,7 @@ class ChatSession:
         new_tokens = self.reuse_cache(tokens)
         stats = GenerationStats()
         reply, stopped = "", False
-        kwargs = asdict(self.settings)
+        kwargs = self.settings.as_kwargs()
         kwargs.update(max_tokens=max_tokens, prompt_cache=self.cache, stats=stats, draft_model=self.draft_model)
         try:
             with closing(stream_generate(self.model, self.tokenizer, new_tokens, **kwargs)) as responses:

@@ -7,13 +7,12 @@ import argparse
 import json
 import sys
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 
-from .cache import SLACK
-from .chat import ChatSession, Settings, conversation_tokens, interact, paint, use_color
-from .generate import DEFAULT_DRAFT_VOCAB_SIZE, KV_BITS, stream_generate
+from .chat import ChatSession, conversation_tokens, interact, paint, use_color
+from .generate import stream_generate
 from .load import check_draft, load, model_name
+from .options import DEFAULT_DRAFT_VOCAB_SIZE, KV_BITS, MAX_DRAFT_TOKENS, GenerationOptions, parse_num_draft_tokens
 from .stats import GenerationStats
 
 PROG = "mlx-spec"
@@ -43,7 +42,10 @@ def _int_at_least(low: int, high: int = None):
 
 
 def _draft_length(text: str):
-    return text if text == "auto" else _int_at_least(1, SLACK)(text)
+    try:
+        return parse_num_draft_tokens(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def note(message: str):
@@ -69,7 +71,7 @@ def add_model_arguments(p):
         type=_draft_length,
         default="auto",
         metavar="K",
-        help=f"draft tokens per round, 1..{SLACK}, or 'auto' to choose each round (default)",
+        help=f"draft tokens per round, 1..{MAX_DRAFT_TOKENS}, or 'auto' to choose each round (default)",
     )
     p.add_argument(
         "--draft-vocab-size",
@@ -104,9 +106,9 @@ def add_model_arguments(p):
     p.add_argument("--no-color", action="store_true", help="do not colour the draft's tokens")
 
 
-def settings_from(args) -> Settings:
+def settings_from(args) -> GenerationOptions:
     """The generation settings, checked before any model is loaded."""
-    return Settings(
+    return GenerationOptions(
         max_tokens=args.max_tokens,
         num_draft_tokens=args.num_draft_tokens,
         temp=args.temp,
@@ -162,7 +164,9 @@ def generate_command(args) -> int:
         prompt = conversation_tokens(tokenizer, [{"role": "user", "content": text}], args.system_prompt)
     color = not args.json and use_color(sys.stdout, args.no_color)
     stats, output, tokens, finish_reason = GenerationStats(), "", [], None
-    for response in stream_generate(model, tokenizer, prompt, draft_model=draft_model, stats=stats, **asdict(settings)):
+    for response in stream_generate(
+        model, tokenizer, prompt, draft_model=draft_model, stats=stats, **settings.as_kwargs()
+    ):
         output += response.text
         tokens.append(response.token)
         finish_reason = response.finish_reason

@@ -15,10 +15,9 @@ import mlx.core as mx
 from .accept import accept, accept_greedy
 from .cache import SLACK, CachePair, SlackRotatingCache
 from .draft import DraftModel, propose
+from .options import PREFILL_STEP_SIZE
 from .sampling import SamplingParams
 from .verify import score
-
-PREFILL_STEP = 2048  # as mlx-lm's generate_step, so long prompts fill caches alike
 
 
 @dataclass
@@ -55,9 +54,10 @@ class HostReads:
         return array.tolist()
 
 
-def prefill(model, layers: list, tokens: list[int], caches: CachePair, kv_quantize: Callable):
-    """Feed `tokens` through `model` into `layers`, in chunks, evaluating each chunk."""
-    chunk = PREFILL_STEP
+def prefill(
+    model, layers: list, tokens: list[int], caches: CachePair, kv_quantize: Callable, chunk: int = PREFILL_STEP_SIZE
+):
+    """Feed `tokens` through `model` into `layers`, `chunk` tokens at a time, evaluating each chunk."""
     if any(isinstance(c, SlackRotatingCache) for c in layers):
         chunk = SLACK + 1  # a continued rotating cache takes few tokens at a time
     for start in range(0, len(tokens), chunk):

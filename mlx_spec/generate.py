@@ -11,39 +11,23 @@ from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .adaptive import DraftController
-from .cache import KEEP, SLACK, CachePair, make_prompt_cache
+from .cache import CachePair, make_prompt_cache
 from .decode import FixedDraft, HostReads, prefill, rounds
 from .draft import DraftModel
 from .load import check_draft, output_size
-from .sampling import SamplingParams
+from .options import OPTION_NAMES, GenerationOptions
 from .stats import GenerationStats
-
-KV_BITS = (2, 3, 4, 5, 6, 8)
-# Default draft_vocab_size: the whole vocabulary. A shortlist of 32768 ids made the default pair's rounds
-# 13% cheaper but lost as much in acceptance over 256 tokens (benchmarks/RESULTS.md).
-DEFAULT_DRAFT_VOCAB_SIZE = None
-KV_GROUP_SIZES = (32, 64, 128)
 
 
 def speculative_generate_step(
     prompt_tokens,
     model,
     draft_model=None,
-    num_draft_tokens: int | str = "auto",
-    max_tokens: int = 256,
-    temp: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    seed: int | None = None,
-    max_kv_size: int | None = None,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
-    quantized_kv_start: int = 5000,
+    *,
     logits_processors=None,
     prompt_cache: CachePair | None = None,
     stats: GenerationStats | None = None,
-    draft_vocab_size: int | None = DEFAULT_DRAFT_VOCAB_SIZE,
+    **options,
 ) -> Iterator[tuple[int, mx.array, bool]]:
     """Yield (token, logprobs, from_draft) for each generated token.
 
@@ -53,52 +37,37 @@ def speculative_generate_step(
     continues its conversation: `prompt_tokens` are appended to it and only
     they are prefilled. Stopping early (or an exception) leaves the cache
     holding exactly the tokens yielded so far. `stats`, if given, is filled as
-    generation goes (see GenerationStats). `num_draft_tokens="auto"` chooses
-    each round's draft length, plain decoding included (see DraftController).
-    `draft_vocab_size` cuts the draft's output layer to the first so many token
-    ids (None: the whole vocabulary; see DraftModel); the output is unaffected.
+    generation goes (see GenerationStats). The other keyword arguments are the
+    fields of `GenerationOptions` (num_draft_tokens, max_tokens, temp, top_p,
+    top_k, min_p, seed, max_kv_size, kv_bits, kv_group_size, quantized_kv_start,
+    draft_vocab_size, prefill_step_size); `num_draft_tokens="auto"` chooses each
+    round's draft length, plain decoding included (see DraftController).
     """
     prompt = _token_list(prompt_tokens)
-    params = validate_options(
-        num_draft_tokens,
-        max_tokens,
-        temp,
-        top_p,
-        top_k,
-        min_p,
-        seed,
-        max_kv_size,
-        kv_bits,
-        kv_group_size,
-        quantized_kv_start,
-        draft_vocab_size,
-    )
-    policy = _policy(num_draft_tokens, model, draft_model, max_kv_size)
+    opts = make_options(options)
+    params = opts.sampling
+    policy = _policy(opts, model, draft_model)
     vocab_size = output_size(model)
     if not all(0 <= t < vocab_size for t in prompt):
         raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {min(prompt)}..{max(prompt)}")
     if draft_model is not None:
         check_draft(model, draft_model)
-    draft = None if draft_model is None else DraftModel(draft_model, vocab_size, draft_vocab_size)
-    caches = prompt_cache if prompt_cache is not None else make_prompt_cache(model, draft_model, max_kv_size)
+    draft = None if draft_model is None else DraftModel(draft_model, vocab_size, opts.draft_vocab_size)
+    caches = prompt_cache if prompt_cache is not None else make_prompt_cache(model, draft_model, opts.max_kv_size)
     if not isinstance(caches, CachePair):
         raise ValueError("prompt_cache must come from mlx_spec.make_prompt_cache(model, draft_model)")
     if draft_model is not None and caches.draft is None:
         raise ValueError("prompt_cache has no draft cache: make it with make_prompt_cache(model, draft_model)")
     stats = stats if stats is not None else GenerationStats()
-    key = (
-        None if params.greedy else mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-    )
+    seed = opts.seed if opts.seed is not None else int.from_bytes(os.urandom(4), "little")
+    key = None if params.greedy else mx.random.key(seed)
     kv_quantize = functools.partial(
-        CachePair.quantize, kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start
+        CachePair.quantize,
+        kv_bits=opts.kv_bits,
+        kv_group_size=opts.kv_group_size,
+        quantized_kv_start=opts.quantized_kv_start,
     )
-
-    def max_draft(offset: int) -> int:
-        """Rounds never straddle the point where the KV cache becomes quantized."""
-        limit = SLACK
-        if kv_bits is not None and offset < quantized_kv_start:
-            limit = min(limit, quantized_kv_start - 1 - offset)
-        return limit
+    max_tokens, max_draft = opts.max_tokens, opts.max_draft
 
     caches.tokens.extend(prompt)
     num_known = len(caches.tokens)
@@ -106,9 +75,16 @@ def speculative_generate_step(
     try:
         stats.start()
         stats.prompt_tokens = num_known - caches.main_offset
-        prefill(model, caches.main, caches.tokens[caches.main_offset : -1], caches, kv_quantize)
+        prefill(model, caches.main, caches.tokens[caches.main_offset : -1], caches, kv_quantize, opts.prefill_step_size)
         if draft_model is not None:
-            prefill(draft_model, caches.draft, caches.tokens[caches.draft_offset : -1], caches, kv_quantize)
+            prefill(
+                draft_model,
+                caches.draft,
+                caches.tokens[caches.draft_offset : -1],
+                caches,
+                kv_quantize,
+                opts.prefill_step_size,
+            )
         caches.take_over_rotating()
         stats.prompt_done()
         host = HostReads()
@@ -145,61 +121,24 @@ def _token_list(prompt) -> list[int]:
     return prompt
 
 
-AUTO_MAX_DRAFT = 10  # the longest draft "auto" tries
+def make_options(options: dict) -> GenerationOptions:
+    """GenerationOptions from keyword arguments; an unknown name is a TypeError, as for any function."""
+    unknown = sorted(set(options) - OPTION_NAMES)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    return GenerationOptions(**options)
 
 
-def _policy(num_draft_tokens, model, draft_model, max_kv_size):
-    if num_draft_tokens != "auto":
-        return FixedDraft(num_draft_tokens)
-    max_draft = AUTO_MAX_DRAFT if max_kv_size is None else min(AUTO_MAX_DRAFT, max_kv_size - 1 - KEEP)
+def _policy(opts: GenerationOptions, model, draft_model):
+    if opts.num_draft_tokens != "auto":
+        return FixedDraft(opts.num_draft_tokens)
     ratio = _nbytes(draft_model) / _nbytes(model) if draft_model is not None else 1.0
-    return DraftController(max_draft=max_draft, cost_ratio=ratio)
+    return DraftController(max_draft=opts.auto_max_draft, cost_ratio=ratio)
 
 
 def _nbytes(model) -> int:
     """Bytes of weights: a decoding step reads them all, so their ratio predicts the cost ratio."""
     return sum(w.nbytes for _, w in tree_flatten(model.parameters()))
-
-
-def validate_options(
-    num_draft_tokens="auto",
-    max_tokens=256,
-    temp=0.0,
-    top_p=1.0,
-    top_k=0,
-    min_p=0.0,
-    seed=None,
-    max_kv_size=None,
-    kv_bits=None,
-    kv_group_size=64,
-    quantized_kv_start=5000,
-    draft_vocab_size=DEFAULT_DRAFT_VOCAB_SIZE,
-) -> SamplingParams:
-    """Check generation options before any model is loaded; ValueError names the bad value."""
-    if draft_vocab_size is not None and (not isinstance(draft_vocab_size, int) or draft_vocab_size < 1):
-        raise ValueError(f"draft_vocab_size must be a positive integer or None, got {draft_vocab_size!r}")
-    if seed is not None and not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    if num_draft_tokens != "auto" and (not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= SLACK):
-        raise ValueError(f"num_draft_tokens must be 'auto' or an integer in 1..{SLACK}, got {num_draft_tokens!r}")
-    if not isinstance(max_tokens, int) or max_tokens < 0:
-        raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
-    needed = 2 if num_draft_tokens == "auto" else num_draft_tokens + 1
-    if max_kv_size is not None and max_kv_size < needed + KEEP:
-        raise ValueError(
-            f"max_kv_size={max_kv_size} is too small for num_draft_tokens={num_draft_tokens}: it must hold "
-            f"the {KEEP} kept tokens and the {needed} positions verified per round (at least {needed + KEEP})"
-        )
-    if kv_bits is not None:
-        if kv_bits not in KV_BITS:
-            raise ValueError(f"kv_bits must be one of {KV_BITS}, got {kv_bits!r}")
-        if kv_group_size not in KV_GROUP_SIZES:
-            raise ValueError(f"kv_group_size must be one of {KV_GROUP_SIZES}, got {kv_group_size!r}")
-        if max_kv_size is not None:
-            raise ValueError("kv_bits cannot be combined with max_kv_size: a rotating KV cache is not quantized")
-        if quantized_kv_start < 0:
-            raise ValueError(f"quantized_kv_start must be >= 0, got {quantized_kv_start}")
-    return SamplingParams(temp, top_p, top_k, min_p)
 
 
 @dataclass

@@ -14,8 +14,9 @@ from tiny import make_model, toy_tokenizer
 from tiny_folders import save_model_folder, write_tiny_pair
 
 import mlx_spec
-from mlx_spec.chat import GREEN, ChatSession, Settings, conversation_tokens, interact, use_color
+from mlx_spec.chat import GREEN, ChatSession, conversation_tokens, interact, use_color
 from mlx_spec.cli import main
+from mlx_spec.options import GenerationOptions
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 TURN_LINE = re.compile(
@@ -166,7 +167,7 @@ def test_chat_context_full_and_end_of_input(folders):
     model, tokenizer = mlx_spec.load(folders["short_main"])
     draft, _ = mlx_spec.load(folders["short_draft"])
     out = io.StringIO()
-    session = ChatSession(model, tokenizer, draft, Settings(max_tokens=1000), out=out)
+    session = ChatSession(model, tokenizer, draft, GenerationOptions(max_tokens=1000), out=out)
     assert session.context_limit == 48
     for line in ["w10 w11", "w12 w13", "w14 w15", "w16", "w17", "w18", "w19"]:
         session.handle(line)

@@ -1,0 +1,130 @@
+"""One validated options object for generation, shared by the API and every front end (CLI, chat, bench, server).
+
+Every limit lives here; a bad value raises ValueError naming it, before any model is loaded.
+"""
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from .cache import KEEP, SLACK
+from .sampling import SamplingParams
+
+MAX_DRAFT_TOKENS = SLACK  # the longest fixed draft: one round writes at most SLACK + 1 cache entries
+AUTO_MAX_DRAFT = 10  # the longest draft "auto" tries
+KV_BITS = (2, 3, 4, 5, 6, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+# Default draft_vocab_size: the whole vocabulary. A shortlist of 32768 ids made the default pair's rounds
+# 13% cheaper but lost as much in acceptance over 256 tokens (benchmarks/RESULTS.md).
+DEFAULT_DRAFT_VOCAB_SIZE = None
+PREFILL_STEP_SIZE = 2048  # as mlx-lm's generate_step, so long prompts fill caches alike
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What to generate and how: the keyword options of `speculative_generate_step`.
+
+    Construction validates every field; `replace(options, temp=0.7)` makes a checked copy.
+    """
+
+    max_tokens: int = 256
+    num_draft_tokens: int | str = "auto"  # 1..MAX_DRAFT_TOKENS, or "auto" (chosen each round, plain included)
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_kv_size: int | None = None  # a rotating (sliding-window) KV cache of this many tokens
+    kv_bits: int | None = None  # quantize the KV caches once they reach quantized_kv_start
+    kv_group_size: int = 64
+    quantized_kv_start: int = 5000
+    draft_vocab_size: int | None = DEFAULT_DRAFT_VOCAB_SIZE  # cut the draft's output layer to these first ids
+    prefill_step_size: int = PREFILL_STEP_SIZE  # prompt tokens per prefill chunk
+
+    def __post_init__(self):
+        self.sampling  # noqa: B018 -- checks temp, top_p, top_k, min_p
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.num_draft_tokens != "auto" and (
+            not _is_int(self.num_draft_tokens) or not 1 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS
+        ):
+            raise ValueError(
+                f"num_draft_tokens must be 'auto' or an integer in 1..{MAX_DRAFT_TOKENS}, got {self.num_draft_tokens!r}"
+            )
+        if not _is_int(self.max_tokens) or self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
+        if self.draft_vocab_size is not None and (not _is_int(self.draft_vocab_size) or self.draft_vocab_size < 1):
+            raise ValueError(f"draft_vocab_size must be a positive integer or None, got {self.draft_vocab_size!r}")
+        if not _is_int(self.prefill_step_size) or self.prefill_step_size < 1:
+            raise ValueError(f"prefill_step_size must be a positive integer, got {self.prefill_step_size!r}")
+        if self.max_kv_size is not None:
+            needed = self.verified_per_round + KEEP
+            if not _is_int(self.max_kv_size) or self.max_kv_size < needed:
+                raise ValueError(
+                    f"max_kv_size={self.max_kv_size!r} is too small for num_draft_tokens={self.num_draft_tokens}: "
+                    f"it must hold the {KEEP} kept tokens and the {self.verified_per_round} positions verified "
+                    f"per round (at least {needed})"
+                )
+        if self.kv_bits is not None:
+            if self.kv_bits not in KV_BITS:
+                raise ValueError(f"kv_bits must be one of {KV_BITS}, got {self.kv_bits!r}")
+            if self.kv_group_size not in KV_GROUP_SIZES:
+                raise ValueError(f"kv_group_size must be one of {KV_GROUP_SIZES}, got {self.kv_group_size!r}")
+            if self.max_kv_size is not None:
+                raise ValueError("kv_bits cannot be combined with max_kv_size: a rotating KV cache is not quantized")
+            if not _is_int(self.quantized_kv_start) or self.quantized_kv_start < 0:
+                raise ValueError(f"quantized_kv_start must be an integer >= 0, got {self.quantized_kv_start!r}")
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temp, self.top_p, self.top_k, self.min_p)
+
+    @property
+    def verified_per_round(self) -> int:
+        """The most positions one round may verify with the draft length asked for ("auto" starts at 1)."""
+        return 2 if self.num_draft_tokens == "auto" else self.num_draft_tokens + 1
+
+    @property
+    def auto_max_draft(self) -> int:
+        """The longest draft "auto" may choose: AUTO_MAX_DRAFT, less where a small rotating cache needs it."""
+        if self.max_kv_size is None:
+            return AUTO_MAX_DRAFT
+        return max(1, min(AUTO_MAX_DRAFT, self.max_kv_size - 1 - KEEP))
+
+    def max_draft(self, offset: int) -> int:
+        """The longest draft of a round that starts at main cache `offset`.
+
+        A round never straddles the point where the KV cache becomes quantized (mlx-lm quantizes between steps).
+        """
+        limit = MAX_DRAFT_TOKENS
+        if self.kv_bits is not None and offset < self.quantized_kv_start:
+            limit = min(limit, self.quantized_kv_start - 1 - offset)
+        return limit
+
+    def replace(self, **changes) -> "GenerationOptions":
+        return replace(self, **changes)
+
+    def as_kwargs(self) -> dict:
+        """The fields as keyword arguments of stream_generate / speculative_generate_step."""
+        return asdict(self)
+
+
+OPTION_NAMES = frozenset(f.name for f in fields(GenerationOptions))
+
+
+def parse_num_draft_tokens(text: str) -> int | str:
+    """'auto' or a whole number in 1..MAX_DRAFT_TOKENS, from a command line, a chat command or a request."""
+    text = str(text).strip()
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= MAX_DRAFT_TOKENS:
+        raise ValueError(
+            f"the draft length must be 'auto' or a whole number from 1 to {MAX_DRAFT_TOKENS}, got {text!r}"
+        )
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
