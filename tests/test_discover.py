@@ -345,18 +345,19 @@ def test_only_metadata_is_read(env, tmp_path, monkeypatch):
         def __exit__(self, *exc):
             self.file.close()
 
-    def no_reader(*args, **kwargs):
-        raise AssertionError("GGUFReader reads every array element")
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a scan must not read tensors")
 
     monkeypatch.setattr(discover, "open", Spy, raising=False)
-    monkeypatch.setattr(gguf, "GGUFReader", no_reader)
-    monkeypatch.setattr(mlx_lm, "load", no_reader)
-    monkeypatch.setattr(mx, "load", no_reader)
+    for reader in (gguf, "GGUFReader"), (mlx_lm, "load"), (mx, "load"):
+        monkeypatch.setattr(*reader, no_weights)
+    for cache in ("_described", "_vocabularies", "_token_ids", "_verdicts"):  # read everything afresh
+        monkeypatch.setattr(discover, cache, {})
     drafts = {d.name: d for d in mlx_spec.find_drafts(env["main"], search=[env["search"], tmp_path / "garbage"])}
     assert drafts["Tiny-Chat-1M-Garbage"].status == "compatible"
     assert drafts["Tiny-Chat-1M-Garbage"].num_params == drafts["acme/Tiny-Chat-1M-Instruct-MLX"].num_params
     assert drafts["Tiny-Chat-7B"].size_bytes > 14e9  # its 14 GB of data, never read
-    assert read and all(p.endswith(".safetensors") for p in read)
+    assert str(env["big"] / "model.safetensors") in read and str(weights) in read
     for path, num_bytes in read.items():
         with real_open(path, "rb") as f:
             assert num_bytes == 8 + struct.unpack("<Q", f.read(8))[0], path
@@ -517,3 +518,18 @@ def test_bpe_vocabulary_read_without_merges(tmp_path):
         json.dumps({"model": data["model"], **{k: v for k, v in data.items() if k != "model"}})
     )
     assert discover.describe(reordered).tokens == loaded
+
+
+def test_bench_auto(env, tmp_path):
+    from test_bench import args_for
+
+    from mlx_spec import bench
+
+    said = []
+    a = args_for(
+        tmp_path, model=str(env["main"]), draft_model="auto", prompt=["w5 w6"], max_tokens=4, draft_lengths="2"
+    )
+    a.no_peer = True
+    assert bench.run(a, progress=said.append) == 0
+    assert json.loads((tmp_path / "out" / "bench.json").read_text())["models"]["draft"] == str(env["hf"])
+    assert said[0] == "draft model: acme/Tiny-Chat-0.5M-Instruct (HF cache, 10.1K parameters)"
