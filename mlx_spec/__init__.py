@@ -1,6 +1,7 @@
 """mlx_spec: speculative decoding on MLX. Switch from mlx-lm by changing one import."""
 
 from .cache import CachePair, make_prompt_cache
+from .discover import find_drafts
 from .generate import GenerationResponse, generate, speculative_generate_step, stream_generate
 from .load import IncompatibleDraftError, check_draft, load
 from .stats import GenerationStats
@@ -11,6 +12,7 @@ __all__ = [
     "GenerationStats",
     "IncompatibleDraftError",
     "check_draft",
+    "find_drafts",
     "generate",
     "load",
     "make_prompt_cache",

@@ -447,7 +447,9 @@ def parse_temps(text: str) -> list[float]:
 
 def add_arguments(p):
     p.add_argument("--model", help="main model (MLX folder, hub id or .gguf); default: the default pair")
-    p.add_argument("--draft-model", help="draft model; default: the default pair's draft")
+    p.add_argument(
+        "--draft-model", help="draft model, or 'auto': the best compatible local one; default: the pair's draft"
+    )
     p.add_argument("--prompt", action="append", help=f"a prompt name ({', '.join(PROMPTS)}) or text; repeatable")
     p.add_argument("--prompt-file", help="a file with one prompt per line")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -495,6 +497,7 @@ def config_from_args(args) -> Config:
 
 
 def run(args, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> int:
+    from .discover import resolve_draft
     from .load import load
 
     if args.preset is not None and args.preset not in PRESETS:
@@ -509,7 +512,7 @@ def run(args, progress: Callable[[str], None] = lambda s: print(s, file=sys.stde
 
             main_path, default_draft = fetch_default_pair(progress=progress)
             draft_path = draft_path or default_draft
-        pairs = [(main_path, draft_path, cfg.prompts, None)]
+        pairs = [(main_path, resolve_draft(main_path, draft_path, progress=progress), cfg.prompts, None)]
     out_dir = Path(args.out)
     for i, (main_path, draft_path, prompts, published) in enumerate(pairs):
         progress(f"loading {main_path}" + (f" and {draft_path}" if draft_path else ""))

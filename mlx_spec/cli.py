@@ -1,4 +1,4 @@
-"""The `mlx-spec` command line: generate, chat, convert; a thin layer over the Python API.
+"""The `mlx-spec` command line: generate, chat, convert, drafts; a thin layer over the Python API.
 
 Every user error (a ValueError, an OSError, a bad flag) becomes one `mlx-spec: error: ...` line on stderr.
 """
@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from .chat import ChatSession, conversation_tokens, interact, paint, use_color
+from .discover import find_drafts, report, resolve_draft
 from .generate import stream_generate
 from .load import check_draft, load, model_name
 from .options import DEFAULT_DRAFT_VOCAB_SIZE, KV_BITS, MAX_DRAFT_TOKENS, GenerationOptions, parse_num_draft_tokens
@@ -63,7 +64,10 @@ def add_model_arguments(p):
         "(default: the Qwen2.5-Coder 1.5B / 0.5B Instruct pair, fetched once)",
     )
     p.add_argument(
-        "--draft-model", metavar="PATH", help="draft model (default: none with --model, the pair's draft without)"
+        "--draft-model",
+        metavar="PATH",
+        help="draft model, or 'auto': the best compatible local one (see `mlx-spec drafts`); "
+        "default: none with --model, the pair's draft without",
     )
     p.add_argument("--no-draft", action="store_true", help="run the main model alone, for comparison")
     p.add_argument(
@@ -133,6 +137,7 @@ def load_models(args):
     model, tokenizer = load(str(main_source))
     if args.no_draft or draft_source is None:
         return model, tokenizer, None
+    draft_source = resolve_draft(main_source, draft_source, progress=note)
     draft_model, draft_tokenizer = load(str(draft_source))
     check_draft(model, draft_model, tokenizer, draft_tokenizer)
     return model, tokenizer, draft_model
@@ -251,6 +256,41 @@ def convert_command(args) -> int:
     return 0
 
 
+# --- drafts -----------------------------------------------------------------
+
+
+def add_drafts_arguments(p):
+    p.add_argument(
+        "--model", metavar="PATH", help="main model: MLX folder, .gguf file or cached hub id (default: the pair's main)"
+    )
+    p.add_argument(
+        "--search",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also look in DIR (repeatable); always searched: LM Studio's folders, the Hugging Face cache, "
+        "mlx_spec's cache",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON list of the models and their verdicts")
+
+
+def drafts_command(args) -> int:
+    """list the local models that could draft for the main model, best first (reads metadata, never weights)"""
+    main_source = args.model
+    if main_source is None:
+        from .fetch import default_pair_paths
+
+        main_source = default_pair_paths()[0]
+        if not main_source.is_dir():
+            raise ValueError("no --model given and the default pair is not fetched yet (mlx-spec generate fetches it)")
+    drafts = find_drafts(main_source, search=args.search)
+    if args.json:
+        print(json.dumps([d.as_dict() for d in drafts], indent=2))
+    else:
+        print(report(main_source, drafts))
+    return 0
+
+
 def bench_command(args) -> int:
     """benchmark: main alone vs mlx_spec vs mlx-lm's speculative decoding"""
     from . import bench
@@ -269,6 +309,7 @@ COMMANDS = {
     "generate": (add_generate_arguments, generate_command),
     "chat": (add_chat_arguments, chat_command),
     "convert": (add_convert_arguments, convert_command),
+    "drafts": (add_drafts_arguments, drafts_command),
     "bench": (add_bench_arguments, bench_command),
 }
 

@@ -7,9 +7,12 @@ import hashlib
 import importlib
 import json
 import math
+import mmap
 import os
 import shutil
+import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import gguf
 import mlx.core as mx
@@ -401,3 +404,110 @@ def _eos_ids(tokens, types, template, meta_eos, gguf_path) -> list[int]:
         raise ValueError(f"{gguf_path}: invalid tokenizer.ggml.eos_token_id {meta_eos!r}")
     eos = meta_eos if meta_ok and (types[meta_eos] == control or turn_end is None) else turn_end
     return [eos] if turn_end in (None, eos) else [eos, turn_end]
+
+
+class GGUFHeader(NamedTuple):
+    """What a GGUF file says before its tensor data: metadata and tensor shapes."""
+
+    fields: dict  # metadata key -> str, int, float, bool or list of them
+    tensor_shapes: dict  # tensor name -> shape in GGUF order (ne0 first: (hidden, vocab) for token_embd)
+    num_bytes: int  # the file's length as the header describes it (header, padding, every tensor's data)
+
+
+_SCALARS = {
+    gguf.GGUFValueType.UINT8: "B",
+    gguf.GGUFValueType.INT8: "b",
+    gguf.GGUFValueType.UINT16: "H",
+    gguf.GGUFValueType.INT16: "h",
+    gguf.GGUFValueType.UINT32: "I",
+    gguf.GGUFValueType.INT32: "i",
+    gguf.GGUFValueType.FLOAT32: "f",
+    gguf.GGUFValueType.BOOL: "?",
+    gguf.GGUFValueType.UINT64: "Q",
+    gguf.GGUFValueType.INT64: "q",
+    gguf.GGUFValueType.FLOAT64: "d",
+}
+
+
+def read_header(gguf_path) -> GGUFHeader:
+    """Read the metadata and tensor shapes of a GGUF file, never its tensor data.
+
+    The same values as `gguf.GGUFReader`'s fields and tensors, in a tenth of a second for a 150k-token
+    vocabulary where the reader, which builds a numpy view per array element, takes about ten seconds.
+    Raises ValueError naming the file when it is not a (little-endian, version 2 or 3) GGUF file.
+    """
+    gguf_path = Path(gguf_path)
+    with open(gguf_path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < 24:
+            raise ValueError(f"{gguf_path}: not a GGUF file (too short)")
+        magic, version = struct.unpack("<II", f.read(8))
+        if magic != gguf.GGUF_MAGIC:
+            raise ValueError(f"{gguf_path}: not a GGUF file (no GGUF magic)")
+        if version not in (2, 3):
+            raise ValueError(f"{gguf_path}: unsupported GGUF version {version} (or a big-endian file)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:
+                return _Cursor(data).header()
+            except (struct.error, UnicodeDecodeError, KeyError, ValueError) as e:  # lengths past the end
+                raise ValueError(f"{gguf_path}: damaged GGUF header ({e})") from e
+
+
+class _Cursor:
+    """Reads GGUF values from `data` (little-endian) at a moving offset."""
+
+    def __init__(self, data, pos: int = 8):
+        self.data, self.pos = data, pos  # after the magic and the version
+
+    def take(self, fmt: str):
+        values = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return values
+
+    def string(self) -> str:
+        return self.strings(1)[0]
+
+    def value(self, kind: int):
+        if kind == gguf.GGUFValueType.STRING:
+            return self.string()
+        if kind != gguf.GGUFValueType.ARRAY:
+            return self.take("<" + _SCALARS[kind])[0]
+        item, count = self.take("<IQ")
+        if count > len(self.data) - self.pos:
+            raise struct.error(f"an array of {count} items at offset {self.pos}")
+        if item in _SCALARS:
+            dtype = np.dtype("<" + _SCALARS[item])
+            end = self.pos + count * dtype.itemsize
+            values = np.frombuffer(self.data[self.pos : end], dtype=dtype).tolist()
+            self.pos = end
+            return values
+        if item == gguf.GGUFValueType.STRING:  # vocabularies: 150k strings, so a tight loop
+            return self.strings(count)
+        return [self.value(item) for _ in range(count)]
+
+    def strings(self, count: int) -> list[str]:
+        data, pos, size_at, out = self.data, self.pos, struct.Struct("<Q").unpack_from, []
+        for _ in range(count):
+            (size,) = size_at(data, pos)
+            pos += 8 + size
+            if pos > len(data):
+                raise struct.error(f"a string of {size} bytes past the end of the file")
+            out.append(data[pos - size : pos].decode("utf-8"))
+        self.pos = pos
+        return out
+
+    def header(self) -> GGUFHeader:
+        num_tensors, num_fields = self.take("<QQ")
+        fields = {}
+        for _ in range(num_fields):
+            key = self.string()
+            fields[key] = self.value(self.take("<I")[0])
+        shapes, data_end = {}, 0
+        for _ in range(num_tensors):
+            name = self.string()
+            (num_dims,) = self.take("<I")
+            shapes[name] = self.take(f"<{num_dims}Q")
+            kind, offset = self.take("<IQ")
+            block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+            data_end = max(data_end, offset + math.prod(shapes[name]) * type_size // block_size)
+        alignment = fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+        return GGUFHeader(fields, shapes, -(-self.pos // alignment) * alignment + data_end)

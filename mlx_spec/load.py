@@ -6,6 +6,8 @@ from pathlib import Path
 import mlx_lm
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .compat import SPECIAL_TOKEN_NAMES, incompatibility, special_tokens
+
 _loaded = {}  # id(model) -> (name, tokenizer) while the model lives, for the draft check
 
 
@@ -86,18 +88,11 @@ def check_draft(model, draft_model, tokenizer=None, draft_tokenizer=None):
     limit = min(output_size(model), output_size(draft_model))
     main_vocab = {i: t for t, i in tokenizer.get_vocab().items() if i < limit}
     draft_vocab = {i: t for t, i in draft_tokenizer.get_vocab().items() if i < limit}
-    differ = sorted(i for i in main_vocab.keys() | draft_vocab.keys() if main_vocab.get(i) != draft_vocab.get(i))
-    if differ:
-        examples = ", ".join(f"id {i}: {main_vocab.get(i)!r} vs {draft_vocab.get(i)!r}" for i in differ[:3])
-        raise IncompatibleDraftError(
-            f"{names} have different vocabularies ({len(differ)} of {limit} ids differ; {examples})"
-        )
-    for what in ("bos_token", "eos_token", "pad_token"):
-        a, b = getattr(tokenizer, what, None), getattr(draft_tokenizer, what, None)
-        if a != b:
-            raise IncompatibleDraftError(f"{names} have different {what}: {a!r} vs {b!r}")
-    if eos_main != eos_draft:
-        raise IncompatibleDraftError(f"{names} have different end tokens: {sorted(eos_main)} vs {sorted(eos_draft)}")
+    main_special = special_tokens(*(getattr(tokenizer, w, None) for w in SPECIAL_TOKEN_NAMES), eos_main)
+    draft_special = special_tokens(*(getattr(draft_tokenizer, w, None) for w in SPECIAL_TOKEN_NAMES), eos_draft)
+    reason = incompatibility(main_vocab, draft_vocab, limit, main_special, draft_special)
+    if reason:
+        raise IncompatibleDraftError(f"{names} have {reason}")
 
 
 def _eos_ids(tokenizer) -> set:
