@@ -397,16 +397,6 @@ def machine(main_dtype: str, draft_dtype: str | None) -> dict:
     )
 
 
-def model_dtype(model) -> str:
-    from mlx.utils import tree_flatten
-
-    weights = dict(tree_flatten(model.parameters()))
-    if any(k.endswith(".scales") for k in weights):
-        bits = getattr(next(m for _, m in model.named_modules() if hasattr(m, "bits")), "bits", "?")
-        return f"{bits}-bit"
-    return str(next(iter(weights.values())).dtype).replace("mlx.core.", "")
-
-
 def save(result: dict, out_dir: Path, stem: str = "bench") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
@@ -495,7 +485,7 @@ def config_from_args(args) -> Config:
 
 
 def run(args, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> int:
-    from .load import load
+    from .load import load, model_dtype
 
     if args.preset is not None and args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")

@@ -207,12 +207,11 @@ class ChatSession:
         self.out.flush()
 
     def intro(self):
-        draft = (
-            ""
-            if self.draft_model is None
-            else (f", draft {model_name(self.draft_model)} ({self.settings.num_draft_tokens} draft tokens per round)")
-        )
-        self.say(f"mlx-spec chat: main {model_name(self.model)}{draft}")
+        self.say(f"mlx-spec chat\nmain  {model_name(self.model)}")
+        if self.draft_model is not None:
+            k = self.settings.num_draft_tokens
+            per_round = "draft length chosen each round" if k == "auto" else f"{k} draft tokens per round"
+            self.say(f"draft {model_name(self.draft_model)}; {per_round}")
         if self.color and self.draft_model is not None:
             self.say(f"{GREEN}green{RESET}: draft tokens the main model accepted; plain: the main model's own")
         self.say("/help lists the commands; Ctrl-C stops a reply; Ctrl-D or /quit leaves")

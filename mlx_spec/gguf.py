@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 ARCHITECTURES = ("qwen2", "llama")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 Q_BITS = (4, 8)
+SOURCE_KEY = "mlx_spec_source"  # config.json entry naming the GGUF file a folder was converted from
 
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_TENSORS = {
@@ -146,6 +147,7 @@ def _write_folder(reader, arch, gguf_path, folder, dtype, q_bits, q_group_size, 
     tokenizer, eos_ids = _tokenizer(reader, gguf_path, config["max_position_embeddings"])
     config["eos_token_id"] = eos_ids[0]
     config["bos_token_id"] = tokenizer.bos_token_id
+    config[SOURCE_KEY] = _source(reader, gguf_path)
     if q_bits:
         config["quantization"] = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
         config["quantization_config"] = config["quantization"]
@@ -158,6 +160,16 @@ def _write_folder(reader, arch, gguf_path, folder, dtype, q_bits, q_group_size, 
         {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos_ids, "pad_token_id": tokenizer.pad_token_id},
     )
     _save_tokenizer(tokenizer, folder)
+
+
+def _source(reader, gguf_path: Path) -> dict:
+    """The GGUF file, its `general.name` and its weight type (e.g. Q4_K_M), for `mlx_spec.load.model_name`."""
+    file_type = _field(reader, "general.file_type")
+    try:
+        kind = gguf.LlamaFileType(file_type).name.split("_", 1)[-1]  # MOSTLY_Q4_K_M, ALL_F32, GUESSED
+    except ValueError:  # absent or unknown
+        kind = None
+    return {"gguf_file": str(gguf_path.absolute()), "gguf_name": _field(reader, "general.name"), "gguf_type": kind}
 
 
 def _save_tokenizer(tokenizer, folder: Path) -> None:

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from tiny_folders import save_model_folder, write_tiny_pair
 import mlx_spec
 from mlx_spec.chat import GREEN, ChatSession, conversation_tokens, interact, use_color
 from mlx_spec.cli import main
+from mlx_spec.load import model_name
 from mlx_spec.options import GenerationOptions
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -193,6 +195,23 @@ def test_chat_context_full_and_end_of_input(folders):
         and "/draft takes 'auto' or a whole number" in text
     )
     assert session.settings.temp == 0.5 and session.system_prompt == "w3"
+
+
+def test_the_banner_names_each_model_and_where_it_came_from(folders, models, tmp_path):
+    model, tokenizer, draft = models
+    out = io.StringIO()
+    ChatSession(model, tokenizer, draft, GenerationOptions(num_draft_tokens=3), out=out).intro()
+    assert out.getvalue().splitlines()[:3] == [
+        "mlx-spec chat",
+        f"main  {folders['main']} (float32)",
+        f"draft {folders['draft']} (float32); 3 draft tokens per round",
+    ]
+    # A folder converted from the hub keeps the hub id in its config.
+    shutil.copytree(folders["main"], tmp_path / "copy")
+    config = json.loads((tmp_path / "copy" / "config.json").read_text())
+    (tmp_path / "copy" / "config.json").write_text(json.dumps(dict(config, _name_or_path="org/Tiny-Main")))
+    copy, _ = mlx_spec.load(str(tmp_path / "copy"))
+    assert model_name(copy) == f"org/Tiny-Main (float32, {tmp_path / 'copy'})"
 
 
 def test_color_switches(monkeypatch):
