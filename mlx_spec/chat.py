@@ -5,7 +5,9 @@
 
 import os
 import sys
-from contextlib import closing
+import termios
+import tty
+from contextlib import closing, contextmanager, nullcontext
 
 from .cache import make_prompt_cache
 from .generate import stream_generate
@@ -15,6 +17,7 @@ from .stats import GenerationStats
 
 GREEN, DIM, RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
 PROMPT = ">>> "
+LEAVE_HINT = "(Ctrl-D or /quit leaves)"
 
 
 def use_color(stream, no_color: bool = False) -> bool:
@@ -207,32 +210,61 @@ class ChatSession:
         self.out.flush()
 
     def intro(self):
-        draft = (
-            ""
-            if self.draft_model is None
-            else (f", draft {model_name(self.draft_model)} ({self.settings.num_draft_tokens} draft tokens per round)")
-        )
-        self.say(f"mlx-spec chat: main {model_name(self.model)}{draft}")
+        self.say(f"mlx-spec chat\nmain  {model_name(self.model)}")
+        if self.draft_model is not None:
+            k = self.settings.num_draft_tokens
+            per_round = "draft length chosen each round" if k == "auto" else f"{k} draft tokens per round"
+            self.say(f"draft {model_name(self.draft_model)}; {per_round}")
         if self.color and self.draft_model is not None:
             self.say(f"{GREEN}green{RESET}: draft tokens the main model accepted; plain: the main model's own")
         self.say("/help lists the commands; Ctrl-C stops a reply; Ctrl-D or /quit leaves")
 
 
-def interact(session: ChatSession, read=input) -> int:
-    """Read lines until /quit, Ctrl-D or Ctrl-C at the prompt; a user error is one line and the chat goes on."""
-    if read is input and sys.stdin.isatty():
-        import readline  # noqa: F401  (line editing and history for input())
+def interact(session: ChatSession, read=None) -> int:
+    """Read lines until /quit or Ctrl-D; a user error is one line and the chat goes on.
+
+    Args:
+        session: the conversation.
+        read: `read(prompt) -> line`, raising EOFError at the end of input; by default a line editor
+            with history on a terminal (Ctrl-C clears the line), else `input`.
+    """
+    terminal = read is None and sys.stdin.isatty() and sys.stdout.isatty()
+    if terminal:
+        from prompt_toolkit import PromptSession
+
+        read = PromptSession().prompt  # history, line editing; ends its line itself
+    elif read is None:
+        read = input
     session.intro()
-    while True:
-        try:
-            line = read(PROMPT)
-        except (EOFError, KeyboardInterrupt):
-            session.out.write("\n")
-            return 0
-        try:
-            if not session.handle(line):
+    with typeahead_kept(sys.stdin) if terminal else nullcontext():
+        while True:
+            try:
+                line = read(PROMPT)
+            except KeyboardInterrupt:  # as in Python's REPL: the line is dropped, the chat goes on
+                session.say(LEAVE_HINT)
+                continue
+            except EOFError:
+                if not terminal:
+                    session.out.write("\n")
                 return 0
-        except KeyboardInterrupt:
-            session.say("[stopped]")
-        except ValueError as e:
-            session.say(f"error: {e}")
+            try:
+                if not session.handle(line):
+                    return 0
+            except KeyboardInterrupt:
+                session.say("[stopped]")
+            except ValueError as e:
+                session.say(f"error: {e}")
+
+
+@contextmanager
+def typeahead_kept(stdin):
+    """Between prompts, let the terminal neither echo keys nor interpret them (cbreak mode): what is typed
+    while a reply streams stays out of the reply, waiting, and the next prompt reads it as if typed there
+    (Enter, backspace, Ctrl-D included). Ctrl-C still interrupts."""
+    fd = stdin.fileno()
+    before = termios.tcgetattr(fd)
+    tty.setcbreak(fd, termios.TCSANOW)  # TCSANOW, not TCSAFLUSH: what was typed stays
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, before)

@@ -12,7 +12,7 @@ from pathlib import Path
 from .chat import ChatSession, conversation_tokens, interact, paint, use_color
 from .discover import find_drafts, report, resolve_draft
 from .generate import stream_generate
-from .load import check_draft, load, model_name
+from .load import check_draft, load, model_source
 from .options import DEFAULT_DRAFT_VOCAB_SIZE, KV_BITS, MAX_DRAFT_TOKENS, GenerationOptions, parse_num_draft_tokens
 from .stats import GenerationStats
 
@@ -186,8 +186,8 @@ def generate_command(args) -> int:
                     text=output,
                     tokens=tokens,
                     finish_reason=finish_reason,
-                    model=model_name(model),
-                    draft_model=model_name(draft_model) if draft_model is not None else None,
+                    model=model_source(model),
+                    draft_model=model_source(draft_model) if draft_model is not None else None,
                     num_draft_tokens=num_draft,
                     **stats.as_dict(),
                 )

@@ -504,11 +504,11 @@ def main_model(main) -> tuple[Path, str]:
     """(path, name) of the main model: an MLX folder, a .gguf file, a hub id in the Hugging Face cache, or a
     model loaded with `mlx_spec.load`."""
     if not isinstance(main, (str, os.PathLike)):
-        from .load import model_name, tokenizer_of
+        from .load import model_source
 
-        if tokenizer_of(main) is None:
+        if model_source(main) is None:
             raise ValueError("find_drafts needs a path, a hub id, or a model loaded with mlx_spec.load")
-        main = model_name(main)
+        main = model_source(main)
     source = str(main)
     path = Path(source).expanduser()
     if path.exists():

@@ -13,7 +13,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gguf import cache_root, convert_cached, converted_dir, default_dtype, default_q_bits
+from .gguf import cache_root, convert_cached, converted_dir, default_dtype, default_q_bits, record_source
 
 
 @dataclass(frozen=True)
@@ -139,10 +139,11 @@ def _converted_dir(source: GGUFSource) -> Path:
 
 def fetch_model(source: GGUFSource, progress=print) -> Path:
     """Return the converted MLX folder of `source`, downloading and converting it if needed."""
-    done = _converted_dir(source)
+    done, target = _converted_dir(source), gguf_path(source)
     if done.is_dir():
+        if target.is_file():
+            record_source(done, target)  # folders converted before converters recorded their source
         return done
-    target = gguf_path(source)
     if not target.is_file():
         _assemble(source, target, progress)
     progress(f"converting {target.name} to MLX {default_dtype()} (a minute or two)")

@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten
 ARCHITECTURES = ("qwen2", "llama")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 Q_BITS = (4, 8)
+SOURCE_KEY = "mlx_spec_source"  # config.json entry naming the GGUF file a folder was converted from
 
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_TENSORS = {
@@ -97,7 +98,22 @@ def convert_cached(gguf_path, dtype=None, q_bits=None, *, name=None, key=None, p
     out_dir = converted_dir(name or gguf_path.stem, dtype, q_bits, key or _file_key(gguf_path))
     if not out_dir.is_dir():
         convert_gguf(gguf_path, out_dir, dtype=dtype, q_bits=q_bits, progress=progress)
+    else:
+        record_source(out_dir, gguf_path)
     return out_dir
+
+
+def record_source(folder: Path, gguf_path: Path) -> None:
+    """Add the source record to a folder converted before converters wrote one (read from the GGUF header)."""
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {SOURCE_KEY: None}
+    if SOURCE_KEY in config:
+        return
+    fields = read_header(gguf_path).fields
+    config[SOURCE_KEY] = _source(fields.get("general.name"), fields.get("general.file_type"), gguf_path)
+    tmp = folder / f".config.json.tmp-{os.getpid()}"
+    _write_json(tmp, config)
+    os.replace(tmp, config_path)
 
 
 def convert_gguf(gguf_path, out_dir, dtype="float32", q_bits=None, q_group_size=64, progress=print) -> Path:
@@ -149,6 +165,7 @@ def _write_folder(reader, arch, gguf_path, folder, dtype, q_bits, q_group_size, 
     tokenizer, eos_ids = _tokenizer(reader, gguf_path, config["max_position_embeddings"])
     config["eos_token_id"] = eos_ids[0]
     config["bos_token_id"] = tokenizer.bos_token_id
+    config[SOURCE_KEY] = _source(_field(reader, "general.name"), _field(reader, "general.file_type"), gguf_path)
     if q_bits:
         config["quantization"] = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
         config["quantization_config"] = config["quantization"]
@@ -161,6 +178,15 @@ def _write_folder(reader, arch, gguf_path, folder, dtype, q_bits, q_group_size, 
         {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos_ids, "pad_token_id": tokenizer.pad_token_id},
     )
     _save_tokenizer(tokenizer, folder)
+
+
+def _source(general_name, file_type, gguf_path: Path) -> dict:
+    """The GGUF file, its `general.name` and its weight type (e.g. Q4_K_M), for `mlx_spec.load.model_name`."""
+    try:
+        kind = gguf.LlamaFileType(file_type).name.split("_", 1)[-1]  # MOSTLY_Q4_K_M, ALL_F32, GUESSED
+    except ValueError:  # absent or unknown
+        kind = None
+    return {"gguf_file": str(gguf_path.absolute()), "gguf_name": general_name, "gguf_type": kind}
 
 
 def _save_tokenizer(tokenizer, folder: Path) -> None:

@@ -1,14 +1,24 @@
 """Models in: MLX folders, hub ids and .gguf files -> (model, tokenizer); draft compatibility check."""
 
+import json
 import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx_lm
+from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .compat import SPECIAL_TOKEN_NAMES, incompatibility, special_tokens
 
-_loaded = {}  # id(model) -> (name, tokenizer) while the model lives, for the draft check
+
+class _Loaded(NamedTuple):
+    source: str  # what `load` was given: folder, hub id or .gguf file
+    description: str  # model_name's line
+    tokenizer: object
+
+
+_loaded: dict[int, _Loaded] = {}  # id(model) -> what `load` knew, while the model lives
 
 
 class IncompatibleDraftError(ValueError):
@@ -32,7 +42,7 @@ def load(path_or_hub_id: str, dtype: str | None = None, q_bits: int | None = Non
         path = convert_cached(path, dtype=dtype, q_bits=q_bits)
     elif path.exists() and not (path / "config.json").is_file():
         raise ValueError(f"{source} is not an MLX model folder (no config.json)")
-    elif not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+    elif not path.exists() and not _is_hub_id(source):
         raise ValueError(f"model not found: {source} is neither a folder nor a hub id (owner/name)")
     try:
         model, tokenizer = mlx_lm.load(str(path if path.exists() else source), **kwargs)
@@ -43,19 +53,68 @@ def load(path_or_hub_id: str, dtype: str | None = None, q_bits: int | None = Non
             ) from e
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"could not load model {source}: {type(e).__name__}: {first_line}") from e
-    _loaded[id(model)] = (source, tokenizer)
+    _loaded[id(model)] = _Loaded(source, _describe(model, source, path if path.exists() else None), tokenizer)
     weakref.finalize(model, _loaded.pop, id(model), None)
     return model, tokenizer
 
 
+def _is_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~"))
+
+
+def _describe(model, source: str, folder: Path | None) -> str:
+    """The model's name, weight type and origin: its GGUF file, Hugging Face id, or folder."""
+    weights = model_dtype(model)
+    if folder is None:
+        return f"{source} ({weights}, Hugging Face hub)"
+    from .gguf import SOURCE_KEY
+
+    config = json.loads((folder / "config.json").read_text())
+    where = _home_relative(folder.absolute())
+    gguf_source = config.get(SOURCE_KEY)
+    if gguf_source:
+        gguf_file = Path(gguf_source["gguf_file"])
+        name = gguf_source.get("gguf_name") or gguf_file.stem
+        if name.endswith(" GGUF"):  # the name of the repository that published the file
+            name = name[: -len(" GGUF")]
+        kind = f"{gguf_source['gguf_type']} " if gguf_source.get("gguf_type") else ""
+        return f"{name} ({weights}, from {kind}{gguf_file.name}, {where})"
+    hub_id = config.get("_name_or_path") or ""  # set by Hugging Face's tools
+    return f"{hub_id} ({weights}, {where})" if _is_hub_id(hub_id) else f"{where} ({weights})"
+
+
+def _home_relative(path: Path) -> str:
+    try:
+        return str(Path("~") / path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
+
+
+def model_dtype(model) -> str:
+    """The weights' type: 'float32', 'bfloat16', ... or '4-bit' for quantized weights."""
+    weights = dict(tree_flatten(model.parameters()))
+    if any(k.endswith(".scales") for k in weights):
+        bits = getattr(next(m for _, m in model.named_modules() if hasattr(m, "bits")), "bits", "?")
+        return f"{bits}-bit"
+    return str(next(iter(weights.values())).dtype).replace("mlx.core.", "")
+
+
 def model_name(model) -> str:
+    """One line naming the model and where it came from, e.g. 'Qwen2.5 Coder 1.5B Instruct (float32, from Q4_K_M
+    qwen2.5-coder-1.5b-instruct.gguf, ~/.cache/mlx_spec/converted/...)'; models built in code: '<llama model>'."""
     entry = _loaded.get(id(model))
-    return entry[0] if entry else f"<{type(model).__module__.rsplit('.', 1)[-1]} model>"
+    return entry.description if entry else f"<{type(model).__module__.rsplit('.', 1)[-1]} model>"
+
+
+def model_source(model) -> str | None:
+    """What `load` was given for this model (folder, hub id or .gguf file); None for models built in code."""
+    entry = _loaded.get(id(model))
+    return entry.source if entry else None
 
 
 def tokenizer_of(model):
     entry = _loaded.get(id(model))
-    return entry[1] if entry else None
+    return entry.tokenizer if entry else None
 
 
 def output_size(model) -> int:

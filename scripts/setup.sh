@@ -2,8 +2,10 @@
 # Set up a fresh machine: OpenBLAS on Debian/Ubuntu Linux (MLX's fast float32 path there),
 # then a virtual environment in .venv with the package, its test and server extras.
 # PYTHON=/path/to/python3.X picks the interpreter; otherwise the newest Python >= 3.10 found.
+# VENV=/path/to/env puts the environment elsewhere (default: .venv in the repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+venv=${VENV:-.venv}
 
 sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -18,11 +20,13 @@ debian_install() {  # debian_install PACKAGE...: install Debian/Ubuntu packages 
 
 is_debian=false
 [ "$(uname -s)" = Linux ] && command -v dpkg >/dev/null && is_debian=true
-$is_debian && debian_install libopenblas0-pthread
-
 ok_python() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1; }
 
 python=""
+if [ -n "${PYTHON:-}" ] && ! { command -v "$PYTHON" >/dev/null && ok_python "$PYTHON"; }; then
+    echo "setup: PYTHON=$PYTHON is not a Python 3.10 or newer." >&2
+    exit 1
+fi
 for candidate in ${PYTHON:-} python3.13 python3.12 python3.11 python3.10 python3; do
     if command -v "$candidate" >/dev/null && ok_python "$candidate"; then
         python=$(command -v "$candidate")
@@ -37,17 +41,19 @@ if [ -z "$python" ]; then
     exit 1
 fi
 
-if [ -x .venv/bin/python ] && ! ok_python .venv/bin/python; then
-    echo "setup: .venv has a Python older than 3.10; remove it (rm -rf .venv) and run again." >&2
+if [ -x "$venv/bin/python" ] && ! ok_python "$venv/bin/python"; then
+    echo "setup: $venv has a Python older than 3.10; remove it (rm -rf $venv) and run again." >&2
     exit 1
 fi
-if [ ! -x .venv/bin/python ]; then
+
+$is_debian && debian_install libopenblas0-pthread
+if [ ! -x "$venv/bin/python" ]; then
     # Debian and Ubuntu ship venv's pip bootstrap apart, as python3.X-venv.
     if ! "$python" -c 'import ensurepip' >/dev/null 2>&1 && $is_debian; then
         debian_install "python3-venv" "$(basename "$python")-venv" || true
     fi
-    echo "setup: creating .venv with $("$python" --version) ($python)"
-    "$python" -m venv .venv
+    echo "setup: creating $venv with $("$python" --version) ($python)"
+    "$python" -m venv "$venv"
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,server]'
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,server]'

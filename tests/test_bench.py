@@ -27,6 +27,19 @@ def folders(tmp_path_factory):
     return tuple(map(str, write_tiny_pair(tmp_path_factory.mktemp("models"))))
 
 
+def imported_after(code: str) -> set[str]:
+    """The benchmark and plotting modules a fresh interpreter holds after running `code`."""
+    listing = "import sys; print(*(m for m in sys.modules if m.startswith(('mlx_spec.bench', 'matplotlib'))))"
+    result = subprocess.run([sys.executable, "-c", f"{code}; {listing}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split())
+
+
+def test_the_benchmark_stays_out_of_the_engine():
+    assert imported_after("import mlx_spec, mlx_spec.generate") == set()
+    assert imported_after("import mlx_spec.cli; mlx_spec.cli.build_parser()") == {"mlx_spec.bench"}  # its flags
+
+
 def test_predicted_speedup_formula():
     alpha, predicted = bench.predicted_speedup(1 + 0.5 + 0.25, 2, 0.25)  # alpha = 0.5, k = 2
     assert alpha == pytest.approx(0.5, abs=1e-6)

@@ -4,6 +4,8 @@ import io
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -14,8 +16,9 @@ from tiny import make_model, toy_tokenizer
 from tiny_folders import save_model_folder, write_tiny_pair
 
 import mlx_spec
-from mlx_spec.chat import GREEN, ChatSession, conversation_tokens, interact, use_color
+from mlx_spec.chat import GREEN, LEAVE_HINT, ChatSession, conversation_tokens, interact, use_color
 from mlx_spec.cli import main
+from mlx_spec.load import model_name
 from mlx_spec.options import GenerationOptions
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -75,43 +78,50 @@ def words(text: str) -> str:
     return " ".join(ANSI.sub("", text).replace("^C", " ").split())
 
 
+def echoed(message: str) -> str:
+    """The line editor's echo of `message` and Enter, as a pattern."""
+    return re.escape(message) + r"\r+\n"
+
+
 def send_turn(child, message):
     """Type `message`, wait for the reply's statistics line; return what was shown and the line's numbers."""
     child.sendline(message)
-    child.expect_exact(message + "\r\n")
+    child.expect(echoed(message))
     child.expect(TURN_LINE)
     names = ("tokens", "accepted", "drafted", "per_round", "processed")
     return child.before, dict(zip(names, map(float, child.match.groups())))
 
 
-def test_chat_in_a_terminal(folders, models):
-    _, tokenizer, draft = models
-    first, first_reply = find_message(models, [], short=True, start=0)
-    history = [{"role": "user", "content": first}, {"role": "assistant", "content": first_reply}]
-    second, second_reply = find_message(models, history, short=True, start=100)
-    long_message, _ = find_message(models, [], short=False, start=200)
+@pytest.fixture(scope="module")
+def long_message(models):
+    """A first message whose reply runs past LONG tokens."""
+    return find_message(models, [], short=False, start=200)[0]
 
+
+def spawn_chat(folders, max_tokens: int):
+    """`mlx-spec chat` on the tiny pair in a pseudo-terminal, at its first prompt."""
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-    env["TERM"] = "dumb"  # readline without escape sequences
+    env["TERM"] = "dumb"  # the line editor without escape sequences
+    args = ["-m", "mlx_spec.cli", "chat", "--model", folders["main"], "--draft-model", folders["draft"]]
     child = pexpect.spawn(
         sys.executable,
-        [
-            "-m",
-            "mlx_spec.cli",
-            "chat",
-            "--model",
-            folders["main"],
-            "--draft-model",
-            folders["draft"],
-            "--max-tokens",
-            "100000",
-        ],
+        args + ["--max-tokens", str(max_tokens)],
         env=env,
         encoding="utf-8",
         timeout=60,
         dimensions=(40, 500),
     )
     child.expect_exact(">>> ")
+    return child
+
+
+def test_chat_in_a_terminal(folders, models, long_message):
+    _, tokenizer, draft = models
+    first, first_reply = find_message(models, [], short=True, start=0)
+    history = [{"role": "user", "content": first}, {"role": "assistant", "content": first_reply}]
+    second, second_reply = find_message(models, history, short=True, start=100)
+
+    child = spawn_chat(folders, max_tokens=100000)
     assert GREEN in child.before and "draft tokens the main model accepted" in child.before  # the legend
 
     # Two turns; the second prefills only its new tokens and still answers as a fresh run would.
@@ -136,7 +146,7 @@ def test_chat_in_a_terminal(folders, models):
 
     # Ctrl-C in the middle of a long reply keeps what was shown and returns to the prompt.
     child.sendline(long_message)
-    child.expect_exact(long_message + "\r\n")
+    child.expect(echoed(long_message))
     child.expect(r"w\d+|<s>|<unk>")  # the reply's first word
     shown = child.after
     child.sendintr()
@@ -156,8 +166,59 @@ def test_chat_in_a_terminal(folders, models):
     cached = len(conversation_tokens(tokenizer, history[:1])) + len(history[1]["content"].split())
     assert line["processed"] == len(conversation_tokens(tokenizer, messages)) - cached + 1
 
+    # Ctrl-C at the prompt drops a half-typed line and says how to leave; the conversation goes on.
     child.expect_exact(">>> ")
-    child.sendintr()  # Ctrl-C at the prompt leaves
+    child.send("w40 w4")
+    child.expect_exact("w40 w4")
+    child.sendintr()
+    child.expect_exact(LEAVE_HINT)
+    cached = len(conversation_tokens(tokenizer, messages)) + line["tokens"]  # the last reply ended with </s>
+    history = messages + [{"role": "assistant", "content": words(shown)}]
+    after, expected = find_message(models, history, short=True, start=400)
+    shown, line = send_turn(child, after)
+    assert words(shown) == words(expected)
+    conversation = conversation_tokens(tokenizer, history + [{"role": "user", "content": after}])
+    assert line["processed"] == len(conversation) - cached + 1  # the caches kept the whole conversation
+
+    # Ctrl-D leaves.
+    child.expect_exact(">>> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_keeps_what_is_typed_while_a_reply_streams(folders, models, long_message):
+    cap = 600  # tokens per reply: the long message's reply streams for a while, then ends by itself
+    expected_long, _ = fresh_reply(models, [{"role": "user", "content": long_message}], cap)
+    history = [{"role": "user", "content": long_message}, {"role": "assistant", "content": expected_long}]
+    typed, typed_reply = find_message(models, history, short=True, start=500)
+    history += [{"role": "user", "content": typed}, {"role": "assistant", "content": typed_reply}]
+    started, started_reply = find_message(models, history, short=True, start=600)  # begun during the reply
+    begun, rest = started.split(" ", 1)
+
+    child = spawn_chat(folders, max_tokens=cap)
+    child.sendline(long_message)
+    child.expect(echoed(long_message))
+    child.expect(r"w\d+|<s>|<unk>")  # the reply has begun
+    shown = child.after
+    os.kill(child.pid, signal.SIGSTOP)  # held in the middle of its reply while the user types
+    try:
+        assert child.expect([TURN_LINE, pexpect.TIMEOUT], timeout=1) == 1, "the reply ended before the typing"
+        child.send(f"{typed}\r{begun}")
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    child.expect(TURN_LINE)
+    assert words(shown + child.before) == words(expected_long)  # nothing typed shows inside the reply
+
+    child.expect(">>> " + echoed(typed))  # the next prompt reads the typed line: it is the next message
+    child.expect(TURN_LINE)
+    assert words(child.before) == words(typed_reply)
+    child.expect_exact(">>> " + begun)  # the line begun during the reply waits at the prompt, to be finished
+    shown, _ = send_turn(child, " " + rest)
+    assert words(shown) == words(started_reply)
+    child.expect_exact(">>> ")
+    child.sendeof()
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
@@ -193,6 +254,23 @@ def test_chat_context_full_and_end_of_input(folders):
         and "/draft takes 'auto' or a whole number" in text
     )
     assert session.settings.temp == 0.5 and session.system_prompt == "w3"
+
+
+def test_the_banner_names_each_model_and_where_it_came_from(folders, models, tmp_path):
+    model, tokenizer, draft = models
+    out = io.StringIO()
+    ChatSession(model, tokenizer, draft, GenerationOptions(num_draft_tokens=3), out=out).intro()
+    assert out.getvalue().splitlines()[:3] == [
+        "mlx-spec chat",
+        f"main  {folders['main']} (float32)",
+        f"draft {folders['draft']} (float32); 3 draft tokens per round",
+    ]
+    # A folder converted from the hub keeps the hub id in its config.
+    shutil.copytree(folders["main"], tmp_path / "copy")
+    config = json.loads((tmp_path / "copy" / "config.json").read_text())
+    (tmp_path / "copy" / "config.json").write_text(json.dumps(dict(config, _name_or_path="org/Tiny-Main")))
+    copy, _ = mlx_spec.load(str(tmp_path / "copy"))
+    assert model_name(copy) == f"org/Tiny-Main (float32, {tmp_path / 'copy'})"
 
 
 def test_color_switches(monkeypatch):

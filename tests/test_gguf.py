@@ -12,7 +12,9 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import TokenType
 
+import mlx_spec
 from mlx_spec import gguf as conv
+from mlx_spec.load import model_name
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS, CONTEXT = 64, 256, 4, 2, 2, 128
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -92,10 +94,11 @@ def add_tensor(writer, rng, name: str, values: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.dequantize(data, qtype).reshape(values.shape)
 
 
-def write_model(path, arch="qwen2", *, eos=None, tied=False, rope_freqs=False, seed=0) -> dict:
+def write_model(path, arch="qwen2", *, eos=None, tied=False, rope_freqs=False, seed=0, name=None, file_type=None):
     """Write a tiny random GGUF model; return its weights in mlx-lm (Hugging Face) layout.
 
-    Like the real files, qwen2 adds no BOS token and llama (llama 3) does.
+    Like the real files, qwen2 adds no BOS token and llama (llama 3) does. `name` and `file_type`
+    (a gguf.LlamaFileType) go into the general metadata when given.
     """
     rng = np.random.default_rng(seed)
     tokens, types = vocabulary()
@@ -118,6 +121,10 @@ def write_model(path, arch="qwen2", *, eos=None, tied=False, rope_freqs=False, s
     writer.add_pad_token_id(tokens.index("<|endoftext|>"))
     writer.add_add_bos_token(arch == "llama")
     writer.add_chat_template(TEMPLATE)
+    if name is not None:
+        writer.add_name(name)
+    if file_type is not None:
+        writer.add_file_type(file_type)
 
     def tensor(gguf_name, mlx_name, shape, qtype, scale=0.2):
         values = (rng.standard_normal(shape) * scale).astype(np.float32)
@@ -352,6 +359,32 @@ def test_convert_cached_reuses_the_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(conv, "convert_gguf", fail)
     assert conv.convert_cached(tmp_path / "m.gguf") == first
     mlx_lm.load(str(first))
+
+    # A folder converted before converters recorded their source gets the record from the file's header.
+    config_path = first / "config.json"
+    recorded = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({k: v for k, v in recorded.items() if k != conv.SOURCE_KEY}))
+    assert conv.convert_cached(tmp_path / "m.gguf") == first
+    assert json.loads(config_path.read_text()) == recorded
+
+
+def test_the_folder_records_its_source_and_the_model_is_named_after_it(tmp_path, monkeypatch):
+    write_model(tmp_path / "m.gguf", name="Tiny Coder 1B Instruct GGUF", file_type=gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    out = conv.convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="float16", progress=lambda _: None)
+    source = json.loads((out / "config.json").read_text())[conv.SOURCE_KEY]
+    assert source == dict(
+        gguf_file=str(tmp_path / "m.gguf"), gguf_name="Tiny Coder 1B Instruct GGUF", gguf_type="Q4_K_M"
+    )
+    model, _ = mlx_spec.load(str(out))
+    assert model_name(model) == f"Tiny Coder 1B Instruct (float16, from Q4_K_M m.gguf, {out})"
+
+    # Without a name in the file, the file's; a folder under the home directory is shown from ~.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MLX_SPEC_CACHE", str(tmp_path / "cache"))
+    write_model(tmp_path / "plain.gguf")
+    model, _ = mlx_spec.load(str(tmp_path / "plain.gguf"), dtype="float32", q_bits=4)
+    folder = conv.convert_cached(tmp_path / "plain.gguf", dtype="float32", q_bits=4)
+    assert model_name(model) == f"plain (4-bit, from plain.gguf, ~/cache/converted/{folder.name})"
 
 
 def test_cache_root(monkeypatch, tmp_path):
