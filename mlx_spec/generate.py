@@ -10,11 +10,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .adaptive import DraftController
+from .adaptive import DRAFT, LOOKUP, Controller, learnt_for
 from .cache import KEEP, SLACK, CachePair, make_prompt_cache
-from .decode import FixedDraft, HostReads, prefill, rounds
-from .draft import DraftModel
+from .decode import FixedDraft, HostReads, plain_rounds, prefill, rounds
+from .draft import DraftModel, DraftSource
 from .load import check_draft, output_size
+from .lookup import LookupSource
 from .sampling import SamplingParams
 from .stats import GenerationStats
 
@@ -44,6 +45,8 @@ def speculative_generate_step(
     prompt_cache: CachePair | None = None,
     stats: GenerationStats | None = None,
     draft_vocab_size: int | None = DEFAULT_DRAFT_VOCAB_SIZE,
+    *,
+    prompt_lookup: bool = True,
 ) -> Iterator[tuple[int, mx.array, bool]]:
     """Yield (token, logprobs, from_draft) for each generated token.
 
@@ -54,7 +57,13 @@ def speculative_generate_step(
     they are prefilled. Stopping early (or an exception) leaves the cache
     holding exactly the tokens yielded so far. `stats`, if given, is filled as
     generation goes (see GenerationStats). `num_draft_tokens="auto"` chooses
-    each round's draft length, plain decoding included (see DraftController).
+    each round's source and draft length, plain decoding included (see
+    adaptive.Controller); what it learnt carries over to later calls with the
+    same models. `prompt_lookup` lets rounds copy draft tokens from the
+    conversation itself (every token of the cache: prompt, earlier turns, this
+    reply) where it repeats; with `draft_model=None` generation is then still
+    speculative. `from_draft` is True for accepted draft tokens of either source
+    (`stats.last_source` tells which).
     `draft_vocab_size` cuts the draft's output layer to the first so many token
     ids (None: the whole vocabulary; see DraftModel); the output is unaffected.
     """
@@ -72,8 +81,9 @@ def speculative_generate_step(
         kv_group_size,
         quantized_kv_start,
         draft_vocab_size,
+        prompt_lookup,
     )
-    policy = _policy(num_draft_tokens, model, draft_model, max_kv_size)
+    policy = _policy(num_draft_tokens, model, draft_model, max_kv_size, prompt_lookup)
     vocab_size = output_size(model)
     if not all(0 <= t < vocab_size for t in prompt):
         raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {min(prompt)}..{max(prompt)}")
@@ -112,25 +122,24 @@ def speculative_generate_step(
         caches.take_over_rotating()
         stats.prompt_done()
         host = HostReads()
-        for round_ in rounds(
-            model,
-            draft,
-            caches,
-            policy,
-            max_tokens,
-            params,
-            key,
-            vocab_size,
-            max_draft,
-            kv_quantize,
-            host,
-            logits_processors,
-        ):
-            stats.record_round(round_.num_draft, round_.num_accepted)
+        sources = {}
+        if prompt_lookup:
+            sources[LOOKUP] = LookupSource(caches, vocab_size, params.greedy)
+        if draft is not None:
+            catch_up = functools.partial(prefill, draft_model, caches.draft, caches=caches, kv_quantize=kv_quantize)
+            sources[DRAFT] = DraftSource(draft, caches, params, catch_up, logits_processors)
+        if sources:
+            steps = rounds(
+                model, sources, caches, policy, max_tokens, params, key, max_draft, kv_quantize, host, logits_processors
+            )
+        else:
+            steps = plain_rounds(model, caches, max_tokens, params, key, kv_quantize, host, logits_processors)
+        for round_ in steps:
+            stats.record_round(round_.num_draft, round_.num_accepted, round_.source)
             stats.host_syncs = host.count
             for i, token in enumerate(round_.tokens):
                 num_yielded += 1
-                stats.record_token()
+                stats.record_token(round_.source if i < round_.num_accepted else None)
                 yield token, round_.logprobs[i], i < round_.num_accepted
     finally:
         caches.truncate(num_known + num_yielded)
@@ -148,12 +157,21 @@ def _token_list(prompt) -> list[int]:
 AUTO_MAX_DRAFT = 10  # the longest draft "auto" tries
 
 
-def _policy(num_draft_tokens, model, draft_model, max_kv_size):
+AUTO_MAX_LOOKUP = 16  # the longest copy from the conversation "auto" tries
+
+
+def _policy(num_draft_tokens, model, draft_model, max_kv_size, prompt_lookup=True):
     if num_draft_tokens != "auto":
-        return FixedDraft(num_draft_tokens)
-    max_draft = AUTO_MAX_DRAFT if max_kv_size is None else min(AUTO_MAX_DRAFT, max_kv_size - 1 - KEEP)
+        return FixedDraft(num_draft_tokens, draft_model is not None)
+    room = SLACK if max_kv_size is None else max_kv_size - 1 - KEEP
     ratio = _nbytes(draft_model) / _nbytes(model) if draft_model is not None else 1.0
-    return DraftController(max_draft=max_draft, cost_ratio=ratio)
+    return Controller(
+        learnt_for(model, draft_model),
+        max_draft=min(AUTO_MAX_DRAFT, room),
+        max_lookup=min(AUTO_MAX_LOOKUP, room) if prompt_lookup else 0,
+        has_draft=draft_model is not None,
+        cost_ratio=ratio,
+    )
 
 
 def _nbytes(model) -> int:
@@ -174,8 +192,11 @@ def validate_options(
     kv_group_size=64,
     quantized_kv_start=5000,
     draft_vocab_size=DEFAULT_DRAFT_VOCAB_SIZE,
+    prompt_lookup=True,
 ) -> SamplingParams:
     """Check generation options before any model is loaded; ValueError names the bad value."""
+    if not isinstance(prompt_lookup, bool):
+        raise ValueError(f"prompt_lookup must be True or False, got {prompt_lookup!r}")
     if draft_vocab_size is not None and (not isinstance(draft_vocab_size, int) or draft_vocab_size < 1):
         raise ValueError(f"draft_vocab_size must be a positive integer or None, got {draft_vocab_size!r}")
     if seed is not None and not isinstance(seed, int):
@@ -217,6 +238,7 @@ class GenerationResponse:
     peak_memory: float
     finish_reason: str | None
     stats: GenerationStats
+    source: str | None = None  # an accepted draft token's source: "draft" (the draft model) or "lookup"
 
 
 def stream_generate(
@@ -258,6 +280,7 @@ def stream_generate(
             peak_memory=stats.peak_memory,
             finish_reason=finish_reason,
             stats=stats,
+            source=stats.last_source,
         )
 
     with closing(steps):  # a consumer that stops early leaves consistent caches at once

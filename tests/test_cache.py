@@ -184,7 +184,9 @@ def test_no_draft_is_mlx_lm_plain_decoding_with_every_cache_kind(options):
     expected = list(generate_step(mx.array(prompt), main, max_tokens=60, **kw))
     assert [t for t, _ in expected] != reference(main, prompt, 60)
     cache = make_prompt_cache(main, max_kv_size=kw.get("max_kv_size"))
-    got = list(speculative_generate_step(prompt, main, None, max_tokens=60, prompt_cache=cache, **kw))
+    got = list(
+        speculative_generate_step(prompt, main, None, max_tokens=60, prompt_cache=cache, prompt_lookup=False, **kw)
+    )
     assert [t for t, _, _ in got] == [t for t, _ in expected]
     for (_, ours, _), (_, theirs) in zip(got, expected):  # each step saw the cache mlx-lm's step saw
         assert np.allclose(np.array(ours), np.array(theirs), atol=1e-4)
@@ -198,7 +200,7 @@ def test_no_draft_early_stop_drops_the_step_scheduled_ahead(pair, max_kv_size):
     main, _ = pair
     prompt = [1, 5, 9, 22, 3]
     cache = make_prompt_cache(main, max_kv_size=max_kv_size)
-    steps = speculative_generate_step(prompt, main, None, max_tokens=100, prompt_cache=cache)
+    steps = speculative_generate_step(prompt, main, None, max_tokens=100, prompt_cache=cache, prompt_lookup=False)
     first = [next(steps)[0] for _ in range(23)]
     assert cache.main_offset == len(cache.tokens)  # the 24th step is already in the cache
     steps.close()
