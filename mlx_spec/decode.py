@@ -8,6 +8,7 @@ before the previous token is read, as mlx-lm's generate_step does. Prefill of
 the prompt also lives here, since it fills the same pair of caches.
 """
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -42,6 +43,24 @@ class Verified(NamedTuple):
     logprobs: mx.array  # (k+1, V)
     next_token: mx.array  # () int32: the main model's token after the accepted drafts
     readout: mx.array  # (k+2,) int32: [draft tokens, num_accepted, next_token]
+
+
+class Verdict(NamedTuple):
+    """What the host reads of a round: the draft tokens, how many were accepted, the main model's next token."""
+
+    draft_tokens: list[int]
+    num_accepted: int
+    next_token: int
+
+    @classmethod
+    def read(cls, host: "HostReads", verified: Verified) -> "Verdict":
+        values = host(verified.readout)
+        return cls(values[:-2], values[-2], values[-1])
+
+    @property
+    def new_tokens(self) -> list[int]:
+        """The accepted draft tokens and the main model's own."""
+        return self.draft_tokens[: self.num_accepted] + [self.next_token]
 
 
 class FixedDraft:
@@ -116,6 +135,7 @@ def rounds(
     """
     num_emitted, draft_key, accept_key = 0, None, None
     lookup, draft = sources.get(LOOKUP), sources.get(DRAFT)
+    check = functools.partial(verify, model, caches, params, logits_processors)
     while num_emitted < max_tokens:
         start, tokens = time.perf_counter(), caches.tokens
         # 1) choose: source and length, from the conversation's match and what was learnt
@@ -130,29 +150,17 @@ def rounds(
         draft_tokens, draft_probs = mx.zeros((0,), mx.int32), None
         if choice.source != PLAIN:
             draft_tokens, draft_probs = sources[choice.source].propose(num_draft, draft_key, history)
-        verified = verify(
-            model,
-            caches,
-            params,
-            logits_processors,
-            mx.array(tokens[-1:]),
-            draft_tokens,
-            draft_probs,
-            history,
-            accept_key,
-        )
-        values = host(verified.readout)
-        num_accepted = values[-2]
+        verified = check(mx.array(tokens[-1:]), draft_tokens, draft_probs, history, accept_key)
+        verdict = Verdict.read(host, verified)
         # 5) learn, extend the conversation, roll back the rejected positions
         # A draft that sat out other rounds caught up on them in this round: not a cost of k.
-        policy.record(choice, num_accepted, None if num_behind > 2 else time.perf_counter() - start)
-        new_tokens = values[:num_accepted] + values[-1:]
-        tokens.extend(new_tokens)
+        policy.record(choice, verdict.num_accepted, None if num_behind > 2 else time.perf_counter() - start)
+        tokens.extend(verdict.new_tokens)
         if num_draft > 0:
             caches.rollback()
         kv_quantize(caches)
-        num_emitted += len(new_tokens)
-        yield Round(new_tokens, choice.source, num_draft, num_accepted, verified.logprobs)
+        num_emitted += len(verdict.new_tokens)
+        yield Round(verdict.new_tokens, choice.source, num_draft, verdict.num_accepted, verified.logprobs)
 
 
 def plain_rounds(
@@ -168,11 +176,12 @@ def plain_rounds(
     """Plain decoding, as mlx-lm's generate_step: each step is built and queued behind the previous one
     before that one's token is read, so building a graph never leaves the device idle."""
     tokens, no_draft = caches.tokens, mx.zeros((0,), mx.int32)
+    check = functools.partial(verify, model, caches, params, logits_processors)
     history = mx.array(tokens, mx.int32) if logits_processors else None
     accept_key = None
     if key is not None:
         key, _, accept_key = mx.random.split(key, 3)
-    step = verify(model, caches, params, logits_processors, mx.array(tokens[-1:]), no_draft, None, history, accept_key)
+    step = check(mx.array(tokens[-1:]), no_draft, None, history, accept_key)
     for num_emitted in range(1, max_tokens + 1):
         mx.async_eval(step.readout)  # first in the queue: reading it does not wait for the next step
         kv_quantize(caches)  # as after every step of mlx-lm's generate_step
@@ -181,11 +190,9 @@ def plain_rounds(
             if key is not None:
                 key, _, accept_key = mx.random.split(key, 3)
             history = None if history is None else mx.concatenate([history, step.next_token[None]])
-            ahead = verify(
-                model, caches, params, logits_processors, step.next_token[None], no_draft, None, history, accept_key
-            )
+            ahead = check(step.next_token[None], no_draft, None, history, accept_key)
             mx.async_eval(ahead.logprobs, ahead.readout)
-        new_token = host(step.readout)[-1]
+        new_token = Verdict.read(host, step).next_token
         tokens.append(new_token)
         kv_quantize(caches)
         yield Round([new_token], PLAIN, 0, 0, step.logprobs)
