@@ -53,13 +53,13 @@ def main(argv=None):
         return list(generate_step(mx.array(prompt), model, max_tokens=args.tokens))
 
     def no_draft():
-        return list(speculative_generate_step(prompt, model, None, max_tokens=args.tokens))
+        return list(speculative_generate_step(prompt, model, None, max_tokens=args.tokens, prompt_lookup=False))
 
     def one_at_a_time():
         policy = generate_module._policy
         generate_module._policy = lambda *_: FixedDraft(0)
         try:
-            return list(speculative_generate_step(prompt, model, model, max_tokens=args.tokens))
+            return list(speculative_generate_step(prompt, model, model, max_tokens=args.tokens, prompt_lookup=False))
         finally:
             generate_module._policy = policy
 

@@ -13,8 +13,13 @@ and that an exact-match check accepts it (mlx-lm's rule at temp > 0), sum(p q).
 It also measures the seconds of a round at each draft length k on this
 machine, and of the draft catching up on skipped tokens.
 
-`replay` drives `DraftController` and every fixed k over those traces with
-those costs and prints tokens per second relative to plain decoding. A round
+`replay` drives the controller (`mlx_spec.adaptive.Controller`: draft model
+only, and with prompt lookup) and every fixed k over those traces with those
+costs and prints tokens per second relative to plain decoding. Greedy traces
+recorded with their tokens also replay prompt lookup exactly: the index sees
+the prompt and the text so far, and a copied token is accepted where it equals
+the text; a lookup round costs a verify pass (`lookup_seconds`, or the drafting
+round less its draft steps). A round
 with k drafts starting at position t accepts the run of agreeing positions
 from t on (at temp > 0, each with its acceptance probability), which is what
 the engine does when the draft and main model see the same accepted prefix.
@@ -35,44 +40,83 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mlx_spec.bench import PROMPTS
+from mlx_spec.adaptive import DRAFT, LOOKUP, PLAIN, Choice, Controller
+from mlx_spec.bench import ALL_PROMPTS
+from mlx_spec.lookup import NgramIndex
 
 
 def replay(
-    policy, trace: dict, round_seconds: list[float], catch_up_seconds: float, seed: int = 0, noise: float = 0.03
+    policy,
+    trace: dict,
+    round_seconds: list[float],
+    catch_up_seconds: float,
+    seed: int = 0,
+    noise: float = 0.03,
+    lookup_seconds: list[float] | None = None,
 ) -> float:
-    """Tokens per second of `policy` over `trace`, in plain-decoding steps (round_seconds[0] = 1 step)."""
+    """Tokens per second of `policy` over `trace`, in plain-decoding steps (round_seconds[0] = 1 step).
+
+    With `trace["tokens"]` (prompt and text) and `lookup_seconds`, the policy is shown the lookup's match.
+    """
     rng = np.random.default_rng(seed)
     greedy = "agree" in trace
     positions = trace["agree"] if greedy else trace["accept"]
+    index = None
+    if lookup_seconds is not None and "tokens" in trace:
+        text = trace["tokens"][trace["num_prompt"] :]
+        index = NgramIndex()
+        index.extend(trace["tokens"][: trace["num_prompt"]])
     n, t, seconds, behind = len(positions), 0, 0.0, 1
     while t < n:
-        k = min(policy.choose(), n - t - 1, len(round_seconds) - 1)
+        match = index.match() if index is not None else None
+        choice = policy.choose(match)
+        longest = len(round_seconds if choice.source == DRAFT else lookup_seconds or [0]) - 1
+        k = min(choice.num_draft, n - t - 1, longest)
+        choice = choice._replace(num_draft=k, source=choice.source if k > 0 else PLAIN)
         accepted = 0
-        while accepted < k and (positions[t + accepted] if greedy else rng.random() < positions[t + accepted]):
+        if choice.source == LOOKUP:
+            proposal = index.continuation(match, k)
+            while accepted < k and proposal[accepted] == text[t + accepted]:
+                accepted += 1
+        while (
+            choice.source == DRAFT
+            and accepted < k
+            and (positions[t + accepted] if greedy else rng.random() < positions[t + accepted])
+        ):
             accepted += 1
-        cost = round_seconds[k] + (catch_up_seconds * behind if k > 0 and behind > 2 else 0.0)
-        cost *= 1.0 + noise * rng.standard_normal()
+        caught_up = choice.source == DRAFT and behind > 2
+        cost = (lookup_seconds if choice.source == LOOKUP else round_seconds)[k]
+        cost = (cost + (catch_up_seconds * behind if caught_up else 0.0)) * (1.0 + noise * rng.standard_normal())
         seconds += cost
-        policy.record(k, accepted, None if k > 0 and behind > 2 else cost)  # as decode.rounds does
-        behind = behind + 1 if k == 0 else 1 + (accepted == k)  # tokens the draft has not seen
+        policy.record(choice, accepted, None if caught_up else cost)  # as decode.rounds does
+        behind = 1 + (accepted == k) if choice.source == DRAFT else behind + accepted + 1  # tokens the draft lacks
+        if index is not None:
+            index.extend(text[t : t + accepted + 1])
         t += accepted + 1
     return n / seconds * round_seconds[0]
 
 
 class Fixed:
-    """A fixed draft length; counts what its rounds drafted and accepted."""
+    """A fixed draft length of the draft model; counts what its rounds drafted and accepted."""
 
     def __init__(self, k: int):
         self.k = k
         self.drafted = self.accepted = 0
 
-    def choose(self) -> int:
-        return self.k
+    def choose(self, match=None) -> Choice:
+        return Choice(DRAFT, self.k) if self.k else Choice(PLAIN, 0)
 
-    def record(self, num_draft: int, num_accepted: int, _seconds):
-        self.drafted += num_draft
+    def record(self, choice: Choice, num_accepted: int, _seconds):
+        self.drafted += choice.num_draft
         self.accepted += num_accepted
+
+
+def lookup_costs(costs: dict, cost_ratio: float) -> list[float]:
+    """Seconds of a lookup round of k tokens: measured, or a drafting round less its k draft steps."""
+    if "lookup_seconds" in costs:
+        return costs["lookup_seconds"]
+    plain = costs["round_seconds"][0]
+    return [max(plain, t - k * cost_ratio * plain) for k, t in enumerate(costs["round_seconds"])]
 
 
 def acceptance_rate(accept: list[float], k: int, seeds: int = 200) -> float:
@@ -108,21 +152,27 @@ def acceptance_table(traces: dict, ks=(1, 2, 3, 4)) -> list[str]:
     return lines
 
 
-def replay_table(traces: dict, make_auto: Callable, seeds: int = 8, noise: float = 0.03) -> list[dict]:
-    """Per trace: mean rate of each fixed k and of auto over `seeds` noisy replays."""
+def replay_table(
+    traces: dict, make_auto: Callable, seeds: int = 8, noise: float = 0.03, variants: dict | None = None
+) -> list[dict]:
+    """Per trace: mean rate of each fixed k, of auto, and of each of `variants` (name -> make policy)."""
     costs = traces["costs"]
+    looked_up = lookup_costs(costs, traces.get("cost_ratio", 0.3))
     rows = []
     for name, trace in traces["traces"].items():
 
         def rate(make, trace=trace):
             return statistics.mean(
-                replay(make(), trace, costs["round_seconds"], costs["catch_up_seconds"], s, noise) for s in range(seeds)
+                replay(make(), trace, costs["round_seconds"], costs["catch_up_seconds"], s, noise, looked_up)
+                for s in range(seeds)
             )
 
         fixed = {k: rate(lambda k=k: Fixed(k)) for k in range(len(costs["round_seconds"]))}
         best = max(fixed, key=fixed.get)
         auto = rate(make_auto)
-        rows.append(dict(trace=name, fixed=fixed, best_k=best, auto=auto, auto_over_best=auto / fixed[best]))
+        row = dict(trace=name, fixed=fixed, best_k=best, auto=auto, auto_over_best=auto / fixed[best])
+        row["variants"] = {v: rate(make) for v, make in (variants or {}).items()}
+        rows.append(row)
     return rows
 
 
@@ -142,20 +192,19 @@ def record(args) -> dict:
     main, tokenizer = load(str(main_path))
     draft = load(str(draft_path))[0]
     traces: dict[str, dict] = {}
-    for name in args.prompt or PROMPTS:
-        prompt = _encode(tokenizer, PROMPTS[name])
+    for name in args.prompt or ALL_PROMPTS:
+        prompt = _encode(tokenizer, ALL_PROMPTS[name])
         for temp, seed in [(t, s) for t in args.temps for s in range(1, (args.samples if t > 0 else 1) + 1)]:
-            out = [
-                t
-                for t, _, _ in speculative_generate_step(
-                    prompt, main, draft, num_draft_tokens=4, max_tokens=args.max_tokens, temp=temp, seed=seed
-                )
-            ]
+            steps = speculative_generate_step(
+                prompt, main, draft, num_draft_tokens=4, max_tokens=args.max_tokens, temp=temp, seed=seed
+            )
+            out = [t for t, _, _ in steps]
             seq = mx.array(prompt + out, mx.int32)[None]
             main_logits = main(seq)[0, len(prompt) - 1 : -1]
             draft_logits = draft(seq)[0, len(prompt) - 1 : -1, : main_logits.shape[-1]]
-            if temp == 0:
-                trace = dict(agree=(mx.argmax(draft_logits, -1) == mx.array(out)).tolist())
+            if temp == 0:  # with the tokens: the replay can look them up
+                agree = (mx.argmax(draft_logits, -1) == mx.array(out)).tolist()
+                trace = dict(agree=agree, tokens=prompt + out, num_prompt=len(prompt))
             else:
                 p, q = mx.softmax(main_logits / temp, -1), mx.softmax(draft_logits / temp, -1)
                 trace = dict(accept=mx.minimum(p, q).sum(-1).tolist(), exact_match=(p * q).sum(-1).tolist())
@@ -167,7 +216,7 @@ def record(args) -> dict:
         result["costs"] = measure_costs(
             main,
             draft,
-            _encode(tokenizer, PROMPTS["quicksort"]),
+            _encode(tokenizer, ALL_PROMPTS["quicksort"]),
             args.max_draft,
             speculative_generate_step,
             GenerationStats,
@@ -200,7 +249,25 @@ def measure_costs(main, draft, prompt, max_draft, generate_step, stats_type, mx,
         return time.perf_counter() - start
 
     catch_up = statistics.median((draft_forward(9) - draft_forward(1)) / 8 for _ in range(3))
-    return dict(round_seconds=round_seconds, catch_up_seconds=max(catch_up, 0.0))
+    lookup_seconds = [round_seconds[0]]
+    for k in range(1, max_draft + 1):  # a lookup round: a plain step's cost times a verify pass over k + 1 tokens
+        ratio = statistics.median(
+            verify_forward(main, prompt, k + 1, mx) / verify_forward(main, prompt, 1, mx) for _ in range(3)
+        )
+        lookup_seconds.append(round_seconds[0] * ratio)
+        print(f"lookup k={k}: {lookup_seconds[-1]:.3f} s per round", file=sys.stderr)
+    return dict(round_seconds=round_seconds, catch_up_seconds=max(catch_up, 0.0), lookup_seconds=lookup_seconds)
+
+
+def verify_forward(model, prompt, num_tokens, mx) -> float:
+    """Seconds of one forward of `model` over `num_tokens` tokens after `prompt`."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array(prompt)[None], cache=cache))
+    start = time.perf_counter()
+    mx.eval(model(mx.array(prompt[-num_tokens:])[None], cache=cache))
+    return time.perf_counter() - start
 
 
 def _nbytes(model) -> int:
@@ -210,21 +277,35 @@ def _nbytes(model) -> int:
 
 
 def print_table(traces: dict, seeds: int):
-    from mlx_spec.adaptive import DraftController
-
+    """Fixed k and auto with the draft model only, then auto with prompt lookup (hybrid) and lookup alone."""
     max_draft = len(traces["costs"]["round_seconds"]) - 1
-    rows = replay_table(traces, lambda: DraftController(max_draft, cost_ratio=traces["cost_ratio"]), seeds)
+    ratio = traces["cost_ratio"]
+    variants = {
+        "hybrid": lambda: Controller(max_draft=max_draft, cost_ratio=ratio),
+        "lookup only": lambda: Controller(max_draft=0, has_draft=False),
+    }
+    rows = replay_table(
+        traces, lambda: Controller(max_draft=max_draft, max_lookup=0, cost_ratio=ratio), seeds, variants=variants
+    )
     ks = list(rows[0]["fixed"])
-    print("| trace | " + " | ".join(f"k={k}" for k in ks) + " | auto | auto / best fixed |")
-    print("|---" * (len(ks) + 3) + "|")
+    print(
+        "| trace | "
+        + " | ".join(f"k={k}" for k in ks)
+        + " | auto | auto / best fixed | hybrid (lookup + draft) | lookup only |"
+    )
+    print("|---" * (len(ks) + 5) + "|")
     for r in rows:
         print(
             f"| {r['trace']} | "
             + " | ".join(f"{r['fixed'][k]:.3f}" for k in ks)
-            + f" | {r['auto']:.3f} | {r['auto_over_best']:.3f} (best k={r['best_k']}) |"
+            + f" | {r['auto']:.3f} | {r['auto_over_best']:.3f} (best k={r['best_k']}) "
+            + f"| {r['variants']['hybrid']:.3f} | {r['variants']['lookup only']:.3f} |"
         )
     geo = math.exp(statistics.mean(math.log(r["auto_over_best"]) for r in rows))
     print(f"\nauto / best fixed: geometric mean {geo:.3f}, worst {min(r['auto_over_best'] for r in rows):.3f}")
+    hybrid = [r["variants"]["hybrid"] / r["auto"] for r in rows]
+    print(f"hybrid / auto (draft only): geometric mean {math.exp(statistics.mean(map(math.log, hybrid))):.3f}, ")
+    print(f"worst {min(hybrid):.3f}; lookup only / plain: worst {min(r['variants']['lookup only'] for r in rows):.3f}")
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -235,13 +316,14 @@ def main(argv=None) -> int:
     rec.add_argument("--max-tokens", type=int, default=256)
     rec.add_argument("--max-draft", type=int, default=8)
     rec.add_argument("--temps", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.7])
-    rec.add_argument("--prompt", action="append", choices=list(PROMPTS), help="default: every benchmark prompt")
+    rec.add_argument("--prompt", action="append", choices=list(ALL_PROMPTS), help="default: every benchmark prompt")
     rec.add_argument("--samples", type=int, default=1, help="texts sampled per prompt at temp > 0 (seeds 1..N)")
     rec.add_argument("--no-costs", action="store_true", help="traces only (the costs need a quiet machine)")
     rec.add_argument("--out", default="traces.json")
     rep = sub.add_parser("replay", help="replay the controller and fixed draft lengths over recorded traces")
     rep.add_argument("traces")
     rep.add_argument("--seeds", type=int, default=8)
+    rep.add_argument("--max-tokens", type=int, help="replay only the first N tokens of each trace (short replies)")
     args = parser.parse_args(argv)
     if args.command == "record":
         result = record(args)
@@ -255,6 +337,11 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: cannot read traces {args.traces}: {e}", file=sys.stderr)
         return 2
+    if args.max_tokens:
+        for trace in traces["traces"].values():
+            for key in ("agree", "accept", "exact_match"):
+                if key in trace:
+                    trace[key] = trace[key][: args.max_tokens]
     if "costs" in traces:
         print_table(traces, args.seeds)
     if any("exact_match" in t for t in traces["traces"].values()):

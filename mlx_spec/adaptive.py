@@ -1,135 +1,253 @@
-"""Before each round: choose the draft length k (0 = plain decoding) that maximises expected tokens per second.
+"""Before each round: choose its source (lookup, draft model, plain) and length for the most tokens per second.
 
 Pure and deterministic: it learns only from what `record` tells it after each
-round (draft length, tokens accepted, seconds the round took).
+round (source, length, tokens accepted, seconds the round took). What it
+learnt about a (main, draft) pair is kept for the next call in this process.
 """
 
-SLOPE_PRIOR = 2.0  # weight of the prior slope in the cost line's fit
+import weakref
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+PLAIN, DRAFT, LOOKUP = "plain", "draft", "lookup"
+SLOPE_PRIOR = 2.0  # weight of the prior slope in a cost line's fit
 OUTLIER = 1.5  # a round's seconds count at most this times what its kind of round was expected to take
+MAX_POSITIONS = 32  # positions whose acceptance is tracked (the longest round drafts SLACK tokens)
+# Lookup matches are bucketed by length (1, 2, 3, 4-7, 8+ tokens): a longer match is a surer copy.
+MATCH_BUCKETS = (1, 2, 3, 4, 8)
+LOOKUP_PRIORS = (0.3, 0.5, 0.6, 0.7, 0.8)  # prior acceptance of each bucket
+VERIFY_SLOPE = 0.05  # prior cost of one more verified row, in plain steps (a lookup round's slope)
 
 
-class DraftController:
-    """Adaptive draft length.
+class Choice(NamedTuple):
+    """A round's plan: where its draft tokens come from and how many (PLAIN: none)."""
 
-    Acceptance: a_i = P(draft token i accepted | tokens 1..i-1 accepted), per
-    position, from counts decayed by each drafting round (recent rounds weigh
-    more). Positions with few observations lean on the pooled rate of all
-    positions, which itself starts from `prior_acceptance` worth `prior_rounds`
-    observations, so one unlucky first round does not stop drafting for long.
-    Expected tokens of a round with k drafts: E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j.
-    Cost: plain rounds T(0) and drafting rounds T(k) = A + B k are learnt apart
-    (a verify pass over k+1 tokens is not a plain step plus k cheap rows), from
-    a decayed average and a decayed least-squares line whose slope leans on the
-    prior B = T(0) * cost_ratio (e.g. the draft's bytes over the main model's)
-    until several draft lengths were seen; until a plain round was seen,
-    T(0) = A. A round slower than 1.5x its expectation counts as 1.5x.
-    Choice: argmax over k in 0..max_draft of E(k) / T(k). While plain decoding
-    wins, two one-token rounds probe after `probe_every` plain rounds (the
-    first catches the draft up on the skipped tokens and is not timed, the
-    second is); each probe that does not bring drafting back doubles the gap
-    (up to `max_probe_gap`), so a pair whose draft never agrees costs little,
-    and code after prose is still caught.
+    source: str
+    num_draft: int
+    bucket: int = 0  # LOOKUP: the match-length bucket
+
+
+def bucket_of(match_length: int) -> int:
+    return sum(match_length >= b for b in MATCH_BUCKETS) - 1
+
+
+class Acceptance:
+    """a_i = P(draft token i accepted | tokens 1..i-1 accepted), per position, from decayed counts.
+
+    Positions with few observations lean on the pooled rate of all positions,
+    which itself starts from `prior` worth `prior_rounds` observations, so one
+    unlucky first round does not stop drafting for long. Counts decay by
+    `decay` per round of this source (recent rounds weigh more).
+    """
+
+    def __init__(self, prior: float, prior_rounds: float = 4.0, decay: float = 0.95):
+        self.prior, self.prior_rounds, self.decay = prior, prior_rounds, decay
+        self.tried = [0.0] * (MAX_POSITIONS + 1)  # decayed trials at position i (index 1..MAX_POSITIONS)
+        self.accepted = [0.0] * (MAX_POSITIONS + 1)
+
+    def record(self, num_draft: int, num_accepted: int):
+        self.tried = [x * self.decay for x in self.tried]
+        self.accepted = [x * self.decay for x in self.accepted]
+        for i in range(1, min(num_draft, num_accepted + 1) + 1):  # positions observed this round
+            self.tried[i] += 1.0
+            self.accepted[i] += 1.0 if i <= num_accepted else 0.0
+
+    def rates(self, k: int) -> list[float]:
+        """a_1..a_k."""
+        n0 = self.prior_rounds
+        pooled = (sum(self.accepted) + n0 * self.prior) / (sum(self.tried) + n0)
+        return [(self.accepted[i] + 2.0 * pooled) / (self.tried[i] + 2.0) for i in range(1, k + 1)]
+
+    def expected_tokens(self, max_k: int) -> list[float]:
+        """E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j for k = 0..max_k."""
+        out, run = [1.0], 1.0
+        for a in self.rates(max_k):
+            run *= a
+            out.append(out[-1] + run)
+        return out
+
+
+class CostLine:
+    """Seconds of a round of k > 0 drafts, T(k) = A + B k: a decayed least-squares line.
+
+    Its slope is pulled towards a prior B0 with the weight of SLOPE_PRIOR (in
+    rounds times k^2), so that few lengths, or one slow round, cannot tilt it far.
+    """
+
+    def __init__(self, decay: float = 0.95):
+        self.decay = decay
+        self.sums = [0.0] * 5  # decayed sums of w, w k, w k^2, w t, w k t
+
+    @property
+    def seen(self) -> bool:
+        return self.sums[0] > 0
+
+    def record(self, k: int, seconds: float):
+        k = float(k)
+        self.sums = [s * self.decay + x for s, x in zip(self.sums, (1.0, k, k * k, seconds, k * seconds))]
+
+    def line(self, slope_prior: float) -> tuple[float, float]:
+        """(A, B), given the prior slope B0."""
+        w, wk, wkk, wt, wkt = self.sums
+        mean_k, mean_t = wk / w, wt / w
+        lam = SLOPE_PRIOR
+        b = max((w * (wkt + lam * slope_prior) - wk * wt) / (w * (wkk + lam) - wk * wk), 0.0)
+        return max(mean_t - b * mean_k, 0.0), b
+
+
+@dataclass
+class Learnt:
+    """What the controller knows of one (main, draft) pair; it carries over to the next call."""
+
+    plain: list = field(default_factory=lambda: [0.0, 0.0])  # decayed sums over plain rounds of w, w t
+    draft_cost: CostLine = field(default_factory=CostLine)
+    lookup_cost: CostLine = field(default_factory=CostLine)
+    draft: Acceptance = field(default_factory=lambda: Acceptance(0.8))
+    lookup: list = field(default_factory=lambda: [Acceptance(p) for p in LOOKUP_PRIORS])  # per match bucket
+    num_rounds: int = 0
+
+
+_LEARNT: dict[tuple[int, int], Learnt] = {}
+
+
+def learnt_for(main_model, draft_model) -> Learnt:
+    """The process's store for this pair, dropped when either model is."""
+    key = (id(main_model), id(draft_model))
+    if key not in _LEARNT:
+        _LEARNT[key] = Learnt()
+        for model in (main_model, draft_model):
+            if model is not None:
+                weakref.finalize(model, _LEARNT.pop, key, None)
+    return _LEARNT[key]
+
+
+class Controller:
+    """Adaptive source and length of each round.
+
+    Expected tokens of a round with k drafts: E(k) from the source's per-position
+    acceptance (lookup: per match-length bucket). Cost: plain rounds T0, drafting
+    rounds T_d(k) = A + B k and lookup rounds T_l(k) = A' + B' k are learnt
+    apart (a verify pass over k+1 tokens is not a plain step plus k cheap rows);
+    the drafting slope leans on B0 = T0 * cost_ratio (the draft's bytes over the
+    main model's), the lookup slope on T0 * VERIFY_SLOPE; until a plain round
+    was seen, T0 = A. A round slower than 1.5x its expectation counts as 1.5x.
+    Choice: the source and k with the largest E(k) / T(k), lookup only where the
+    conversation has a match. While plain decoding wins, two one-token draft
+    rounds probe after `probe_every` plain rounds (the first catches the draft up
+    on the skipped tokens and is not timed, the second is); a match declined
+    `probe_every` times in a row is tried with one token. Each probe that does
+    not bring its source back doubles its gap (up to `max_probe_gap`), so a
+    source that never agrees costs little, and code after prose is still caught.
     """
 
     def __init__(
         self,
+        learnt: Learnt | None = None,
         max_draft: int = 10,
+        max_lookup: int = 16,
+        has_draft: bool = True,
         cost_ratio: float = 0.3,
         decay: float = 0.95,
         probe_every: int = 4,
         max_probe_gap: int = 64,
         first_draft: int = 3,
-        prior_acceptance: float = 0.8,
-        prior_rounds: float = 4.0,
     ):
-        self.max_draft = max_draft
+        self.learnt = learnt if learnt is not None else Learnt()
+        self.max_draft = max_draft if has_draft else 0
+        self.max_lookup = max_lookup
         self.cost_ratio = cost_ratio
         self.decay = decay
         self.probe_every = probe_every
         self.max_probe_gap = max_probe_gap
         self.first_draft = first_draft
-        self.prior_acceptance = prior_acceptance
-        self.prior_rounds = prior_rounds
-        self.tried = [0.0] * (max_draft + 1)  # decayed trials at position i (index 1..max_draft)
-        self.accepted = [0.0] * (max_draft + 1)
-        self.plain = [0.0, 0.0]  # decayed sums over plain rounds of w, w t
-        self.sums = [0.0] * 5  # decayed sums over drafting rounds of w, w k, w k^2, w t, w k t
-        self.num_rounds = 0
+        self.fresh = self.learnt.num_rounds == 0  # nothing known yet: the first round drafts first_draft
         self.plain_streak = 0
         self.probe_gap = probe_every
         self.probe_left = 0
+        self.declined = 0  # rounds in a row whose lookup match was not used
+        self.lookup_gap = probe_every
 
     # --- learning -------------------------------------------------------------
-    def record(self, num_draft: int, num_accepted: int, seconds: float | None):
-        d = self.decay
-        if num_draft > 0:  # plain rounds teach nothing about acceptance: keep what is known
-            self.tried = [x * d for x in self.tried]
-            self.accepted = [x * d for x in self.accepted]
-        for i in range(1, min(num_draft, num_accepted + 1) + 1):  # positions observed this round
-            self.tried[i] += 1.0
-            self.accepted[i] += 1.0 if i <= num_accepted else 0.0
+    def record(self, choice: Choice, num_accepted: int, seconds: float | None):
+        learnt, d = self.learnt, self.decay
+        source, k = choice.source, choice.num_draft
+        if source == DRAFT:
+            learnt.draft.record(k, num_accepted)
+        elif source == LOOKUP:
+            learnt.lookup[choice.bucket].record(k, num_accepted)
         if seconds is not None:  # None: the round's time says nothing about T(k)
-            if (self.plain if num_draft == 0 else self.sums)[0] > 0:  # one slow round must not rule for long
-                seconds = min(seconds, OUTLIER * self.round_seconds(num_draft))
-            if num_draft == 0:
-                self.plain = [s * d + x for s, x in zip(self.plain, (1.0, seconds))]
+            if self._cost_seen(source):  # one slow round must not rule for long
+                seconds = min(seconds, OUTLIER * self.round_seconds(source, k))
+            if source == PLAIN:
+                learnt.plain = [s * d + x for s, x in zip(learnt.plain, (1.0, seconds))]
             else:
-                k = float(num_draft)
-                self.sums = [s * d + x for s, x in zip(self.sums, (1.0, k, k * k, seconds, k * seconds))]
-        self.num_rounds += 1
-        self.plain_streak = self.plain_streak + 1 if num_draft == 0 else 0
+                (learnt.draft_cost if source == DRAFT else learnt.lookup_cost).record(k, seconds)
+        learnt.num_rounds += 1
+        self.fresh = False
+        self.plain_streak = self.plain_streak + 1 if source == PLAIN else 0 if source == DRAFT else self.plain_streak
 
-    def acceptance(self) -> list[float]:
-        """a_1..a_max_draft."""
-        n0 = self.prior_rounds
-        pooled = (sum(self.accepted) + n0 * self.prior_acceptance) / (sum(self.tried) + n0)
-        return [(self.accepted[i] + 2.0 * pooled) / (self.tried[i] + 2.0) for i in range(1, self.max_draft + 1)]
+    def _cost_seen(self, source: str) -> bool:
+        learnt = self.learnt
+        return {PLAIN: learnt.plain[0] > 0, DRAFT: learnt.draft_cost.seen, LOOKUP: learnt.lookup_cost.seen}[source]
 
-    def cost(self) -> tuple[float, float, float]:
-        """(T0, A, B): seconds of a plain round, and T(k) = A + B k of a drafting round.
+    def plain_seconds(self) -> float:
+        learnt = self.learnt
+        if learnt.plain[0] > 0:
+            return learnt.plain[1] / learnt.plain[0]
+        for line, prior in ((learnt.draft_cost, self.cost_ratio), (learnt.lookup_cost, VERIFY_SLOPE)):
+            if line.seen:  # T0 unseen: taken as A of a line whose slope leans on a prior relative to it
+                w, wk, _, wt, _ = line.sums
+                return line.line(prior * (wt / w) / (1.0 + prior * wk / w))[0]
+        return 1.0
 
-        The line is a least-squares fit whose slope is pulled towards the prior
-        B0 = T0 * cost_ratio with the weight of `SLOPE_PRIOR` (in rounds times k^2),
-        so that few draft lengths, or one slow round, cannot tilt it far.
-        """
-        w, wk, wkk, wt, wkt = self.sums
-        t0 = self.plain[1] / self.plain[0] if self.plain[0] > 0 else None
-        if w == 0:  # no timed drafting round yet
-            t0 = 1.0 if t0 is None else t0
-            return t0, t0, self.cost_ratio * t0
-        mean_k, mean_t = wk / w, wt / w
-        b0 = self.cost_ratio * (mean_t / (1.0 + self.cost_ratio * mean_k) if t0 is None else t0)
-        lam = SLOPE_PRIOR
-        b = max((w * (wkt + lam * b0) - wk * wt) / (w * (wkk + lam) - wk * wk), 0.0)
-        a = max(mean_t - b * mean_k, 0.0)
-        return (a if t0 is None else t0), a, b
-
-    def round_seconds(self, k: int) -> float:
-        t0, a, b = self.cost()
-        return t0 if k == 0 else a + b * k
+    def round_seconds(self, source: str, k: int) -> float:
+        t0 = self.plain_seconds()
+        if source == PLAIN or k == 0:
+            return t0
+        line, prior = (
+            (self.learnt.draft_cost, self.cost_ratio) if source == DRAFT else (self.learnt.lookup_cost, VERIFY_SLOPE)
+        )
+        if not line.seen:
+            return t0 + prior * t0 * k
+        a, b = line.line(prior * t0)
+        return a + b * k
 
     # --- deciding -------------------------------------------------------------
-    def expected_tokens(self, k: int) -> float:
-        total, run = 1.0, 1.0
-        for a in self.acceptance()[:k]:
-            run *= a
-            total += run
-        return total
+    def best(self, source: str, max_k: int, bucket: int = 0) -> tuple[float, int]:
+        """(tokens per second, k) of the best length of `source`."""
+        acceptance = self.learnt.draft if source == DRAFT else self.learnt.lookup[bucket]
+        expected = acceptance.expected_tokens(max_k)
+        rate, k = max((expected[k] / self.round_seconds(source, k), -k) for k in range(1, max_k + 1))
+        return rate, -k
 
-    def best(self) -> int:
-        return max(range(self.max_draft + 1), key=lambda k: (self.expected_tokens(k) / self.round_seconds(k), -k))
-
-    def choose(self) -> int:
-        if self.num_rounds == 0:
-            return min(self.first_draft, self.max_draft)
+    def choose(self, match=None) -> Choice:
+        """The next round's plan; `match`: the conversation's lookup match (lookup.Match) or None."""
+        bucket = None if match is None or self.max_lookup == 0 else bucket_of(match.length)
+        if self.fresh and self.max_draft > 0:
+            return Choice(DRAFT, min(self.first_draft, self.max_draft))
         if self.probe_left > 0:
             self.probe_left -= 1
-            return 1
-        k = self.best()
-        if k > 0:
+            return Choice(DRAFT, 1)
+        options = [(1.0 / self.plain_seconds(), Choice(PLAIN, 0))]
+        if self.max_draft > 0:
+            rate, k = self.best(DRAFT, self.max_draft)
+            options.append((rate, Choice(DRAFT, k)))
+        if bucket is not None:
+            rate, k = self.best(LOOKUP, self.max_lookup, bucket)
+            options.append((rate, Choice(LOOKUP, k, bucket)))
+        choice = max(options, key=lambda o: (o[0], -o[1].num_draft))[1]
+        if bucket is not None:
+            if choice.source == LOOKUP:
+                self.declined, self.lookup_gap = 0, self.probe_every
+            else:
+                self.declined += 1
+                if self.declined >= self.lookup_gap:
+                    self.declined, self.lookup_gap = 0, min(2 * self.lookup_gap, self.max_probe_gap)
+                    return Choice(LOOKUP, 1, bucket)
+        if choice.source == DRAFT:
             self.probe_gap = self.probe_every
-        elif self.plain_streak >= self.probe_gap:
+        elif choice.source == PLAIN and self.max_draft > 0 and self.plain_streak >= self.probe_gap:
             self.probe_gap = min(2 * self.probe_gap, self.max_probe_gap)
             self.probe_left = 1  # the first round catches the draft up on skipped tokens; the second is timed
-            return 1
-        return k
+            return Choice(DRAFT, 1)
+        return choice

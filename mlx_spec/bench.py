@@ -30,6 +30,111 @@ PROMPTS = {
     "dc-trip": "Plan a 1 day trip to DC",
 }
 
+# Workloads whose answer repeats text of the conversation (written for this benchmark): a code edit that
+# returns the whole file, a quote from a document, and a second chat turn that rewrites the first turn's code.
+INVENTORY_PY = """import csv
+from dataclasses import dataclass
+
+
+@dataclass
+class Item:
+    sku: str
+    name: str
+    quantity: int
+    price: float
+
+
+def load_items(path):
+    items = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            items.append(Item(row["sku"], row["name"], int(row["quantity"]), float(row["price"])))
+    return items
+
+
+def total_value(items):
+    return sum(item.quantity * item.price for item in items)
+
+
+def low_stock(items, threshold=5):
+    return [item for item in items if item.quantity < threshold]
+
+
+def restock(items, sku, amount):
+    for item in items:
+        if item.sku == sku:
+            item.quantity += amount
+            return item
+    raise KeyError(sku)
+
+
+if __name__ == "__main__":
+    stock = load_items("inventory.csv")
+    print(f"{len(stock)} items, worth {total_value(stock):.2f}")
+    for item in low_stock(stock):
+        print(f"low: {item.name} ({item.quantity} left)")
+"""
+
+HANDBOOK = """Harbor Street Library: visitor handbook
+
+Opening hours. The library is open from 9 am to 8 pm on weekdays and from 10 am to 5 pm on Saturdays. \
+It is closed on Sundays and public holidays. The reading room closes thirty minutes before the building.
+
+Borrowing. Members may borrow up to twelve items at a time. Books are lent for three weeks, films and \
+games for one week. An item can be renewed twice, online or at the desk, unless another member has \
+reserved it. Reference works and newspapers cannot be borrowed.
+
+Late returns. A book returned late costs 20 cents per day, up to 6 dollars per item. Films and games \
+cost 1 dollar per day. Members with more than 10 dollars of unpaid fees cannot borrow until they pay. \
+Fees are waived for members under sixteen.
+
+Study rooms. Four study rooms can be booked for up to two hours a day, at most one week ahead. A room \
+that is not claimed within fifteen minutes of the booked time is released to the next visitor.
+
+Printing and scanning. Black and white pages cost 10 cents, colour pages 50 cents. Scanning to a USB \
+drive or to email is free. The printers accept cards and coins but not notes.
+"""
+
+WORD_COUNT_PY = """def count_words(path):
+    counts = {}
+    with open(path) as f:
+        for line in f:
+            for word in line.split():
+                word = word.strip(".,;:!?\\"'()").lower()
+                if word:
+                    counts[word] = counts.get(word, 0) + 1
+    return counts
+
+
+def top_words(counts, n=10):
+    pairs = sorted(counts.items(), key=lambda pair: pair[1], reverse=True)
+    return pairs[:n]
+
+
+if __name__ == "__main__":
+    import sys
+
+    counts = count_words(sys.argv[1])
+    for word, count in top_words(counts):
+        print(f"{word}: {count}")
+"""
+
+REPEAT_PROMPTS = {
+    "rename": "Rename the class `Item` to `Product` and the function `load_items` to `load_products` everywhere "
+    "in this file. Return the whole file, code only.\n\n```python\n" + INVENTORY_PY + "```",
+    "extract": HANDBOOK + "\nCopy the sections on borrowing and late returns exactly as written, word for word, "
+    "then answer in one sentence: how much does a book returned ten days late cost?",
+    "chat-rewrite": [
+        {"role": "user", "content": "Write a Python function that counts how often each word occurs in a text file."},
+        {"role": "assistant", "content": "```python\n" + WORD_COUNT_PY + "```"},
+        {
+            "role": "user",
+            "content": "Add type hints and a docstring to every function, keep everything else as it is, "
+            "and return the whole code.",
+        },
+    ],
+}
+
 # LM Studio 0.3.10, MLX engine, M3 Pro 36 GB: (main, draft, prompt, tok/s alone, tok/s with draft)
 PRESETS = {
     "lmstudio-m3pro": [
@@ -50,7 +155,10 @@ PRESETS = {
     ],
 }
 
+ALL_PROMPTS = {**REPEAT_PROMPTS, **PROMPTS}  # the benchmark's default set, the repeat workloads first
+
 MAIN_ALONE, OURS, OURS_PLAIN, MLX_LM = "main alone", "mlx_spec", "mlx_spec, no draft", "mlx-lm"
+OURS_LOOKUP, OURS_DRAFT_ONLY = "mlx_spec, lookup only", "mlx_spec, draft only"  # with prompt lookup on
 
 
 @dataclass
@@ -68,13 +176,20 @@ class Run:
     accepted_tokens: int = 0
     rounds: int = 0
     peak_memory: float = 0.0
+    lookup_draft_tokens: int = 0  # of draft_tokens, copied from the conversation
+    lookup_accepted_tokens: int = 0
 
     @property
     def tps(self) -> float:
         return self.tokens / self.seconds
 
+    @property
+    def decode_tps(self) -> float:
+        """Tokens per second from the first token to the last (the prompt's prefill left out)."""
+        return (self.tokens - 1) / (self.seconds - self.time_to_first_token)
 
-def _run_ours(main, draft, prompt, max_tokens, temp, num_draft, seed):
+
+def _run_ours(main, draft, prompt, max_tokens, temp, num_draft, seed, lookup):
     stats = GenerationStats()
     steps = speculative_generate_step(
         prompt,
@@ -85,10 +200,12 @@ def _run_ours(main, draft, prompt, max_tokens, temp, num_draft, seed):
         temp=temp,
         seed=seed,
         stats=stats,
+        prompt_lookup=lookup,
     )
     for _ in steps:
         pass
-    return stats.total_draft_tokens, stats.accepted_draft_tokens, stats.num_rounds, stats.time_to_first_token
+    counts = stats.total_draft_tokens, stats.accepted_draft_tokens, stats.num_rounds, stats.time_to_first_token
+    return counts + (stats.lookup_draft_tokens, stats.lookup_accepted_tokens)
 
 
 def _run_mlx_lm(main, draft, prompt, max_tokens, temp, num_draft, seed):
@@ -116,15 +233,20 @@ def _run_mlx_lm(main, draft, prompt, max_tokens, temp, num_draft, seed):
     return drafted, accepted, rounds, first
 
 
-def run_once(variant, num_draft, main, draft, prompt, max_tokens, temp, rep, prompt_name) -> Run:
+def run_once(variant, num_draft, main, draft, prompt, max_tokens, temp, rep, prompt_name, lookup=True) -> Run:
+    """One run; `lookup`: whether the OURS variant (the default engine) copies from the conversation."""
     mx.reset_peak_memory()
     start = time.perf_counter()
+    looked_up = (0, 0)
     if variant == MAIN_ALONE:
         counts = _run_mlx_lm(main, None, prompt, max_tokens, temp, None, rep)
     elif variant == MLX_LM:
         counts = _run_mlx_lm(main, draft, prompt, max_tokens, temp, num_draft, rep)
     else:
-        counts = _run_ours(main, draft if variant == OURS else None, prompt, max_tokens, temp, num_draft, rep)
+        with_draft = variant in (OURS, OURS_DRAFT_ONLY)
+        with_lookup = variant == OURS_LOOKUP or (variant == OURS and lookup)
+        counts = _run_ours(main, draft if with_draft else None, prompt, max_tokens, temp, num_draft, rep, with_lookup)
+        counts, looked_up = counts[:4], counts[4:]
     seconds = time.perf_counter() - start
     drafted, accepted, rounds, first = counts
     return Run(
@@ -141,6 +263,7 @@ def run_once(variant, num_draft, main, draft, prompt, max_tokens, temp, rep, pro
         accepted,
         rounds,
         mx.get_peak_memory() / 1e9,
+        *looked_up,
     )
 
 
@@ -202,14 +325,19 @@ class Config:
     repetitions: int = 1
     peer: bool = True
     ours_plain: bool = True
+    lookup: bool = True  # mlx_spec copies from the conversation; adds the lookup-only and draft-only variants
 
 
 def variants(cfg: Config, has_draft: bool):
     out = [(MAIN_ALONE, None)]
     if cfg.ours_plain:
         out.append((OURS_PLAIN, None))
+    if cfg.lookup:
+        out.append((OURS_LOOKUP, "auto"))
     if has_draft:
         out += [(OURS, k) for k in cfg.draft_lengths]
+        if cfg.lookup and "auto" in cfg.draft_lengths:
+            out.append((OURS_DRAFT_ONLY, "auto"))
         if cfg.peer:
             out += [(MLX_LM, k) for k in cfg.draft_lengths if k != "auto"]
     return out
@@ -221,7 +349,7 @@ def run_benchmark(main, draft, tokenizer, cfg: Config, progress: Callable[[str],
     progress(f"warm-up ({len(plan)} variants)")
     first_prompt = next(iter(encoded.values()))
     for variant, k in plan:
-        run_once(variant, k, main, draft, first_prompt, 4, 0.0, 0, "warm-up")
+        run_once(variant, k, main, draft, first_prompt, 4, 0.0, 0, "warm-up", cfg.lookup)
     cost = {}
     if draft is not None:
         for name, prompt in encoded.items():
@@ -238,7 +366,7 @@ def run_benchmark(main, draft, tokenizer, cfg: Config, progress: Callable[[str],
         for temp in cfg.temps:
             for name, prompt in encoded.items():
                 for variant, k in plan:
-                    run = run_once(variant, k, main, draft, prompt, cfg.max_tokens, temp, rep, name)
+                    run = run_once(variant, k, main, draft, prompt, cfg.max_tokens, temp, rep, name, cfg.lookup)
                     runs.append(run)
                     progress(
                         f"[{len(runs)}/{total}] {name} temp={temp} {variant}"
@@ -252,10 +380,12 @@ def run_benchmark(main, draft, tokenizer, cfg: Config, progress: Callable[[str],
     }
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def _encode(tokenizer, text: str | list[dict]) -> list[int]:
+    """A prompt's tokens: a user message, or a conversation (a list of messages), in the chat template."""
+    messages = [{"role": "user", "content": text}] if isinstance(text, str) else text
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-    return tokenizer.encode(text)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.encode("\n\n".join(m["content"] for m in messages))
 
 
 def summarize(runs: list[Run], cost: dict[str, float]) -> list[dict]:
@@ -269,6 +399,9 @@ def summarize(runs: list[Run], cost: dict[str, float]) -> list[dict]:
         tps = statistics.median(r.tps for r in group)
         drafted = sum(r.draft_tokens for r in group)
         rounds = sum(r.rounds for r in group)
+        tokens = sum(r.tokens for r in group)
+        looked_up = sum(r.lookup_draft_tokens for r in group)
+        decode_base = statistics.median(r.decode_tps for r in groups[(temp, prompt, MAIN_ALONE, None)])
         row = dict(
             temp=temp,
             prompt=prompt,
@@ -276,6 +409,11 @@ def summarize(runs: list[Run], cost: dict[str, float]) -> list[dict]:
             num_draft=k,
             tps=tps,
             speedup=tps / base,
+            decode_tps=statistics.median(r.decode_tps for r in group),
+            decode_speedup=statistics.median(r.decode_tps for r in group) / decode_base,
+            lookup_share=sum(r.lookup_accepted_tokens for r in group) / tokens,
+            draft_share=sum(r.accepted_tokens - r.lookup_accepted_tokens for r in group) / tokens,
+            lookup_acceptance=sum(r.lookup_accepted_tokens for r in group) / looked_up if looked_up else None,
             acceptance=sum(r.accepted_tokens for r in group) / drafted if drafted else None,
             tokens_per_round=sum(r.tokens for r in group) / rounds if rounds else None,
             time_to_first_token=statistics.median(r.time_to_first_token for r in group),
@@ -330,7 +468,7 @@ def add_arguments(p):
     p.add_argument(
         "--draft-model", help="draft model, or 'auto': the best compatible local one; default: the pair's draft"
     )
-    p.add_argument("--prompt", action="append", help=f"a prompt name ({', '.join(PROMPTS)}) or text; repeatable")
+    p.add_argument("--prompt", action="append", help=f"a prompt name ({', '.join(ALL_PROMPTS)}) or text; repeatable")
     p.add_argument("--prompt-file", help="a file with one prompt per line")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--draft-lengths", default="1-8,auto", help="e.g. 1-8, 1,2,4 or 2,4,auto (default 1-8,auto)")
@@ -338,6 +476,11 @@ def add_arguments(p):
     p.add_argument("--repetitions", type=int, default=1)
     p.add_argument("--no-peer", action="store_true", help="skip mlx-lm's speculative decoding")
     p.add_argument("--no-plain", action="store_true", help="skip plain decoding through mlx_spec")
+    p.add_argument(
+        "--no-prompt-lookup",
+        action="store_true",
+        help="mlx_spec drafts with the draft model only (no copying from the conversation, no lookup-only variant)",
+    )
     p.add_argument("--quick", action="store_true", help="one prompt, 32 tokens, k = 2, 4 and auto: minutes on a CPU")
     p.add_argument("--preset", help=f"run a published configuration: {', '.join(PRESETS)}")
     p.add_argument("--out", default="benchmarks/out", help="folder for the JSON, markdown and PNG results")
@@ -350,7 +493,7 @@ def config_from_args(args) -> Config:
         raise ValueError(f"--repetitions must be >= 1, got {args.repetitions}")
     prompts = {}
     for p in args.prompt or []:
-        prompts[p if p in PROMPTS else f"prompt{len(prompts) + 1}"] = PROMPTS.get(p, p)
+        prompts[p if p in ALL_PROMPTS else f"prompt{len(prompts) + 1}"] = ALL_PROMPTS.get(p, p)
     if args.prompt_file:
         path = Path(args.prompt_file)
         if not path.is_file():
@@ -358,13 +501,14 @@ def config_from_args(args) -> Config:
         for line in filter(None, map(str.strip, path.read_text().splitlines())):
             prompts[f"prompt{len(prompts) + 1}"] = line
     cfg = Config(
-        prompts=prompts or dict(PROMPTS),
+        prompts=prompts or dict(ALL_PROMPTS),
         max_tokens=args.max_tokens,
         draft_lengths=parse_draft_lengths(args.draft_lengths),
         temps=parse_temps(args.temps),
         repetitions=args.repetitions,
         peer=not args.no_peer,
         ours_plain=not args.no_plain,
+        lookup=not args.no_prompt_lookup,
     )
     if args.quick:
         cfg.prompts = (

@@ -21,14 +21,18 @@ def _fmt(x, spec=".2f"):
 def markdown(result: dict) -> str:
     rows = result["summary"]
     out = [
-        "| temp | prompt | variant | k | tok/s | speed-up | accepted | tokens/round | predicted | efficiency "
+        "| temp | prompt | variant | k | tok/s | speed-up | decode tok/s | decode speed-up | accepted "
+        "| from lookup | from draft | lookup accepted | tokens/round | predicted | efficiency "
         "| predicted (measured verify) | efficiency (measured verify) | TTFT s | peak GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
             f"| {r['temp']} | {r['prompt']} | {r['variant']} | {r['num_draft'] or ''} | {r['tps']:.2f} "
-            f"| {r['speedup']:.2f}x | {_fmt(r['acceptance'] and 100 * r['acceptance'], '.0f')}{'%' if r['acceptance'] is not None else ''} "
+            f"| {r['speedup']:.2f}x | {r['decode_tps']:.2f} | {r['decode_speedup']:.2f}x "
+            f"| {_fmt(r['acceptance'] and 100 * r['acceptance'], '.0f')}{'%' if r['acceptance'] is not None else ''} "
+            f"| {100 * r['lookup_share']:.0f}% | {100 * r['draft_share']:.0f}% "
+            f"| {_pct(r['lookup_acceptance'])} "
             f"| {_fmt(r['tokens_per_round'])} | {_fmt(r['predicted'])} | {_fmt(r['efficiency'])} "
             f"| {_fmt(r['predicted_with_verify'])} | {_fmt(r['engine_efficiency'])} "
             f"| {r['time_to_first_token']:.2f} | {r['peak_memory']:.2f} |"
@@ -52,6 +56,10 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
+def _pct(x) -> str:
+    return "" if x is None else f"{100 * x:.0f}%"
+
+
 def _best(row) -> str:
     return "" if row is None else f"{row['speedup']:.2f}x (k={row['num_draft']})"
 
@@ -63,7 +71,11 @@ def plot(result: dict, path: Path):
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["summary"] if r["num_draft"] and r["num_draft"] != "auto"]
-    auto = {(r["temp"], r["prompt"]): r["speedup"] for r in result["summary"] if r["num_draft"] == "auto"}
+    auto = {
+        (r["temp"], r["prompt"]): r["speedup"]
+        for r in result["summary"]
+        if r["num_draft"] == "auto" and r["variant"] == OURS
+    }
     panels = sorted({(r["temp"], r["prompt"]) for r in rows})
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.6), squeeze=False)
     for ax, (temp, prompt) in zip(axes[0], panels):

@@ -53,6 +53,7 @@ class SlackRotatingCache:
         slots = np.arange(self.capacity)
         ring = self.capacity - self.keep
         positions = last - ((last - self.keep) - (slots - self.keep)) % ring
+        positions[positions < self.keep] = -1  # a ring slot that holds no position up to `last`
         positions[: self.keep] = slots[: self.keep]
         return positions
 

@@ -15,7 +15,7 @@ from .load import model_name
 from .options import MAX_DRAFT_TOKENS, GenerationOptions, parse_num_draft_tokens
 from .stats import GenerationStats
 
-GREEN, DIM, RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
+GREEN, CYAN, DIM, RESET = "\x1b[32m", "\x1b[36m", "\x1b[2m", "\x1b[0m"
 PROMPT = ">>> "
 LEAVE_HINT = "(Ctrl-D or /quit leaves)"
 
@@ -25,9 +25,14 @@ def use_color(stream, no_color: bool = False) -> bool:
     return not no_color and not os.environ.get("NO_COLOR") and stream.isatty()
 
 
-def paint(text: str, from_draft: bool, color: bool) -> str:
-    """Draft tokens in green, the main model's own tokens plain."""
-    return f"{GREEN}{text}{RESET}" if color and from_draft and text else text
+def paint(text: str, from_draft: bool, color: bool, source: str | None = "draft") -> str:
+    """Draft tokens in green, tokens copied from the conversation in cyan, the main model's own tokens plain."""
+    if not (color and from_draft and text):
+        return text
+    return f"{CYAN if source == 'lookup' else GREEN}{text}{RESET}"
+
+
+LEGEND = f"{GREEN}green{RESET}: draft tokens the main model accepted; {CYAN}cyan{RESET}: copied from the conversation"
 
 
 def conversation_tokens(tokenizer, messages, system_prompt: str | None = None):
@@ -158,7 +163,7 @@ class ChatSession:
         try:
             with closing(stream_generate(self.model, self.tokenizer, new_tokens, **kwargs)) as responses:
                 for response in responses:
-                    self.out.write(paint(response.text, response.from_draft, self.color))
+                    self.out.write(paint(response.text, response.from_draft, self.color, response.source))
                     self.out.flush()
                     reply += response.text
         except KeyboardInterrupt:  # the generator's cleanup has left the caches consistent
@@ -191,11 +196,13 @@ class ChatSession:
 
     def turn_line(self, stats: GenerationStats) -> str:
         parts = [f"{stats.generation_tokens} tokens", f"{stats.generation_tps:.1f} tokens/s"]
-        if self.draft_model is not None:
+        if self.draft_model is not None or self.settings.prompt_lookup:
             parts.append(
                 f"accepted {stats.accepted_draft_tokens}/{stats.total_draft_tokens} draft tokens "
                 f"({100 * stats.acceptance_rate:.1f}%)"
             )
+            if stats.lookup_draft_tokens:
+                parts.append(f"{stats.lookup_accepted_tokens} copied from the conversation")
             parts.append(f"{stats.mean_tokens_per_round:.2f} tokens per round")
             if self.settings.num_draft_tokens == "auto":
                 parts.append(f"draft length {stats.mean_draft_length:.1f} on average")
@@ -215,8 +222,8 @@ class ChatSession:
             k = self.settings.num_draft_tokens
             per_round = "draft length chosen each round" if k == "auto" else f"{k} draft tokens per round"
             self.say(f"draft {model_name(self.draft_model)}; {per_round}")
-        if self.color and self.draft_model is not None:
-            self.say(f"{GREEN}green{RESET}: draft tokens the main model accepted; plain: the main model's own")
+        if self.color and (self.draft_model is not None or self.settings.prompt_lookup):
+            self.say(f"{LEGEND}; plain: the main model's own")
         self.say("/help lists the commands; Ctrl-C stops a reply; Ctrl-D or /quit leaves")
 
 

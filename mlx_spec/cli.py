@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .chat import ChatSession, conversation_tokens, interact, paint, use_color
+from .chat import LEGEND, ChatSession, conversation_tokens, interact, paint, use_color
 from .discover import find_drafts, report, resolve_draft
 from .generate import stream_generate
 from .load import check_draft, load, model_source
@@ -71,6 +71,11 @@ def add_model_arguments(p):
     )
     p.add_argument("--no-draft", action="store_true", help="run the main model alone, for comparison")
     p.add_argument(
+        "--no-prompt-lookup",
+        action="store_true",
+        help="do not copy draft tokens from the conversation (with --no-draft: plain decoding)",
+    )
+    p.add_argument(
         "--num-draft-tokens",
         type=_draft_length,
         default="auto",
@@ -123,6 +128,7 @@ def settings_from(args) -> GenerationOptions:
         max_kv_size=args.max_kv_size,
         kv_bits=args.kv_bits,
         draft_vocab_size=args.draft_vocab_size or None,
+        prompt_lookup=not args.no_prompt_lookup,
     )
 
 
@@ -176,7 +182,7 @@ def generate_command(args) -> int:
         tokens.append(response.token)
         finish_reason = response.finish_reason
         if not args.json:
-            sys.stdout.write(paint(response.text, response.from_draft, color))
+            sys.stdout.write(paint(response.text, response.from_draft, color, response.source))
             sys.stdout.flush()
     if args.json:
         num_draft = settings.num_draft_tokens if draft_model is not None else 0
@@ -201,8 +207,8 @@ def generate_command(args) -> int:
             f"Time to first token: {stats.time_to_first_token:.3f} s; {stats.num_rounds} rounds, "
             f"{stats.host_syncs} host syncs; draft lengths: {dict(sorted(stats.draft_lengths.items()))}"
         )
-    if color and draft_model is not None:
-        lines.append("Draft tokens the main model accepted are shown in green.")
+    if color and (draft_model is not None or settings.prompt_lookup):
+        lines.append(f"{LEGEND}.")
     print("\n".join(lines), file=sys.stderr)
     return 0
 

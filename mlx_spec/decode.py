@@ -1,45 +1,80 @@
-"""The round loop: draft, verify, accept in one lazy graph; one host sync; rollback; yield.
+"""The round loop: propose, verify, accept in one lazy graph; one host sync; rollback; yield.
 
-Without a draft, each plain round is built and scheduled before the previous
-round's token is read, as mlx-lm's generate_step does, so that building a graph
-never leaves the device idle. Prefill of the prompt also lives here, since it
-fills the same pair of caches.
+Each round the policy picks a source of draft tokens (the conversation, the
+draft model, or none) and a length; both sources share one interface,
+`propose(num_draft, key, history) -> (draft_tokens, q)`. Plain decoding with no
+source at all runs in `plain_rounds`, which builds and schedules each step
+before the previous token is read, as mlx-lm's generate_step does. Prefill of
+the prompt also lives here, since it fills the same pair of caches.
 """
 
+import functools
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import mlx.core as mx
 
 from .accept import accept, accept_greedy
+from .adaptive import DRAFT, LOOKUP, PLAIN, Choice
 from .cache import SLACK, CachePair, SlackRotatingCache
-from .draft import DraftModel, propose
+from .draft import DraftSource
+from .lookup import MAX_MATCH, LookupSource, Match
 from .options import PREFILL_STEP_SIZE
 from .sampling import SamplingParams
 from .verify import score
 
+FIXED_MIN_MATCH = 3  # a fixed draft length copies from the conversation when its last 3 tokens occurred before
 
-@dataclass
-class Round:
+
+class Round(NamedTuple):
     """What one round produced: `tokens` = accepted draft tokens + one main token."""
 
     tokens: list[int]
+    source: str  # PLAIN, DRAFT or LOOKUP: where the draft tokens came from
     num_draft: int
     num_accepted: int
     logprobs: mx.array  # (k+1, V): the main model's log-probabilities at each verified position
 
 
+class Verified(NamedTuple):
+    """A round's lazy result: what the host reads (`readout`), and what stays on the device."""
+
+    logprobs: mx.array  # (k+1, V)
+    next_token: mx.array  # () int32: the main model's token after the accepted drafts
+    readout: mx.array  # (k+2,) int32: [draft tokens, num_accepted, next_token]
+
+
+class Verdict(NamedTuple):
+    """What the host reads of a round: the draft tokens, how many were accepted, the main model's next token."""
+
+    draft_tokens: list[int]
+    num_accepted: int
+    next_token: int
+
+    @classmethod
+    def read(cls, host: "HostReads", verified: Verified) -> "Verdict":
+        values = host(verified.readout)
+        return cls(values[:-2], values[-2], values[-1])
+
+    @property
+    def new_tokens(self) -> list[int]:
+        """The accepted draft tokens and the main model's own."""
+        return self.draft_tokens[: self.num_accepted] + [self.next_token]
+
+
 class FixedDraft:
-    """The draft-length policy of a fixed k (the adaptive one is adaptive.DraftController)."""
+    """A fixed draft length k: copied from the conversation where it has a match, else drafted."""
 
-    def __init__(self, num_draft: int):
-        self.num_draft = num_draft
+    def __init__(self, num_draft: int, has_draft: bool = True):
+        self.num_draft, self.has_draft = num_draft, has_draft
 
-    def choose(self) -> int:
-        return self.num_draft
+    def choose(self, match: Match | None = None) -> Choice:
+        if match is not None and match.length >= min(FIXED_MIN_MATCH, MAX_MATCH):
+            return Choice(LOOKUP, self.num_draft)
+        return Choice(DRAFT, self.num_draft) if self.has_draft and self.num_draft > 0 else Choice(PLAIN, 0)
 
-    def record(self, num_draft: int, num_accepted: int, seconds: float | None):
+    def record(self, choice: Choice, num_accepted: int, seconds: float | None):
         pass
 
 
@@ -66,89 +101,100 @@ def prefill(
         mx.eval([c.state for c in layers])
 
 
+def verify(model, caches, params, logits_processors, last, draft_tokens, draft_probs, history, key) -> Verified:
+    """Score [last, d_1..d_k] with the main model and accept, lazily (see verify.score, accept)."""
+    logprobs, main_probs = score(model, caches.main, last, draft_tokens, params, history, logits_processors)
+    if params.greedy:
+        num_accepted, next_token = accept_greedy(draft_tokens, logprobs)
+    else:
+        if draft_probs is None:  # no draft tokens: q is empty
+            draft_probs = mx.zeros((0, main_probs.shape[-1]))
+        num_accepted, next_token = accept(draft_tokens, draft_probs, main_probs, key)
+    return Verified(logprobs, next_token, mx.concatenate([draft_tokens, num_accepted[None], next_token[None]]))
+
+
 def rounds(
     model,
-    draft: DraftModel | None,
+    sources: dict[str, DraftSource | LookupSource],
     caches: CachePair,
     policy,
     max_tokens: int,
     params: SamplingParams,
     key: mx.array | None,
-    vocab_size: int,
     max_draft: Callable[[int], int],
     kv_quantize: Callable,
     host: HostReads,
     logits_processors=None,
 ) -> Iterator[Round]:
-    """Generate until `max_tokens` tokens were emitted; caches.tokens grows as rounds finish.
+    """Speculative rounds until `max_tokens` tokens were emitted; caches.tokens grows as rounds finish.
 
-    On entry every token but the last is in the main cache. `policy` chooses each
-    round's draft length and learns from its outcome; `max_draft(offset)` bounds
-    the draft length of a round starting at main cache offset `offset`.
+    On entry every token but the last is in the main cache. `sources` maps
+    DRAFT and LOOKUP to those available; `policy` chooses each round's source
+    and length from the lookup's match and learns from its outcome;
+    `max_draft(offset)` bounds the draft length of a round starting at main
+    cache offset `offset`.
     """
-    num_emitted, accept_key = 0, None
-    ahead = None  # without a draft: the next plain round, scheduled before this round's token is read
-
-    def verify(last, draft_tokens, draft_probs, history, accept_key):
-        """The round's lazy result: its history, logprobs, next token, and what the host reads."""
-        logprobs, main_probs = score(model, caches.main, last, draft_tokens, params, history, logits_processors)
-        if params.greedy:
-            num_accepted, next_token = accept_greedy(draft_tokens, logprobs)
-        else:
-            num_accepted, next_token = accept(draft_tokens, draft_probs, main_probs, accept_key)
-        return history, logprobs, next_token, mx.concatenate([draft_tokens, num_accepted[None], next_token[None]])
-
+    num_emitted, draft_key, accept_key = 0, None, None
+    lookup, draft = sources.get(LOOKUP), sources.get(DRAFT)
+    check = functools.partial(verify, model, caches, params, logits_processors)
     while num_emitted < max_tokens:
-        start = time.perf_counter()
-        tokens = caches.tokens
-        num_draft = (
-            0 if draft is None else min(policy.choose(), max_tokens - num_emitted - 1, max_draft(len(tokens) - 1))
-        )
-        draft_tokens = mx.zeros((0,), mx.int32)
-        num_behind = len(tokens) - caches.draft_offset if num_draft > 0 else 0
-        if ahead is not None:
-            (history, logprobs, next_token, readout), ahead = ahead, None
-        else:
-            if key is not None:
-                key, draft_key, accept_key = mx.random.split(key, 3)
-            history = mx.array(tokens, mx.int32) if logits_processors else None
-            draft_probs = mx.zeros((0, vocab_size))
-            if (
-                num_behind > SLACK + 1
-            ):  # after a long plain stretch: catch the draft up in chunks a rotating cache takes
-                prefill(draft.model, caches.draft, tokens[caches.draft_offset : -1], caches, kv_quantize)
-            if num_draft > 0:
-                draft_tokens, draft_probs = propose(
-                    draft,
-                    caches.draft,
-                    tokens[caches.draft_offset :],
-                    num_draft,
-                    params,
-                    draft_key if key is not None else None,
-                    history,
-                    logits_processors,
-                )
-            history, logprobs, next_token, readout = verify(
-                mx.array(tokens[-1:], mx.int32), draft_tokens, draft_probs, history, accept_key
-            )
-        if draft is None and num_emitted + 1 < max_tokens:
-            # Plain decoding, as mlx-lm's generate_step: the next step is built and queued behind this one
-            # before this one's token is read, so building a graph never leaves the device idle.
-            mx.async_eval(readout)  # first in the queue: reading it does not wait for the next step
-            kv_quantize(caches)  # as after every step of mlx-lm's generate_step
+        start, tokens = time.perf_counter(), caches.tokens
+        # 1) choose: source and length, from the conversation's match and what was learnt
+        choice = policy.choose(lookup.match() if lookup is not None else None)
+        num_draft = min(choice.num_draft, max_tokens - num_emitted - 1, max_draft(len(tokens) - 1))
+        choice = choice._replace(num_draft=num_draft, source=choice.source if num_draft > 0 else PLAIN)
+        num_behind = draft.num_behind() if choice.source == DRAFT else 0
+        if key is not None:
+            key, draft_key, accept_key = mx.random.split(key, 3)
+        history = mx.array(tokens, mx.int32) if logits_processors else None
+        # 2) propose, 3) verify and accept in one lazy graph, 4) one host read
+        draft_tokens, draft_probs = mx.zeros((0,), mx.int32), None
+        if choice.source != PLAIN:
+            draft_tokens, draft_probs = sources[choice.source].propose(num_draft, draft_key, history)
+        verified = check(mx.array(tokens[-1:]), draft_tokens, draft_probs, history, accept_key)
+        verdict = Verdict.read(host, verified)
+        # 5) learn, extend the conversation, roll back the rejected positions
+        # A draft that sat out other rounds caught up on them in this round: not a cost of k.
+        policy.record(choice, verdict.num_accepted, None if num_behind > 2 else time.perf_counter() - start)
+        tokens.extend(verdict.new_tokens)
+        if num_draft > 0:
+            caches.rollback()
+        kv_quantize(caches)
+        num_emitted += len(verdict.new_tokens)
+        yield Round(verdict.new_tokens, choice.source, num_draft, verdict.num_accepted, verified.logprobs)
+
+
+def plain_rounds(
+    model,
+    caches: CachePair,
+    max_tokens: int,
+    params: SamplingParams,
+    key: mx.array | None,
+    kv_quantize: Callable,
+    host: HostReads,
+    logits_processors=None,
+) -> Iterator[Round]:
+    """Plain decoding, as mlx-lm's generate_step: each step is built and queued behind the previous one
+    before that one's token is read, so building a graph never leaves the device idle."""
+    tokens, no_draft = caches.tokens, mx.zeros((0,), mx.int32)
+    check = functools.partial(verify, model, caches, params, logits_processors)
+    history = mx.array(tokens, mx.int32) if logits_processors else None
+    accept_key = None
+    if key is not None:
+        key, _, accept_key = mx.random.split(key, 3)
+    step = check(mx.array(tokens[-1:]), no_draft, None, history, accept_key)
+    for num_emitted in range(1, max_tokens + 1):
+        mx.async_eval(step.readout)  # first in the queue: reading it does not wait for the next step
+        kv_quantize(caches)  # as after every step of mlx-lm's generate_step
+        ahead = None
+        if num_emitted < max_tokens:
             if key is not None:
                 key, _, accept_key = mx.random.split(key, 3)
-            ahead_history = None if history is None else mx.concatenate([history, next_token[None]])
-            ahead = verify(next_token[None], draft_tokens, mx.zeros((0, vocab_size)), ahead_history, accept_key)
-            mx.async_eval(ahead[1:])
-        values = host(readout)
-        num_accepted = values[-2]
-        # A draft that sat out plain rounds caught up on them in this round: not a cost of k.
-        policy.record(num_draft, num_accepted, None if num_behind > 2 else time.perf_counter() - start)
-        new_tokens = values[:num_accepted] + values[-1:]
-        tokens.extend(new_tokens)
-        if num_draft > 0:
-            caches.rollback()  # drop the rejected positions from both caches (a plain round has none)
+            history = None if history is None else mx.concatenate([history, step.next_token[None]])
+            ahead = check(step.next_token[None], no_draft, None, history, accept_key)
+            mx.async_eval(ahead.logprobs, ahead.readout)
+        new_token = Verdict.read(host, step).next_token
+        tokens.append(new_token)
         kv_quantize(caches)
-        num_emitted += len(new_tokens)
-        yield Round(new_tokens, num_draft, num_accepted, logprobs)
+        yield Round([new_token], PLAIN, 0, 0, step.logprobs)
+        step = ahead

@@ -1,7 +1,10 @@
 """Step 1 of a round: the draft model proposes k tokens without a host sync."""
 
+from collections.abc import Callable
+
 import mlx.core as mx
 
+from .cache import SLACK, CachePair
 from .sampling import SamplingParams, filtered_scores, fit_vocab, log_probs, process
 
 # Model types whose logits are exactly `head(model.model(inputs))`, so the head can be cut.
@@ -85,6 +88,38 @@ def propose(
         return draft_tokens, None
     draft_probs = mx.concatenate(probs) if probs else mx.zeros((0, draft.vocab_size))
     return draft_tokens, draft_probs
+
+
+class DraftSource:
+    """The draft model as a round's source of draft tokens (lookup.LookupSource is the other one).
+
+    The draft cache falls behind while other sources serve rounds; `propose`
+    first catches it up: a few tokens go in with the round's first draft step,
+    more in chunks through `catch_up(tokens)` (which a rotating cache takes).
+    """
+
+    def __init__(
+        self,
+        draft: DraftModel,
+        caches: CachePair,
+        params: SamplingParams,
+        catch_up: Callable[[list[int]], None],
+        logits_processors=None,
+    ):
+        self.draft, self.caches, self.params = draft, caches, params
+        self.catch_up, self.logits_processors = catch_up, logits_processors
+
+    def num_behind(self) -> int:
+        """Tokens of the conversation the draft cache has not seen, the last one included."""
+        return len(self.caches.tokens) - self.caches.draft_offset
+
+    def propose(self, num_draft: int, key: mx.array | None, history: mx.array | None):
+        """(draft_tokens (k,), q (k, V) or None when greedy): see `propose`."""
+        tokens, caches = self.caches.tokens, self.caches
+        if self.num_behind() > SLACK + 1:  # after a long stretch of other rounds
+            self.catch_up(tokens[caches.draft_offset : -1])
+        pending = tokens[caches.draft_offset :]
+        return propose(self.draft, caches.draft, pending, num_draft, self.params, key, history, self.logits_processors)
 
 
 def _extend(history: mx.array | None, drafted: mx.array | None) -> mx.array | None:

@@ -10,11 +10,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .adaptive import DraftController
+from .adaptive import DRAFT, LOOKUP, Controller, learnt_for
 from .cache import CachePair, make_prompt_cache
-from .decode import FixedDraft, HostReads, prefill, rounds
-from .draft import DraftModel
+from .decode import FixedDraft, HostReads, plain_rounds, prefill, rounds
+from .draft import DraftModel, DraftSource
 from .load import check_draft, output_size
+from .lookup import LookupSource
 from .options import OPTION_NAMES, GenerationOptions
 from .stats import GenerationStats
 
@@ -40,8 +41,14 @@ def speculative_generate_step(
     generation goes (see GenerationStats). The other keyword arguments are the
     fields of `GenerationOptions` (num_draft_tokens, max_tokens, temp, top_p,
     top_k, min_p, seed, max_kv_size, kv_bits, kv_group_size, quantized_kv_start,
-    draft_vocab_size, prefill_step_size); `num_draft_tokens="auto"` chooses each
-    round's draft length, plain decoding included (see DraftController).
+    draft_vocab_size, prefill_step_size, prompt_lookup). `num_draft_tokens="auto"`
+    chooses each round's source and draft length, plain decoding included (see
+    adaptive.Controller); what it learnt carries over to later calls with the
+    same models. `prompt_lookup` lets rounds copy draft tokens from the
+    conversation itself (every token of the cache: prompt, earlier turns, this
+    reply) where it repeats; with `draft_model=None` generation is then still
+    speculative. `from_draft` is True for accepted draft tokens of either source
+    (`stats.last_source` tells which).
     """
     prompt = _token_list(prompt_tokens)
     opts = make_options(options)
@@ -88,25 +95,26 @@ def speculative_generate_step(
         caches.take_over_rotating()
         stats.prompt_done()
         host = HostReads()
-        for round_ in rounds(
-            model,
-            draft,
-            caches,
-            policy,
-            max_tokens,
-            params,
-            key,
-            vocab_size,
-            max_draft,
-            kv_quantize,
-            host,
-            logits_processors,
-        ):
-            stats.record_round(round_.num_draft, round_.num_accepted)
+        sources = {}
+        if opts.prompt_lookup:
+            sources[LOOKUP] = LookupSource(caches, vocab_size, params.greedy)
+        if draft is not None:
+            catch_up = functools.partial(
+                prefill, draft_model, caches.draft, caches=caches, kv_quantize=kv_quantize, chunk=opts.prefill_step_size
+            )
+            sources[DRAFT] = DraftSource(draft, caches, params, catch_up, logits_processors)
+        if sources:
+            steps = rounds(
+                model, sources, caches, policy, max_tokens, params, key, max_draft, kv_quantize, host, logits_processors
+            )
+        else:
+            steps = plain_rounds(model, caches, max_tokens, params, key, kv_quantize, host, logits_processors)
+        for round_ in steps:
+            stats.record_round(round_.num_draft, round_.num_accepted, round_.source)
             stats.host_syncs = host.count
             for i, token in enumerate(round_.tokens):
                 num_yielded += 1
-                stats.record_token()
+                stats.record_token(round_.source if i < round_.num_accepted else None)
                 yield token, round_.logprobs[i], i < round_.num_accepted
     finally:
         caches.truncate(num_known + num_yielded)
@@ -131,9 +139,15 @@ def make_options(options: dict) -> GenerationOptions:
 
 def _policy(opts: GenerationOptions, model, draft_model):
     if opts.num_draft_tokens != "auto":
-        return FixedDraft(opts.num_draft_tokens)
+        return FixedDraft(opts.num_draft_tokens, draft_model is not None)
     ratio = _nbytes(draft_model) / _nbytes(model) if draft_model is not None else 1.0
-    return DraftController(max_draft=opts.auto_max_draft, cost_ratio=ratio)
+    return Controller(
+        learnt_for(model, draft_model),
+        max_draft=opts.auto_max_draft,
+        max_lookup=opts.auto_max_lookup if opts.prompt_lookup else 0,
+        has_draft=draft_model is not None,
+        cost_ratio=ratio,
+    )
 
 
 def _nbytes(model) -> int:
@@ -156,6 +170,7 @@ class GenerationResponse:
     peak_memory: float
     finish_reason: str | None
     stats: GenerationStats
+    source: str | None = None  # an accepted draft token's source: "draft" (the draft model) or "lookup"
 
 
 def stream_generate(
@@ -197,6 +212,7 @@ def stream_generate(
             peak_memory=stats.peak_memory,
             finish_reason=finish_reason,
             stats=stats,
+            source=stats.last_source,
         )
 
     with closing(steps):  # a consumer that stops early leaves consistent caches at once

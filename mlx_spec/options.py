@@ -10,6 +10,7 @@ from .sampling import SamplingParams
 
 MAX_DRAFT_TOKENS = SLACK  # the longest fixed draft: one round writes at most SLACK + 1 cache entries
 AUTO_MAX_DRAFT = 10  # the longest draft "auto" tries
+AUTO_MAX_LOOKUP = 16  # the longest copy from the conversation "auto" tries
 KV_BITS = (2, 3, 4, 5, 6, 8)
 KV_GROUP_SIZES = (32, 64, 128)
 # Default draft_vocab_size: the whole vocabulary. A shortlist of 32768 ids made the default pair's rounds
@@ -38,6 +39,7 @@ class GenerationOptions:
     quantized_kv_start: int = 5000
     draft_vocab_size: int | None = DEFAULT_DRAFT_VOCAB_SIZE  # cut the draft's output layer to these first ids
     prefill_step_size: int = PREFILL_STEP_SIZE  # prompt tokens per prefill chunk
+    prompt_lookup: bool = True  # rounds may copy draft tokens from the conversation where it repeats
 
     def __post_init__(self):
         self.sampling  # noqa: B018 -- checks temp, top_p, top_k, min_p
@@ -53,6 +55,8 @@ class GenerationOptions:
             raise ValueError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
         if self.draft_vocab_size is not None and (not _is_int(self.draft_vocab_size) or self.draft_vocab_size < 1):
             raise ValueError(f"draft_vocab_size must be a positive integer or None, got {self.draft_vocab_size!r}")
+        if not isinstance(self.prompt_lookup, bool):
+            raise ValueError(f"prompt_lookup must be True or False, got {self.prompt_lookup!r}")
         if not _is_int(self.prefill_step_size) or self.prefill_step_size < 1:
             raise ValueError(f"prefill_step_size must be a positive integer, got {self.prefill_step_size!r}")
         if self.max_kv_size is not None:
@@ -85,9 +89,17 @@ class GenerationOptions:
     @property
     def auto_max_draft(self) -> int:
         """The longest draft "auto" may choose: AUTO_MAX_DRAFT, less where a small rotating cache needs it."""
-        if self.max_kv_size is None:
-            return AUTO_MAX_DRAFT
-        return max(1, min(AUTO_MAX_DRAFT, self.max_kv_size - 1 - KEEP))
+        return min(AUTO_MAX_DRAFT, self._auto_room)
+
+    @property
+    def auto_max_lookup(self) -> int:
+        """The longest copy from the conversation "auto" may choose."""
+        return min(AUTO_MAX_LOOKUP, self._auto_room)
+
+    @property
+    def _auto_room(self) -> int:
+        """The most draft tokens a round may verify: a rotating cache's window less the kept tokens and the last."""
+        return MAX_DRAFT_TOKENS if self.max_kv_size is None else max(1, self.max_kv_size - 1 - KEEP)
 
     def max_draft(self, offset: int) -> int:
         """The longest draft of a round that starts at main cache `offset`.

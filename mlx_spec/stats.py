@@ -14,13 +14,26 @@ class GenerationStats:
     generation_tokens: int = 0  # tokens yielded
     generation_time: float = 0.0  # from the end of the prompt to the last token
     time_to_first_token: float = 0.0
-    total_draft_tokens: int = 0
+    total_draft_tokens: int = 0  # drafted by every source
     accepted_draft_tokens: int = 0
+    lookup_draft_tokens: int = 0  # of those, copied from the conversation (prompt lookup)
+    lookup_accepted_tokens: int = 0
     num_rounds: int = 0
     host_syncs: int = 0  # device -> host waits while decoding; one per round
     draft_lengths: Counter = field(default_factory=Counter)  # draft length -> rounds
+    rounds_by_source: Counter = field(default_factory=Counter)  # "plain", "draft", "lookup" -> rounds
+    last_source: str | None = None  # where the last token came from: "draft", "lookup", or None (the main model)
     peak_memory: float = 0.0  # GB
     _start: float = field(default_factory=time.perf_counter, repr=False)
+
+    @property
+    def model_draft_tokens(self) -> int:
+        """Drafted by the draft model."""
+        return self.total_draft_tokens - self.lookup_draft_tokens
+
+    @property
+    def model_accepted_tokens(self) -> int:
+        return self.accepted_draft_tokens - self.lookup_accepted_tokens
 
     @property
     def rejected_draft_tokens(self) -> int:
@@ -48,13 +61,19 @@ class GenerationStats:
     def prompt_done(self):
         self.prompt_time = time.perf_counter() - self._start
 
-    def record_round(self, num_draft: int, num_accepted: int):
+    def record_round(self, num_draft: int, num_accepted: int, source: str = "draft"):
         self.num_rounds += 1
         self.total_draft_tokens += num_draft
         self.accepted_draft_tokens += num_accepted
+        if source == "lookup":
+            self.lookup_draft_tokens += num_draft
+            self.lookup_accepted_tokens += num_accepted
         self.draft_lengths[num_draft] += 1
+        self.rounds_by_source[source if num_draft else "plain"] += 1
 
-    def record_token(self):
+    def record_token(self, source: str | None = None):
+        """One token yielded; `source`: "draft" or "lookup" for an accepted draft token, None for the main model's."""
+        self.last_source = source
         now = time.perf_counter() - self._start
         if self.generation_tokens == 0:
             self.time_to_first_token = now
@@ -71,11 +90,14 @@ class GenerationStats:
             "generation_time",
             "total_draft_tokens",
             "accepted_draft_tokens",
+            "lookup_draft_tokens",
+            "lookup_accepted_tokens",
             "num_rounds",
             "host_syncs",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.draft_lengths.update(other.draft_lengths)
+        self.rounds_by_source.update(other.rounds_by_source)
         self.peak_memory = max(self.peak_memory, other.peak_memory)
 
     @property
@@ -83,9 +105,12 @@ class GenerationStats:
         return self.total_draft_tokens / self.num_rounds if self.num_rounds else 0.0
 
     def as_dict(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        out = {k: v for k, v in asdict(self).items() if not k.startswith("_") and k != "last_source"}
         out["draft_lengths"] = dict(sorted(self.draft_lengths.items()))
+        out["rounds_by_source"] = dict(sorted(self.rounds_by_source.items()))
         for name in (
+            "model_draft_tokens",
+            "model_accepted_tokens",
             "rejected_draft_tokens",
             "acceptance_rate",
             "mean_tokens_per_round",
@@ -107,5 +132,10 @@ class GenerationStats:
                 f"({100 * self.acceptance_rate:.1f}%), {self.mean_tokens_per_round:.2f} tokens per round, "
                 f"draft length {self.mean_draft_length:.1f} on average"
             )
+            if self.lookup_draft_tokens:
+                lines.append(
+                    f"  from the conversation {self.lookup_accepted_tokens}/{self.lookup_draft_tokens}, "
+                    f"from the draft model {self.model_accepted_tokens}/{self.model_draft_tokens}"
+                )
         lines.append(f"Peak memory: {self.peak_memory:.3f} GB")
         return "\n".join(lines)

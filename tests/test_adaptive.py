@@ -1,11 +1,29 @@
-"""The adaptive draft length: the controller alone on synthetic rounds, then inside the engine."""
+"""The adaptive source and draft length: the controller alone on synthetic rounds, then inside the engine."""
+
+import gc
 
 import numpy as np
 import pytest
 from tiny import make_model, perturbed, reference, spec
 
 from mlx_spec import GenerationStats
-from mlx_spec.adaptive import DraftController
+from mlx_spec.adaptive import _LEARNT, DRAFT, LOOKUP, PLAIN, Choice, Controller, bucket_of, learnt_for
+from mlx_spec.lookup import Match
+
+
+def DraftController(max_draft=10, **kwargs):
+    """The controller of a draft model alone (no lookup)."""
+    return Controller(max_draft=max_draft, max_lookup=0, **kwargs)
+
+
+def record(c, k, accepted, seconds):
+    c.record(Choice(DRAFT if k else PLAIN, k), accepted, seconds)
+
+
+def line(c):
+    """(T0, A, B) of the drafting cost line."""
+    b = c.round_seconds(DRAFT, 2) - c.round_seconds(DRAFT, 1)
+    return c.plain_seconds(), c.round_seconds(DRAFT, 1) - b, b
 
 
 def formula(alpha, k, a, b):
@@ -18,11 +36,12 @@ def simulate(controller, alpha_of_round, a, b, num_rounds, seed=0):
     rng = np.random.default_rng(seed)
     chosen = []
     for r in range(num_rounds):
-        k = controller.choose()
+        choice = controller.choose()
+        k = choice.num_draft
         accepted = 0
         while accepted < k and rng.random() < alpha_of_round(r):
             accepted += 1
-        controller.record(k, accepted, a + b * k)
+        controller.record(choice, accepted, a + b * k)
         chosen.append(k)
     return chosen
 
@@ -39,17 +58,17 @@ def test_picks_the_draft_length_that_maximises_the_formula(alpha, a, b):
 def test_learns_plain_and_drafting_costs_apart():
     c = DraftController()
     for k in (3, 5, 1, 4, 0, 2, 0) * 4:
-        c.record(k, 0, 0.4 if k == 0 else 0.5 + 0.2 * k)  # a verify pass is dearer than a plain step
-    assert c.cost() == pytest.approx((0.4, 0.5, 0.2), rel=0.05)  # the slope prior (0.12) pulls a little
+        record(c, k, 0, 0.4 if k == 0 else 0.5 + 0.2 * k)  # a verify pass is dearer than a plain step
+    assert line(c) == pytest.approx((0.4, 0.5, 0.2), rel=0.05)  # the slope prior (0.12) pulls a little
 
 
 def test_one_slow_round_neither_tilts_the_line_far_nor_counts_in_full():
     c = DraftController(cost_ratio=0.4)
-    c.record(0, 0, 1.0)
+    record(c, 0, 0, 1.0)
     for _ in range(10):
-        c.record(4, 4, 2.6)
-    c.record(4, 4, 26.0)  # e.g. the machine was busy: counts as 1.5 x 2.6
-    t0, a, b = c.cost()
+        record(c, 4, 4, 2.6)
+    record(c, 4, 4, 26.0)  # e.g. the machine was busy: counts as 1.5 x 2.6
+    t0, a, b = line(c)
     weights = [0.95**i for i in range(1, 11)]
     assert a + 4 * b == pytest.approx((2.6 * sum(weights) + 1.5 * 2.6) / (sum(weights) + 1))
     assert b == pytest.approx(0.4, rel=0.05)  # one length seen: the prior slope T0 * cost_ratio
@@ -58,46 +77,45 @@ def test_one_slow_round_neither_tilts_the_line_far_nor_counts_in_full():
 def test_a_round_without_a_time_teaches_acceptance_only():
     c = DraftController()
     for k in (3, 5):
-        c.record(k, 1, 0.5 + 0.2 * k)
-    c.record(1, 1, None)  # e.g. the draft caught up on skipped tokens in that round
-    before = c.cost()
-    assert c.tried[1] > 2.5 and c.accepted[1] > 2.5
+        record(c, k, 1, 0.5 + 0.2 * k)
+    record(c, 1, 1, None)  # e.g. the draft caught up on skipped tokens in that round
     c2 = DraftController()
     for k in (3, 5):
-        c2.record(k, 1, 0.5 + 0.2 * k)
-    assert before == pytest.approx(c2.cost())
-    assert c.tried[1] > 2.5 and c.accepted[1] > 2.5
+        record(c2, k, 1, 0.5 + 0.2 * k)
+    assert line(c) == pytest.approx(line(c2))
+    acceptance = c.learnt.draft
+    assert acceptance.tried[1] > 2.5 and acceptance.accepted[1] > 2.5
 
 
 def test_uses_the_prior_cost_ratio_until_two_lengths_were_seen():
     c = DraftController(cost_ratio=0.25)
-    c.record(4, 2, 2.0)
-    assert c.cost() == pytest.approx((1.0, 1.0, 0.25))  # T0 unseen: taken as A
-    c.record(0, 0, 0.8)
-    assert c.cost() == pytest.approx((0.8, 2.0 - 4 * 0.2, 0.2))  # B = T0 * ratio, the line through the mean
+    record(c, 4, 2, 2.0)
+    assert line(c) == pytest.approx((1.0, 1.0, 0.25))  # T0 unseen: taken as A
+    record(c, 0, 0, 0.8)
+    assert line(c) == pytest.approx((0.8, 2.0 - 4 * 0.2, 0.2))  # B = T0 * ratio, the line through the mean
 
 
 def test_one_bad_first_round_does_not_stop_drafting():
     c = DraftController()
-    c.record(3, 0, 1.9)
-    c.record(0, 0, 1.0)
+    record(c, 3, 0, 1.9)
+    record(c, 0, 0, 1.0)
     # prior acceptance 0.8 over 4 rounds: after one miss a1 is still about 0.56
-    assert c.acceptance()[0] == pytest.approx((0 + 2 * (3.2 / 5)) / 3)
-    assert c.choose() == 1  # E(1) = 1.43 tokens for T(1) = 1.3 plain steps: keep drafting
+    assert c.learnt.draft.rates(1)[0] == pytest.approx((0 + 2 * (3.2 / 5)) / 3)
+    assert c.choose() == Choice(DRAFT, 1)  # E(1) = 1.43 tokens for T(1) = 1.3 plain steps: keep drafting
     dear = DraftController()
-    dear.record(3, 0, 3.0)
-    dear.record(0, 0, 1.0)
-    assert dear.choose() == 0  # unless drafting is dear
+    record(dear, 3, 0, 3.0)
+    record(dear, 0, 0, 1.0)
+    assert dear.choose() == Choice(PLAIN, 0)  # unless drafting is dear
 
 
 def test_probes_back_off_while_plain_decoding_keeps_winning():
     c = DraftController(probe_every=4, max_probe_gap=16, cost_ratio=1.0)
-    c.record(3, 0, 4.0)
+    record(c, 3, 0, 4.0)
     chosen = []
     for _ in range(80):
-        k = c.choose()
+        k = c.choose().num_draft
         chosen.append(k)
-        c.record(k, 0, 1.0 if k == 0 else 2.0 + 1.0 * k)
+        record(c, k, 0, 1.0 if k == 0 else 2.0 + 1.0 * k)
     probes = [i for i, k in enumerate(chosen) if k > 0 and (i == 0 or chosen[i - 1] == 0)]
     assert all(chosen[i + 1] == 1 for i in probes)  # two rounds: one catches up, one is timed
     gaps = [b - a - 2 for a, b in zip(probes, probes[1:])]
@@ -123,7 +141,7 @@ def test_recovers_when_acceptance_rises():
 
 def test_first_round_drafts_and_choices_stay_in_range():
     c = DraftController(max_draft=5, first_draft=3)
-    assert c.choose() == 3
+    assert c.choose() == Choice(DRAFT, 3)
     chosen = simulate(c, lambda r: 0.99, 1.0, 0.01, 50)
     assert max(chosen) == 5 and min(chosen) >= 0
 
@@ -143,6 +161,84 @@ def test_a_draft_that_always_disagrees_ends_up_decoding_plainly():
     stranger = make_model("qwen2", layers=4, seed=5)  # unrelated weights
     stats = GenerationStats()
     prompt = [1, 5, 9, 22, 3]
-    assert spec(prompt, main, stranger, max_tokens=120, stats=stats) == reference(main, prompt, 120)
+    assert spec(prompt, main, stranger, max_tokens=120, stats=stats, prompt_lookup=False) == reference(
+        main, prompt, 120
+    )
     assert stats.acceptance_rate < 0.1
     assert stats.draft_lengths[0] > 0.7 * stats.num_rounds
+
+
+# --- lookup: a second source ----------------------------------------------------------------------
+
+
+def simulate_sources(c, lookup_alpha, draft_alpha, match_length, costs, num_rounds, seed=0):
+    """Drive a controller with both sources; costs: {source: (A, B)}, T0 = costs[PLAIN][0]. Returns the choices."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for _ in range(num_rounds):
+        choice = c.choose(Match(10, match_length) if match_length else None)
+        alpha = lookup_alpha if choice.source == LOOKUP else draft_alpha
+        accepted = 0
+        while accepted < choice.num_draft and rng.random() < alpha:
+            accepted += 1
+        a, b = costs[choice.source]
+        c.record(choice, accepted, a + b * choice.num_draft)
+        chosen.append(choice)
+    return chosen
+
+
+COSTS = {PLAIN: (1.0, 0.0), DRAFT: (1.1, 0.35), LOOKUP: (1.05, 0.05)}
+
+
+def test_match_lengths_fall_into_buckets():
+    assert [bucket_of(n) for n in (1, 2, 3, 4, 7, 8, 16)] == [0, 1, 2, 3, 3, 4, 4]
+
+
+def test_copies_long_stretches_where_the_conversation_repeats():
+    c = Controller(max_draft=8, max_lookup=16, cost_ratio=0.35)
+    chosen = simulate_sources(c, 0.98, 0.7, 12, COSTS, 100)
+    late = chosen[30:]
+    assert all(ch.source == LOOKUP for ch in late)
+    assert np.mean([ch.num_draft for ch in late]) > 10
+
+
+def test_falls_back_to_the_draft_model_when_lookup_keeps_failing():
+    c = Controller(max_draft=8, max_lookup=16, cost_ratio=0.35)
+    chosen = simulate_sources(c, 0.0, 0.8, 2, COSTS, 200)
+    late = chosen[50:]
+    assert sum(ch.source == DRAFT for ch in late) > 0.85 * len(late)
+    lookups = [ch for ch in late if ch.source == LOOKUP]
+    assert lookups and all(ch.num_draft == 1 for ch in lookups)  # one-token probes, rarer and rarer
+    assert len(lookups) < 8
+
+
+def test_falls_back_to_plain_decoding_when_lookup_keeps_failing_and_there_is_no_draft():
+    c = Controller(max_draft=0, max_lookup=16, has_draft=False)
+    chosen = simulate_sources(c, 0.0, 0.0, 1, COSTS, 200)
+    late = chosen[50:]
+    assert sum(ch.source == PLAIN for ch in late) > 0.9 * len(late)
+    assert not any(ch.source == DRAFT for ch in chosen)
+
+
+def test_buckets_learn_apart():
+    """Short matches that fail do not stop copying after long matches that succeed."""
+    c = Controller(max_draft=0, max_lookup=16, has_draft=False)
+    simulate_sources(c, 0.0, 0.0, 1, COSTS, 60)
+    assert c.choose(Match(10, 1)).source == PLAIN
+    choice = c.choose(Match(10, 12))
+    assert choice.source == LOOKUP and choice.bucket == 4 and choice.num_draft >= 4  # prior 0.8, cheap rows
+
+
+def test_what_was_learnt_carries_over_to_the_next_call_with_the_same_pair():
+    main, draft = make_model("llama", layers=1), make_model("llama", layers=1, seed=1)
+    learnt = learnt_for(main, draft)
+    assert learnt_for(main, draft) is learnt and learnt_for(main, None) is not learnt
+    first = Controller(learnt, max_draft=8)
+    assert first.choose() == Choice(DRAFT, 3)  # nothing known: the first round drafts 3
+    simulate_sources(first, 0.0, 0.3, 0, {**COSTS, DRAFT: (1.1, 0.8)}, 40)
+    second = Controller(learnt_for(main, draft), max_draft=8)
+    assert second.choose() != Choice(DRAFT, 3)  # it starts from what the first call learnt
+    size = len(_LEARNT)
+    del main, learnt, first, second
+    gc.collect()
+    assert len(_LEARNT) == size - 2  # dropped with the model

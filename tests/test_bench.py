@@ -63,16 +63,48 @@ def test_benchmark_runs_every_variant_and_writes_results(tmp_path, folders, caps
     result = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert (tmp_path / "out" / "bench.png").stat().st_size > 1000
     runs = result["runs"]
-    assert len(runs) == 2 * 2 * (2 + 3 + 2)  # temps x prompts x (alone, plain ours, ours k=1,3,auto, mlx-lm k=1,3)
-    assert {r["variant"] for r in runs} == {bench.MAIN_ALONE, bench.OURS_PLAIN, bench.OURS, bench.MLX_LM}
+    # temps x prompts x (alone, plain ours, lookup only, ours k=1,3,auto, draft only auto, mlx-lm k=1,3)
+    assert len(runs) == 2 * 2 * (3 + 3 + 1 + 2)
+    assert {r["variant"] for r in runs} == {
+        bench.MAIN_ALONE,
+        bench.OURS_PLAIN,
+        bench.OURS_LOOKUP,
+        bench.OURS,
+        bench.OURS_DRAFT_ONLY,
+        bench.MLX_LM,
+    }
     assert all(r["tokens"] == 12 and r["seconds"] > 0 for r in runs)
     rows = [r for r in result["summary"] if r["variant"] == bench.OURS and r["num_draft"] != "auto"]
     assert all(0 <= r["acceptance"] <= 1 and r["predicted"] > 0 and r["efficiency"] > 0 for r in rows)
     assert all(r["predicted_with_verify"] > 0 and r["engine_efficiency"] > 0 for r in rows)
     assert set(result["cost_ratio"]["prompt1"]["verify"]) == {"1", "3"}
     assert result["machine"]["main_dtype"] == "float32" and result["machine"]["mlx"]
+    for r in result["summary"]:  # shares of tokens by source, decode speed beside end-to-end
+        assert 0 <= r["lookup_share"] + r["draft_share"] <= 1 and r["decode_tps"] > 0
+        if r["variant"] in (bench.MAIN_ALONE, bench.OURS_PLAIN, bench.OURS_DRAFT_ONLY, bench.MLX_LM):
+            assert r["lookup_share"] == 0
+        if r["variant"] == bench.OURS_LOOKUP:
+            assert r["draft_share"] == 0
     out = capsys.readouterr().out
     assert "| temp | prompt | variant |" in out and "mlx_spec / mlx-lm" in out
+
+
+def test_without_prompt_lookup_the_engine_drafts_with_the_draft_model_only(tmp_path, folders):
+    main, draft = folders
+    a = args_for(tmp_path, model=main, draft_model=draft, prompt=["w5 w6 w5 w6 w5"], max_tokens=12)
+    a.no_prompt_lookup, a.draft_lengths, a.no_peer = True, "2,auto", True
+    assert bench.run(a, progress=lambda s: None) == 0
+    runs = json.loads((tmp_path / "out" / "bench.json").read_text())["runs"]
+    assert {r["variant"] for r in runs} == {bench.MAIN_ALONE, bench.OURS_PLAIN, bench.OURS}
+    assert all(r["lookup_draft_tokens"] == 0 for r in runs)
+
+
+def test_default_workloads_put_the_repeats_first():
+    assert list(bench.ALL_PROMPTS)[:3] == ["rename", "extract", "chat-rewrite"]
+    assert set(bench.PROMPTS) < set(bench.ALL_PROMPTS)
+    assert bench.INVENTORY_PY in bench.ALL_PROMPTS["rename"] and bench.HANDBOOK in bench.ALL_PROMPTS["extract"]
+    chat = bench.ALL_PROMPTS["chat-rewrite"]
+    assert [m["role"] for m in chat] == ["user", "assistant", "user"] and bench.WORD_COUNT_PY in chat[1]["content"]
 
 
 @pytest.mark.parametrize(
@@ -107,8 +139,9 @@ def test_preset_runs_each_published_pair_and_prints_its_figures(tmp_path, folder
     first, second = (json.loads((tmp_path / "out" / f"bench{i}.json").read_text()) for i in (1, 2))
     assert first["published"] == dict(main_alone_tps=7.30, with_draft_tps=17.74)
     assert first["models"] == dict(main=main, draft=draft) and second["models"] == dict(main=main, draft=None)
-    assert {r["prompt"] for r in first["runs"]} == {"preset"} and len(first["runs"]) == 2  # main alone, k=2
-    assert [r["variant"] for r in second["runs"]] == [bench.MAIN_ALONE]
+    assert {r["prompt"] for r in first["runs"]} == {"preset"}
+    assert [r["variant"] for r in first["runs"]] == [bench.MAIN_ALONE, bench.OURS_LOOKUP, bench.OURS]  # k=2
+    assert [r["variant"] for r in second["runs"]] == [bench.MAIN_ALONE, bench.OURS_LOOKUP]
 
 
 def test_preset_with_the_hub_out_of_reach_is_one_clear_line():

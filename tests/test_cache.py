@@ -184,7 +184,9 @@ def test_no_draft_is_mlx_lm_plain_decoding_with_every_cache_kind(options):
     expected = list(generate_step(mx.array(prompt), main, max_tokens=60, **kw))
     assert [t for t, _ in expected] != reference(main, prompt, 60)
     cache = make_prompt_cache(main, max_kv_size=kw.get("max_kv_size"))
-    got = list(speculative_generate_step(prompt, main, None, max_tokens=60, prompt_cache=cache, **kw))
+    got = list(
+        speculative_generate_step(prompt, main, None, max_tokens=60, prompt_cache=cache, prompt_lookup=False, **kw)
+    )
     assert [t for t, _, _ in got] == [t for t, _ in expected]
     for (_, ours, _), (_, theirs) in zip(got, expected):  # each step saw the cache mlx-lm's step saw
         assert np.allclose(np.array(ours), np.array(theirs), atol=1e-4)
@@ -198,7 +200,7 @@ def test_no_draft_early_stop_drops_the_step_scheduled_ahead(pair, max_kv_size):
     main, _ = pair
     prompt = [1, 5, 9, 22, 3]
     cache = make_prompt_cache(main, max_kv_size=max_kv_size)
-    steps = speculative_generate_step(prompt, main, None, max_tokens=100, prompt_cache=cache)
+    steps = speculative_generate_step(prompt, main, None, max_tokens=100, prompt_cache=cache, prompt_lookup=False)
     first = [next(steps)[0] for _ in range(23)]
     assert cache.main_offset == len(cache.tokens)  # the 24th step is already in the cache
     steps.close()
@@ -210,3 +212,24 @@ def test_no_draft_early_stop_drops_the_step_scheduled_ahead(pair, max_kv_size):
     assert cont == spec([30, 31], main, None, max_tokens=30, prompt_cache=fresh)
     if max_kv_size is None:
         assert cont == reference(main, prompt + first + [30, 31], 30)
+
+
+@pytest.mark.parametrize("k", [5, 8, 11])
+def test_rotating_cache_after_a_long_rejected_round_that_wrapped(k):
+    """A round that writes past the ring's end and is rolled back, then a one-token step: the slots it wrote
+    beyond the window must not pass for the kept first positions (a bug until session 4)."""
+    main = make_model("qwen2", layers=4)
+    tokens = [int(t) for t in np.random.default_rng(0).integers(3, 90, 90)]
+    plain = make_prompt_cache(main, max_kv_size=16).main
+    expected = [np.array(main(mx.array([[t]]), cache=plain)[0, -1]) for t in tokens]
+    layers = make_prompt_cache(main, max_kv_size=16).main
+    main(mx.array([tokens[:1]]), cache=layers)
+    layers = [SlackRotatingCache.from_rotating(c) for c in layers]
+    position = 1
+    while position + k + 1 <= len(tokens):
+        for num_draft in (0, k):  # a plain step, then a round whose drafts are all rejected
+            out = main(mx.array([tokens[position : position + 1] + [5] * num_draft]), cache=layers)[0, 0]
+            assert np.allclose(np.array(out), expected[position], atol=1e-3), (position, num_draft)
+            for c in layers:
+                c.trim(num_draft)
+            position += 1

@@ -16,7 +16,7 @@ from tiny import make_model, toy_tokenizer
 from tiny_folders import save_model_folder, write_tiny_pair
 
 import mlx_spec
-from mlx_spec.chat import GREEN, LEAVE_HINT, ChatSession, conversation_tokens, interact, use_color
+from mlx_spec.chat import CYAN, GREEN, LEAVE_HINT, ChatSession, conversation_tokens, interact, paint, use_color
 from mlx_spec.cli import main
 from mlx_spec.load import model_name
 from mlx_spec.options import GenerationOptions
@@ -24,7 +24,7 @@ from mlx_spec.options import GenerationOptions
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 TURN_LINE = re.compile(
     r"\[(\d+) tokens, [\d.]+ tokens/s, accepted (\d+)/(\d+) draft tokens \([\d.]+%\), "
-    r"([\d.]+) tokens per round, (?:draft length [\d.]+ on average, )?(\d+) prompt tokens processed\]"
+    r"(?:\d+ copied from the conversation, )?([\d.]+) tokens per round, (?:draft length [\d.]+ on average, )?(\d+) prompt tokens processed\]"
 )
 SHORT = 60  # a reply that ends within this many tokens
 LONG = 1000  # a reply still running after this many tokens: Ctrl-C lands in its middle, however fast the models
@@ -322,7 +322,8 @@ def test_generate_json(folders, models):
 
 def test_generate_text_then_statistics(folders, models, capsys):
     expected, _ = fresh_reply(models, [{"role": "user", "content": "w10 w11"}], 20)
-    assert main(["generate", "--model", folders["main"], "--no-draft", "-p", "w10 w11", "-m", "20", "--verbose"]) == 0
+    argv = ["generate", "--model", folders["main"], "--no-draft", "--no-prompt-lookup", "-p", "w10 w11", "-m", "20"]
+    assert main(argv + ["--verbose"]) == 0
     out, err = capsys.readouterr()
     assert out == expected + "\n"
     assert "Generation:" in err and "Time to first token" in err and "Accepted" not in err
@@ -379,3 +380,21 @@ def test_unreachable_hub_id_in_a_real_process():
     lines = [line for line in result.stderr.splitlines() if not line.startswith("mlx-spec: warning:")]
     assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("mlx-spec: error: "), result.stderr
     assert "could not fetch nobody-xyz/no-such-model from the Hugging Face hub" in lines[0]
+
+
+def test_copied_tokens_have_their_own_colour():
+    assert paint("x", True, True, "lookup") == f"{CYAN}x\x1b[0m"
+    assert paint("x", True, True, "draft") == f"{GREEN}x\x1b[0m"
+    assert paint("x", False, True, None) == "x" and paint("x", True, False, "lookup") == "x"
+
+
+def test_generate_without_prompt_lookup_or_draft_decodes_plainly(folders, capsys):
+    code = main(
+        ["generate", "--model", folders["main"], "--no-prompt-lookup", "-p", "w5 w6 w5 w6", "-m", "12", "--json"]
+    )
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total_draft_tokens"] == 0 and out["num_rounds"] == 12 and out["rounds_by_source"] == {"plain": 12}
+    code = main(["generate", "--model", folders["main"], "-p", "w5 w6 w5 w6 w5 w6 w5 w6", "-m", "24", "--json"])
+    out_lookup = json.loads(capsys.readouterr().out)
+    assert code == 0 and out_lookup["lookup_draft_tokens"] == out_lookup["total_draft_tokens"]

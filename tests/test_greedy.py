@@ -39,13 +39,15 @@ def test_architectures_and_drafts(arch):
                 got = spec(prompt, main, draft, num_draft_tokens=k, max_tokens=48, stats=stats)
                 assert got == expected, (name, k, prompt)
                 if name == "itself":  # every draft accepted: the draft cache must not fall a token behind
-                    assert stats.acceptance_rate == 1.0
+                    assert stats.model_accepted_tokens == stats.model_draft_tokens > 0
 
 
 def test_no_draft_is_plain_decoding(llama):
     for prompt in PROMPTS:
         stats = GenerationStats()
-        assert spec(prompt, llama, None, max_tokens=30, stats=stats) == reference(llama, prompt, 30)
+        assert spec(prompt, llama, None, max_tokens=30, stats=stats, prompt_lookup=False) == reference(
+            llama, prompt, 30
+        )
         assert stats.num_rounds == 30 and stats.total_draft_tokens == 0
 
 

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import replay  # noqa: E402
 
-from mlx_spec.adaptive import DraftController  # noqa: E402
+from mlx_spec.adaptive import LOOKUP, Controller  # noqa: E402
 
 COSTS = dict(round_seconds=[0.5, 0.7, 0.9, 1.1, 1.3], catch_up_seconds=0.01)
 
@@ -30,7 +30,8 @@ def test_a_round_stops_at_the_first_disagreement():
 
 def test_auto_decodes_plainly_when_the_draft_never_agrees_and_drafts_when_it_always_does():
     traces = dict(costs=COSTS, traces={"never": dict(agree=[False] * 300), "always": dict(agree=[True] * 300)})
-    rows = {r["trace"]: r for r in replay.replay_table(traces, lambda: DraftController(4, cost_ratio=0.3), seeds=2)}
+    make = lambda: Controller(max_draft=4, max_lookup=0, cost_ratio=0.3)  # noqa: E731
+    rows = {r["trace"]: r for r in replay.replay_table(traces, make, seeds=2)}
     assert rows["never"]["best_k"] == 0 and rows["never"]["auto_over_best"] > 0.9
     assert rows["always"]["best_k"] == 4 and rows["always"]["auto_over_best"] > 0.95
 
@@ -70,3 +71,23 @@ def test_replay_command_prints_the_table_and_refuses_a_missing_file(tmp_path, ca
     assert "| 0.700 vs 0.400 (1.75x) |" in row
     assert replay.main(["replay", str(tmp_path / "nope.json")]) == 2
     assert "cannot read traces" in capsys.readouterr().err
+
+
+def test_lookup_replays_exactly_over_a_text_that_repeats_its_prompt():
+    """Greedy traces with their tokens replay prompt lookup: the copy of the prompt is accepted, and costs
+    one verify pass per round."""
+    prompt = list(range(100, 140))
+    text = prompt[10:] + list(range(200, 230))  # 30 copied tokens, then 30 new ones
+    trace = dict(agree=[False] * 60, tokens=prompt + text, num_prompt=len(prompt))
+    lookup_seconds = [0.5 + 0.02 * k for k in range(17)]
+    policy = Controller(max_draft=0, has_draft=False)
+    chosen = []
+    record = policy.record
+    policy.record = lambda choice, accepted, seconds: (
+        chosen.append((choice, accepted)),
+        record(choice, accepted, seconds),
+    )
+    rate = replay.replay(policy, trace, COSTS["round_seconds"], 0.0, noise=0.0, lookup_seconds=lookup_seconds)
+    copied = sum(accepted for choice, accepted in chosen if choice.source == LOOKUP)
+    assert copied >= 25 and rate > 1.5  # the copy: many tokens per round; the rest: nearly plain
+    assert replay.lookup_costs(COSTS, 0.3)[2] == pytest.approx(0.9 - 2 * 0.3 * 0.5)

@@ -118,7 +118,7 @@ def test_no_draft_scheduled_ahead_equals_plain_rounds(pair, temp, monkeypatch):
     generate_module = importlib.import_module("mlx_spec.generate")  # the package's `generate` is the function
 
     main, draft = pair
-    pipelined = spec(PROMPT, main, None, max_tokens=40, temp=temp, seed=3)
+    pipelined = spec(PROMPT, main, None, max_tokens=40, temp=temp, seed=3, prompt_lookup=False)
     monkeypatch.setattr(generate_module, "_policy", lambda *args: FixedDraft(0))
     stats = GenerationStats()
     assert spec(PROMPT, main, draft, max_tokens=40, temp=temp, seed=3, stats=stats) == pipelined

@@ -56,6 +56,16 @@ def make_model(
     return model
 
 
+def repetitive(model, attention: float = 0.01):
+    """`model` with its attention outputs scaled by `attention`: nearly a bigram model, whose greedy text
+    falls into cycles that prompt lookup can copy, with a few departures where the context still matters."""
+    model.update(
+        tree_unflatten([(k, w * attention if "o_proj" in k else w) for k, w in tree_flatten(model.parameters())])
+    )
+    mx.eval(model.parameters())
+    return model
+
+
 def perturbed(model, noise: float, seed: int = 1):
     """A copy of `model` with Gaussian noise of relative size `noise` on every weight: a draft that agrees often."""
     mx.random.seed(seed)

@@ -1,0 +1,157 @@
+"""Step 1 of a round, second source: draft tokens copied from the conversation itself (prompt lookup).
+
+An incremental n-gram index over `caches.tokens` finds the most recent earlier
+occurrence of the conversation's last tokens; what followed it is the proposal.
+"""
+
+import weakref
+from array import array
+from typing import NamedTuple
+
+import mlx.core as mx
+
+MAX_NGRAM = 4  # the longest suffix looked up; shorter ones down to 1 when it has no earlier occurrence
+MAX_MATCH = 16  # a match is measured backwards up to this many tokens (its length picks the acceptance bucket)
+MAX_ENTRIES = 1 << 18  # distinct n-grams kept per n; the least recently seen go first
+
+
+class Match(NamedTuple):
+    """The conversation's last `length` tokens also end at position `start` - 1; `start` is what followed."""
+
+    start: int
+    length: int
+
+
+class NgramIndex:
+    """Where each n-gram of the conversation (n = 1..MAX_NGRAM) last occurred; updated per appended token.
+
+    `last[n][ngram]` is the position right after the most recent occurrence of
+    `ngram` whose continuation is known, so the conversation's own last n tokens
+    are found at their previous occurrence. `previous[n][i]` is what
+    `last[n]` held for the n-gram ending before position i until i was indexed,
+    so cutting the conversation back (an early stop, a chat turn re-rendered)
+    restores the index exactly, in time proportional to the tokens removed.
+    Memory is bounded: each n keeps at most `max_entries` n-grams (the least
+    recently seen go first), and `previous` 4 bytes per token and n. `work`
+    counts the tokens touched, for the test that a round's cost does not grow
+    with the conversation.
+    """
+
+    def __init__(self, max_ngram: int = MAX_NGRAM, max_entries: int = MAX_ENTRIES):
+        self.max_ngram = max_ngram
+        self.max_entries = max_entries
+        self.tokens: list[int] = []  # the conversation as indexed
+        self.last: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram + 1)]
+        self.previous = [array("i") for _ in range(max_ngram + 1)]
+        self.work = 0
+
+    def sync(self, tokens: list[int]):
+        """Bring the index up to `tokens`: keep the prefix it shares with them, index the rest."""
+        seen = self.tokens
+        common = min(len(seen), len(tokens))
+        if seen[:common] != tokens[:common]:
+            common = next(i for i, (a, b) in enumerate(zip(seen, tokens)) if a != b)
+        self.truncate(common)
+        self.extend(tokens[common:])
+
+    def truncate(self, num_tokens: int):
+        """Forget the tokens from position `num_tokens` on, restoring what they overwrote."""
+        seen = self.tokens
+        for end in range(len(seen) - 1, num_tokens - 1, -1):
+            for n in range(1, min(self.max_ngram, end) + 1):
+                key, before = tuple(seen[end - n : end]), self.previous[n][end]
+                if before < 0:
+                    self.last[n].pop(key, None)
+                else:
+                    self.last[n][key] = before
+        for n in range(1, self.max_ngram + 1):
+            del self.previous[n][num_tokens:]
+        del seen[num_tokens:]
+
+    def extend(self, new_tokens: list[int]):
+        """Append tokens; index each n-gram that now has a continuation."""
+        seen = self.tokens
+        first = len(seen)  # positions first.. are new: the n-grams ending just before each are followed by it
+        seen.extend(new_tokens)
+        size = len(seen)
+        for n in range(1, self.max_ngram + 1):
+            table, previous = self.last[n], self.previous[n]
+            low = max(first, n)
+            previous.extend([-1] * (low - first))  # no n-gram ends before position low < n
+            keys = zip(*(seen[low - n + j : size - n + j] for j in range(n)))
+            for end, key in zip(range(low, size), keys):
+                previous.append(table.pop(key, -1))  # re-inserted last: the dict's order is recency
+                table[key] = end
+            while len(table) > self.max_entries:
+                del table[next(iter(table))]
+        self.work += self.max_ngram * len(new_tokens)
+
+    def match(self) -> Match | None:
+        """The longest of the last MAX_NGRAM..1 tokens that occurred before, at its most recent occurrence."""
+        seen = self.tokens
+        size = len(seen)
+        for n in range(min(self.max_ngram, size - 1), 0, -1):
+            start = self.last[n].get(tuple(seen[size - n :]))
+            self.work += n
+            if start is None:
+                continue
+            length = n
+            while length < MAX_MATCH and start - length > 0 and seen[start - length - 1] == seen[size - length - 1]:
+                length += 1
+            self.work += length - n
+            return Match(start, length)
+        return None
+
+    def continuation(self, match: Match, num_draft: int) -> list[int]:
+        """The `num_draft` tokens that followed the match; past the end it repeats itself (a period)."""
+        seen, size = self.tokens, len(self.tokens)
+        out = []
+        for i in range(match.start, match.start + num_draft):
+            out.append(seen[i] if i < size else out[i - size])
+        self.work += num_draft
+        return out
+
+
+_INDEXES: dict[int, NgramIndex] = {}
+
+
+def index_for(caches) -> NgramIndex:
+    """The index of a CachePair's conversation, kept as long as the caches live, synced to its tokens."""
+    index = _INDEXES.get(id(caches))
+    if index is None:
+        index = _INDEXES[id(caches)] = NgramIndex()
+        weakref.finalize(caches, _INDEXES.pop, id(caches), None)
+    index.sync(caches.tokens)
+    return index
+
+
+class LookupSource:
+    """The conversation as a round's source of draft tokens (draft.DraftSource is the other one).
+
+    `match()` finds this round's match (the controller sizes the round by its
+    length); `propose` copies what followed it. Neither needs device work.
+    """
+
+    def __init__(self, caches, vocab_size: int, greedy: bool):
+        self.caches, self.vocab_size, self.greedy = caches, vocab_size, greedy
+        self.index = index_for(caches)
+        self.found: Match | None = None
+
+    def match(self) -> Match | None:
+        """Index the tokens appended since the last round, then find the conversation's match."""
+        index, tokens = self.index, self.caches.tokens
+        index.extend(tokens[len(index.tokens) :])
+        self.found = index.match()
+        return self.found
+
+    def propose(self, num_draft: int, key: mx.array | None = None, history: mx.array | None = None):
+        """(draft_tokens (k,) int32, q (k, V) or None when greedy): the match's continuation.
+
+        q is a point mass on each copied token: rejection sampling then accepts
+        x with probability p(x) and on rejection samples from p with x removed,
+        so the output keeps the main model's distribution.
+        """
+        draft_tokens = mx.array(self.index.continuation(self.found, num_draft), mx.int32)
+        if self.greedy:
+            return draft_tokens, None
+        return draft_tokens, (mx.arange(self.vocab_size)[None] == draft_tokens[:, None]).astype(mx.float32)

@@ -1,0 +1,235 @@
+"""Prompt lookup: the n-gram index alone, then drafting from the conversation inside the engine."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_accept import CRITICAL, chi_squared
+from tiny import make_model, perturbed, reference, repetitive, spec, toy_tokenizer
+
+from mlx_spec import GenerationStats, make_prompt_cache, speculative_generate_step, stream_generate
+from mlx_spec.lookup import MAX_MATCH, Match, NgramIndex, index_for
+
+# --- the index ------------------------------------------------------------------------------------
+
+
+def indexed(tokens, **kwargs):
+    index = NgramIndex(**kwargs)
+    index.sync(tokens)
+    return index
+
+
+def test_finds_the_longest_suffix_at_its_most_recent_occurrence():
+    #            0  1  2  3  4  5  6  7  8  9 10 11
+    index = indexed([5, 6, 7, 8, 1, 6, 7, 9, 2, 5, 6, 7])
+    assert index.match() == Match(start=3, length=3)  # "5 6 7" was followed by 8; "6 7" more recently by 9
+    assert index.continuation(index.match(), 4) == [8, 1, 6, 7]
+    assert indexed([1, 2, 3, 4]).match() is None
+    assert indexed([3, 9, 4, 9]).match() == Match(start=2, length=1)
+
+
+def test_a_match_is_measured_back_beyond_the_longest_n_gram():
+    text = list(range(10, 30))
+    index = indexed(text + [1] + text)
+    assert index.match() == Match(start=len(text), length=MAX_MATCH)
+
+
+def test_the_continuation_repeats_itself_past_the_end_of_the_conversation():
+    index = indexed([4, 1, 2, 3, 1, 2, 3, 1, 2])
+    match = index.match()
+    assert match.start == 6  # "3 1 2" last followed by 3 at position 6
+    assert index.continuation(match, 7) == [3, 1, 2, 3, 1, 2, 3]
+
+
+def test_extend_equals_indexing_at_once():
+    tokens = [int(t) for t in np.random.default_rng(0).integers(0, 5, 300)]
+    grown = NgramIndex()
+    for i in range(0, 300, 7):
+        grown.extend(tokens[i : i + 7])
+        assert grown.match() == indexed(tokens[: i + 7]).match()
+    assert grown.last == indexed(tokens).last
+
+
+def test_tokens_cut_back_or_changed_are_forgotten_exactly():
+    index = indexed([1, 2, 3, 4, 5, 1, 2, 3, 9, 9, 1, 2, 3])
+    assert index.continuation(index.match(), 1) == [9]
+    index.sync([1, 2, 3, 4, 5, 1, 2, 3])  # the conversation was cut back (an early stop, a new turn)
+    assert index.match() == Match(start=3, length=3)  # "1 2 3" -> 9 forgotten, "1 2 3" -> 4 restored
+    index.sync([1, 2, 3, 4, 7, 7, 1, 2, 3])  # changed in the middle: re-indexed from there
+    assert index.tokens == [1, 2, 3, 4, 7, 7, 1, 2, 3]
+    assert index.continuation(index.match(), 2) == [4, 7]
+    assert index.last == indexed([1, 2, 3, 4, 7, 7, 1, 2, 3]).last
+    index.sync([8, 8])  # a new conversation in the same caches
+    assert index.tokens == [8, 8] and index.match() == Match(start=1, length=1)
+
+
+def test_memory_is_bounded():
+    tokens = [int(t) for t in np.random.default_rng(1).integers(0, 1000, 5000)]
+    index = indexed(tokens, max_entries=100)
+    assert all(len(table) <= 100 for table in index.last)
+    index.extend([tokens[-3], tokens[-2]])  # the most recent n-grams are kept
+    assert index.match() is not None
+
+
+def test_a_round_costs_the_same_at_32k_tokens():
+    """Work per round (tokens touched: the round's new tokens indexed, one look-up) does not grow with the
+    conversation: 200 rounds over a 32k-token conversation touch as many tokens as over a 100-token one."""
+    rng = np.random.default_rng(2)
+
+    def work_per_round(num_tokens):
+        index = indexed([int(t) for t in rng.integers(0, 50, num_tokens)])
+        index.work = 0
+        for _ in range(200):
+            match = index.match()
+            proposal = index.continuation(match, 8) if match else []
+            index.extend(proposal[:3] + [int(rng.integers(0, 50))])  # 3 accepted + the main model's token
+        return index.work / 200
+
+    small, large = work_per_round(100), work_per_round(32768)
+    assert large <= 1.2 * small and large < 60
+
+
+def test_the_index_lives_with_its_caches():
+    main = make_model("llama", layers=1)
+    cache = make_prompt_cache(main)
+    cache.tokens.extend([1, 2, 3, 1, 2])
+    index = index_for(cache)
+    assert index_for(cache) is index and index.match() == Match(start=2, length=2)
+    cache.truncate(3)
+    assert index_for(cache).tokens == [1, 2, 3]
+
+
+# --- inside the engine ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def copier():
+    """A main model whose text repeats, and a draft that agrees with it often."""
+    main = repetitive(make_model("llama", layers=2))
+    return main, perturbed(main, 0.01)
+
+
+PROMPT = [1, 5, 9, 22, 3, 17, 40]
+
+
+@pytest.mark.parametrize("with_draft", [False, True])
+@pytest.mark.parametrize("k", ["auto", 2, 6])
+def test_greedy_is_exact_and_copies(copier, with_draft, k):
+    main, draft = copier
+    expected = reference(main, PROMPT, 120)
+    stats = GenerationStats()
+    got = spec(PROMPT, main, draft if with_draft else None, num_draft_tokens=k, max_tokens=120, stats=stats)
+    assert got == expected
+    assert 0 < stats.lookup_accepted_tokens < stats.lookup_draft_tokens  # copies accepted and rejected
+
+
+@pytest.mark.parametrize(
+    "arch, options",
+    [
+        ("llama", {}),
+        ("qwen2", dict(max_kv_size=16)),
+        ("qwen2", dict(kv_bits=4, kv_group_size=32, quantized_kv_start=20)),
+        ("qwen2", dict(logits_processors="repetition")),
+        ("gemma3_text", {}),
+    ],
+    ids=["standard", "rotating", "quantized", "processors", "sliding-window"],
+)
+@pytest.mark.parametrize("with_draft", [False, True])
+def test_greedy_is_exact_with_every_cache_kind(arch, options, with_draft):
+    from mlx_lm.sample_utils import make_logits_processors
+
+    main = repetitive(make_model(arch, layers=4, hidden=128), 0.0 if arch == "gemma3_text" else 0.01)
+    draft = perturbed(main, 0.01) if with_draft else None
+    kw = dict(options)
+    if kw.get("logits_processors"):
+        kw["logits_processors"] = make_logits_processors(repetition_penalty=1.5)
+    prompt = [(7 * i + 3) % 90 + 3 for i in range(20)]
+    expected = reference(main, prompt, 160, **kw)
+    stats = GenerationStats()
+    cache = make_prompt_cache(main, draft, max_kv_size=kw.get("max_kv_size"))
+    assert spec(prompt, main, draft, max_tokens=160, stats=stats, prompt_cache=cache, **kw) == expected
+    assert stats.lookup_accepted_tokens > 0
+    if "max_kv_size" in kw:
+        assert len(cache.tokens) > 10 * kw["max_kv_size"]  # long after the wrap
+
+
+def test_early_stop_then_continue_equals_a_fresh_run(copier):
+    """The index follows the caches when they are cut back: an early stop, then the next turn."""
+    main, draft = copier
+    cache = make_prompt_cache(main, draft)
+    steps = speculative_generate_step(PROMPT, main, draft, max_tokens=100, prompt_cache=cache)
+    first = [next(steps)[0] for _ in range(37)]
+    steps.close()
+    cache.truncate(len(cache.tokens) - 5)  # as a chat turn re-rendered with a different ending
+    turn = [30, 31, 32] + PROMPT
+    stats = GenerationStats()
+    cont = spec(turn, main, draft, max_tokens=60, prompt_cache=cache, stats=stats)
+    assert cont == reference(main, PROMPT + first[:-5] + turn, 60)
+    assert stats.lookup_accepted_tokens > 0
+
+
+def test_statistics_by_source_add_up(copier):
+    main, draft = copier
+    stats = GenerationStats()
+    sources = []
+    for response in stream_generate(
+        main, toy_tokenizer(eos="<unk>"), PROMPT, draft_model=draft, max_tokens=150, stats=stats
+    ):
+        sources.append(response.source)
+        assert response.from_draft == (response.source is not None)
+    assert stats.lookup_draft_tokens + stats.model_draft_tokens == stats.total_draft_tokens
+    assert stats.lookup_accepted_tokens + stats.model_accepted_tokens == stats.accepted_draft_tokens
+    assert sources.count("lookup") == stats.lookup_accepted_tokens > 0
+    assert sources.count("draft") == stats.model_accepted_tokens > 0
+    assert sources.count(None) == stats.num_rounds == sum(stats.rounds_by_source.values())
+    assert stats.generation_tokens == len(sources) == 150
+    assert "from the conversation" in stats.summary()
+
+
+def test_lookup_off_with_no_draft_is_plain_decoding(copier):
+    main, _ = copier
+    stats = GenerationStats()
+    assert spec(PROMPT, main, None, max_tokens=50, stats=stats, prompt_lookup=False) == reference(main, PROMPT, 50)
+    assert stats.total_draft_tokens == 0 and stats.num_rounds == 50
+
+
+def test_bad_prompt_lookup_is_refused(copier):
+    main, _ = copier
+    with pytest.raises(ValueError, match="prompt_lookup must be True or False, got 'yes'"):
+        spec(PROMPT, main, None, max_tokens=5, prompt_lookup="yes")
+
+
+# --- sampling: a copied token is a draft with q = one-hot ---------------------------------------------
+
+VOCAB = 12
+
+
+def dist(model, tokens, temp, top_p=1.0, top_k=0):
+    from test_sampling import shaped
+
+    logits = np.array(model(mx.array(tokens)[None])[0, -1].astype(mx.float32))
+    return shaped(logits, temp, top_p=top_p, top_k=top_k)
+
+
+@pytest.mark.parametrize("shape", [dict(temp=1.0), dict(temp=0.7, top_p=0.9, top_k=8)])
+@pytest.mark.parametrize("with_draft", [False, True])
+def test_sampled_tokens_follow_the_main_distribution(shape, with_draft):
+    main = make_model("qwen2", layers=2, vocab=VOCAB, scale=1.0)
+    draft = perturbed(main, 0.3) if with_draft else None
+    prompt = [3, 7, 1, 4, 3, 7, 1, 4, 3, 7]  # "3 7" occurred before: the first round copies "1 4 3"
+    p1 = dist(main, prompt, **shape)
+    p2 = sum(p1[x] * dist(main, prompt + [x], **shape) for x in range(VOCAB) if p1[x] > 0)
+    runs = 1000
+    firsts, seconds, first_accepted = [], [], 0
+    for seed in range(runs):
+        stats = GenerationStats()
+        out = spec(prompt, main, draft, num_draft_tokens=3, max_tokens=3, seed=seed, stats=stats, **shape)
+        firsts.append(out[0])
+        seconds.append(out[1])
+        assert stats.lookup_draft_tokens == 2  # the first round copied "1 4" from the conversation
+        first_accepted += stats.lookup_accepted_tokens >= 1
+    # q = one-hot(1): the copied token is accepted with probability p(1)
+    sigma = np.sqrt(p1[1] * (1 - p1[1]) / runs)
+    assert abs(first_accepted / runs - p1[1]) < 4 * sigma + 1e-9, (first_accepted / runs, p1[1])
+    for tokens, p in ((firsts, p1), (seconds, p2)):
+        stat, dof = chi_squared(np.bincount(tokens, minlength=VOCAB), p)
+        assert stat < CRITICAL.get(dof, 3 * dof + 10), (np.bincount(tokens, minlength=VOCAB), p * runs)
