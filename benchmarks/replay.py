@@ -42,6 +42,7 @@ import numpy as np
 
 from mlx_spec.adaptive import DRAFT, LOOKUP, PLAIN, Choice, Controller
 from mlx_spec.bench import ALL_PROMPTS
+from mlx_spec.generate import AUTO_MAX_LOOKUP as MAX_LOOKUP
 from mlx_spec.lookup import NgramIndex
 
 
@@ -114,9 +115,14 @@ class Fixed:
 def lookup_costs(costs: dict, cost_ratio: float) -> list[float]:
     """Seconds of a lookup round of k tokens: measured, or a drafting round less its k draft steps."""
     if "lookup_seconds" in costs:
-        return costs["lookup_seconds"]
-    plain = costs["round_seconds"][0]
-    return [max(plain, t - k * cost_ratio * plain) for k, t in enumerate(costs["round_seconds"])]
+        seconds = list(costs["lookup_seconds"])
+    else:
+        plain = costs["round_seconds"][0]
+        seconds = [max(plain, t - k * cost_ratio * plain) for k, t in enumerate(costs["round_seconds"])]
+    slope = (seconds[-1] - seconds[1]) / (len(seconds) - 2) if len(seconds) > 2 else 0.0
+    while len(seconds) <= MAX_LOOKUP:  # as long as the engine's lookups, extended along the measured slope
+        seconds.append(seconds[-1] + slope)
+    return seconds
 
 
 def acceptance_rate(accept: list[float], k: int, seeds: int = 200) -> float:
@@ -304,8 +310,10 @@ def print_table(traces: dict, seeds: int):
     geo = math.exp(statistics.mean(math.log(r["auto_over_best"]) for r in rows))
     print(f"\nauto / best fixed: geometric mean {geo:.3f}, worst {min(r['auto_over_best'] for r in rows):.3f}")
     hybrid = [r["variants"]["hybrid"] / r["auto"] for r in rows]
-    print(f"hybrid / auto (draft only): geometric mean {math.exp(statistics.mean(map(math.log, hybrid))):.3f}, ")
-    print(f"worst {min(hybrid):.3f}; lookup only / plain: worst {min(r['variants']['lookup only'] for r in rows):.3f}")
+    geo_hybrid = math.exp(statistics.mean(map(math.log, hybrid)))
+    worst_lookup = min(r["variants"]["lookup only"] for r in rows)
+    print(f"hybrid / auto (draft only): geometric mean {geo_hybrid:.3f}, worst {min(hybrid):.3f}")
+    print(f"lookup only / plain: worst {worst_lookup:.3f}")
 
 
 # --- command line ----------------------------------------------------------------------------
