@@ -92,11 +92,13 @@ class GenerationOptions:
     def max_draft(self, offset: int) -> int:
         """The longest draft of a round that starts at main cache `offset`.
 
-        A round never straddles the point where the KV cache becomes quantized (mlx-lm quantizes between steps).
+        A round never straddles the point where the KV cache becomes quantized: mlx-lm quantizes it after the
+        step that brings it to quantized_kv_start entries (never before the first step), and later steps see it so.
         """
         limit = MAX_DRAFT_TOKENS
-        if self.kv_bits is not None and offset < self.quantized_kv_start:
-            limit = min(limit, self.quantized_kv_start - 1 - offset)
+        start = max(self.quantized_kv_start, 1)
+        if self.kv_bits is not None and offset < start:
+            limit = min(limit, start - 1 - offset)
         return limit
 
     def replace(self, **changes) -> "GenerationOptions":
