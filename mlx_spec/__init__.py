@@ -1,8 +1,11 @@
 """mlx_spec: speculative decoding on MLX. Switch from mlx-lm by changing one import."""
 
+from mlx_lm.sample_utils import make_logits_processors  # mlx-lm's own: its processors work here unchanged
+
 from .cache import CachePair, make_prompt_cache
 from .generate import GenerationResponse, generate, speculative_generate_step, stream_generate
 from .load import IncompatibleDraftError, check_draft, load
+from .sampling import make_sampler
 from .stats import GenerationStats
 
 __all__ = [
@@ -13,7 +16,9 @@ __all__ = [
     "check_draft",
     "generate",
     "load",
+    "make_logits_processors",
     "make_prompt_cache",
+    "make_sampler",
     "speculative_generate_step",
     "stream_generate",
 ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .accept import accept, accept_greedy
+from .accept import accept, accept_exact, accept_greedy
 from .cache import SLACK, CachePair, SlackRotatingCache
 from .draft import DraftModel, propose
 from .options import PREFILL_STEP_SIZE
@@ -55,15 +55,26 @@ class HostReads:
 
 
 def prefill(
-    model, layers: list, tokens: list[int], caches: CachePair, kv_quantize: Callable, chunk: int = PREFILL_STEP_SIZE
+    model,
+    layers: list,
+    tokens: list[int],
+    caches: CachePair,
+    kv_quantize: Callable,
+    chunk: int = PREFILL_STEP_SIZE,
+    progress: Callable[[int], None] | None = None,
 ):
-    """Feed `tokens` through `model` into `layers`, `chunk` tokens at a time, evaluating each chunk."""
+    """Feed `tokens` through `model` into `layers`, `chunk` tokens at a time, evaluating each chunk.
+
+    `progress`, if given, is called with the number of tokens fed after each chunk.
+    """
     if any(isinstance(c, SlackRotatingCache) for c in layers):
         chunk = SLACK + 1  # a continued rotating cache takes few tokens at a time
     for start in range(0, len(tokens), chunk):
         model(mx.array(tokens[start : start + chunk], mx.int32)[None], cache=layers)
         kv_quantize(caches)
         mx.eval([c.state for c in layers])
+        if progress is not None:
+            progress(min(start + chunk, len(tokens)))
 
 
 def rounds(
@@ -79,12 +90,14 @@ def rounds(
     kv_quantize: Callable,
     host: HostReads,
     logits_processors=None,
+    history_start: int = 0,
 ) -> Iterator[Round]:
     """Generate until `max_tokens` tokens were emitted; caches.tokens grows as rounds finish.
 
     On entry every token but the last is in the main cache. `policy` chooses each
     round's draft length and learns from its outcome; `max_draft(offset)` bounds
-    the draft length of a round starting at main cache offset `offset`.
+    the draft length of a round starting at main cache offset `offset`. Logits
+    processors see the tokens from `history_start` on.
     """
     num_emitted, accept_key = 0, None
     ahead = None  # without a draft: the next plain round, scheduled before this round's token is read
@@ -94,6 +107,8 @@ def rounds(
         logprobs, main_probs = score(model, caches.main, last, draft_tokens, params, history, logits_processors)
         if params.greedy:
             num_accepted, next_token = accept_greedy(draft_tokens, logprobs)
+        elif params.exact_match:
+            num_accepted, next_token = accept_exact(draft_tokens, params.sampler(logprobs).reshape(-1).astype(mx.int32))
         else:
             num_accepted, next_token = accept(draft_tokens, draft_probs, main_probs, accept_key)
         return history, logprobs, next_token, mx.concatenate([draft_tokens, num_accepted[None], next_token[None]])
@@ -111,7 +126,7 @@ def rounds(
         else:
             if key is not None:
                 key, draft_key, accept_key = mx.random.split(key, 3)
-            history = mx.array(tokens, mx.int32) if logits_processors else None
+            history = mx.array(tokens[history_start:], mx.int32) if logits_processors else None
             draft_probs = mx.zeros((0, vocab_size))
             if (
                 num_behind > SLACK + 1

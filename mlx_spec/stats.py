@@ -18,6 +18,7 @@ class GenerationStats:
     accepted_draft_tokens: int = 0
     num_rounds: int = 0
     host_syncs: int = 0  # device -> host waits while decoding; one per round
+    acceptance_rule: str = ""  # "greedy", "rejection sampling" or "exact match" (a sampler of unknown settings)
     draft_lengths: Counter = field(default_factory=Counter)  # draft length -> rounds
     peak_memory: float = 0.0  # GB
     _start: float = field(default_factory=time.perf_counter, repr=False)
@@ -76,6 +77,7 @@ class GenerationStats:
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.draft_lengths.update(other.draft_lengths)
+        self.acceptance_rule = other.acceptance_rule or self.acceptance_rule
         self.peak_memory = max(self.peak_memory, other.peak_memory)
 
     @property
@@ -104,7 +106,8 @@ class GenerationStats:
         if self.total_draft_tokens:
             lines.append(
                 f"Accepted {self.accepted_draft_tokens}/{self.total_draft_tokens} draft tokens "
-                f"({100 * self.acceptance_rate:.1f}%), {self.mean_tokens_per_round:.2f} tokens per round, "
+                f"({100 * self.acceptance_rate:.1f}%, {self.acceptance_rule}), "
+                f"{self.mean_tokens_per_round:.2f} tokens per round, "
                 f"draft length {self.mean_draft_length:.1f} on average"
             )
         lines.append(f"Peak memory: {self.peak_memory:.3f} GB")
