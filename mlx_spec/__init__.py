@@ -1,9 +1,12 @@
 """mlx_spec: speculative decoding on MLX. Switch from mlx-lm by changing one import."""
 
+from mlx_lm.sample_utils import make_logits_processors  # mlx-lm's own: its processors work here unchanged
+
 from .cache import CachePair, make_prompt_cache
 from .discover import find_drafts
 from .generate import GenerationResponse, generate, speculative_generate_step, stream_generate
 from .load import IncompatibleDraftError, check_draft, load
+from .sampling import make_sampler
 from .stats import GenerationStats
 
 __all__ = [
@@ -15,7 +18,9 @@ __all__ = [
     "find_drafts",
     "generate",
     "load",
+    "make_logits_processors",
     "make_prompt_cache",
+    "make_sampler",
     "speculative_generate_step",
     "stream_generate",
 ]

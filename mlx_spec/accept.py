@@ -20,7 +20,20 @@ def accept_greedy(draft_tokens: mx.array, main_scores: mx.array) -> tuple[mx.arr
     argmax of p at the first position not accepted (p_{k+1} if all were).
     Returns (num_accepted, next_token) as 0-d int32 arrays.
     """
-    main_tokens = mx.argmax(main_scores, axis=-1).astype(mx.int32)
+    return accept_exact(draft_tokens, mx.argmax(main_scores, axis=-1).astype(mx.int32))
+
+
+def accept_exact(draft_tokens: mx.array, main_tokens: mx.array) -> tuple[mx.array, mx.array]:
+    """Exact-match verification (mlx-lm's rule, for a sampler of unknown settings).
+
+    draft_tokens: (k,) ids d_1..d_k; main_tokens: (k+1,) the main model's own
+    token at each verified position (its sampler's draw from p_i, or argmax p_i).
+    Accept the longest prefix where d_i = main_tokens_i; the next token is the
+    main token at the first position not accepted. Every emitted token is the
+    main model's own draw, so the output follows p whatever the draft proposed;
+    a position is accepted with probability sum_x p(x) q(x) only.
+    Returns (num_accepted, next_token) as 0-d int32 arrays.
+    """
     num_draft = draft_tokens.shape[0]
     num_accepted = _leading_true(main_tokens[:num_draft] == draft_tokens)
     return num_accepted, mx.take(main_tokens, num_accepted)

@@ -225,7 +225,7 @@ class CachePair:
             return
         for layers in (self.main, self.draft or []):
             for i, cache in enumerate(layers):
-                if type(cache) is KVCache and cache.offset >= quantized_kv_start:
+                if type(cache) is KVCache and cache.keys is not None and cache.offset >= quantized_kv_start:
                     head_dim = cache.keys.shape[-1]
                     if head_dim % kv_group_size:
                         raise ValueError(

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from .accept import accept, accept_greedy
+from .accept import accept, accept_exact, accept_greedy
 from .adaptive import DRAFT, LOOKUP, PLAIN, Choice
 from .cache import SLACK, CachePair, SlackRotatingCache
 from .draft import DraftSource
@@ -90,15 +90,26 @@ class HostReads:
 
 
 def prefill(
-    model, layers: list, tokens: list[int], caches: CachePair, kv_quantize: Callable, chunk: int = PREFILL_STEP_SIZE
+    model,
+    layers: list,
+    tokens: list[int],
+    caches: CachePair,
+    kv_quantize: Callable,
+    chunk: int = PREFILL_STEP_SIZE,
+    progress: Callable[[int], None] | None = None,
 ):
-    """Feed `tokens` through `model` into `layers`, `chunk` tokens at a time, evaluating each chunk."""
+    """Feed `tokens` through `model` into `layers`, `chunk` tokens at a time, evaluating each chunk.
+
+    `progress`, if given, is called with the number of tokens fed after each chunk.
+    """
     if any(isinstance(c, SlackRotatingCache) for c in layers):
         chunk = SLACK + 1  # a continued rotating cache takes few tokens at a time
     for start in range(0, len(tokens), chunk):
         model(mx.array(tokens[start : start + chunk], mx.int32)[None], cache=layers)
         kv_quantize(caches)
         mx.eval([c.state for c in layers])
+        if progress is not None:
+            progress(min(start + chunk, len(tokens)))
 
 
 def verify(model, caches, params, logits_processors, last, draft_tokens, draft_probs, history, key) -> Verified:
@@ -106,6 +117,8 @@ def verify(model, caches, params, logits_processors, last, draft_tokens, draft_p
     logprobs, main_probs = score(model, caches.main, last, draft_tokens, params, history, logits_processors)
     if params.greedy:
         num_accepted, next_token = accept_greedy(draft_tokens, logprobs)
+    elif params.exact_match:  # a sampler of unknown settings: its own token at each position, as mlx-lm
+        num_accepted, next_token = accept_exact(draft_tokens, params.sampler(logprobs).reshape(-1).astype(mx.int32))
     else:
         if draft_probs is None:  # no draft tokens: q is empty
             draft_probs = mx.zeros((0, main_probs.shape[-1]))
@@ -125,6 +138,7 @@ def rounds(
     kv_quantize: Callable,
     host: HostReads,
     logits_processors=None,
+    history_start: int = 0,
 ) -> Iterator[Round]:
     """Speculative rounds until `max_tokens` tokens were emitted; caches.tokens grows as rounds finish.
 
@@ -146,7 +160,7 @@ def rounds(
         num_behind = draft.num_behind() if choice.source == DRAFT else 0
         if key is not None:
             key, draft_key, accept_key = mx.random.split(key, 3)
-        history = mx.array(tokens, mx.int32) if logits_processors else None
+        history = mx.array(tokens[history_start:], mx.int32) if logits_processors else None
         # 2) propose, 3) verify and accept in one lazy graph, 4) one host read
         draft_tokens, draft_probs = mx.zeros((0,), mx.int32), None
         if choice.source != PLAIN:
@@ -173,12 +187,13 @@ def plain_rounds(
     kv_quantize: Callable,
     host: HostReads,
     logits_processors=None,
+    history_start: int = 0,
 ) -> Iterator[Round]:
     """Plain decoding, as mlx-lm's generate_step: each step is built and queued behind the previous one
     before that one's token is read, so building a graph never leaves the device idle."""
     tokens, no_draft = caches.tokens, mx.zeros((0,), mx.int32)
     check = functools.partial(verify, model, caches, params, logits_processors)
-    history = mx.array(tokens, mx.int32) if logits_processors else None
+    history = mx.array(tokens[history_start:], mx.int32) if logits_processors else None
     accept_key = None
     if key is not None:
         key, _, accept_key = mx.random.split(key, 3)

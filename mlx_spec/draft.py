@@ -63,8 +63,9 @@ def propose(
 ) -> tuple[mx.array, mx.array | None]:
     """Feed `pending_tokens` (those not yet in the draft cache) and draft `num_draft` tokens.
 
-    Returns draft_tokens (k,) int32 and, when sampling, draft_probs (k, V) = q,
-    the distributions the tokens were drawn from. Each token is scheduled with
+    Returns draft_tokens (k,) int32 and, for rejection sampling, draft_probs
+    (k, V) = q, the distributions the tokens were drawn from (else None); a
+    `params.sampler` of unknown settings draws the tokens itself. Each token is scheduled with
     `mx.async_eval` as soon as it is built; nothing here waits for the device.
     """
     inputs = mx.array(pending_tokens, mx.int32)
@@ -74,7 +75,9 @@ def propose(
         logits = draft(inputs, draft_cache)
         drafted = mx.concatenate(tokens) if tokens else None
         logits = process(logits, _extend(history, drafted), None, logits_processors)
-        if params.greedy:
+        if params.exact_match:
+            token = params.sampler(log_probs(logits)).reshape(-1).astype(mx.int32)
+        elif params.greedy:
             token = mx.argmax(logits, axis=-1).astype(mx.int32)
         else:
             scores = filtered_scores(log_probs(logits), params)
@@ -84,7 +87,7 @@ def propose(
         mx.async_eval(token)  # start this step while the next one is built: no host sync
         inputs = token
     draft_tokens = mx.concatenate(tokens) if tokens else mx.zeros((0,), mx.int32)
-    if params.greedy:
+    if params.greedy or params.exact_match:
         return draft_tokens, None
     draft_probs = mx.concatenate(probs) if probs else mx.zeros((0, draft.vocab_size))
     return draft_tokens, draft_probs

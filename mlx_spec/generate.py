@@ -2,13 +2,15 @@
 
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+from transformers import PreTrainedTokenizer
 
 from .adaptive import DRAFT, LOOKUP, Controller, learnt_for
 from .cache import CachePair, make_prompt_cache
@@ -16,47 +18,113 @@ from .decode import FixedDraft, HostReads, plain_rounds, prefill, rounds
 from .draft import DraftModel, DraftSource
 from .load import check_draft, output_size
 from .lookup import LookupSource
-from .options import OPTION_NAMES, GenerationOptions
+from .options import GenerationOptions
+from .sampling import LogitsProcessor, Sampler
 from .stats import GenerationStats
+
+_DEFAULT = GenerationOptions()
 
 
 def speculative_generate_step(
-    prompt_tokens,
-    model,
-    draft_model=None,
+    prompt: mx.array | list[int],
+    model: nn.Module,
+    draft_model: nn.Module | None = None,
     *,
-    logits_processors=None,
+    num_draft_tokens: int | str = _DEFAULT.num_draft_tokens,
+    max_tokens: int = _DEFAULT.max_tokens,
+    sampler: Sampler | None = None,
+    logits_processors: list[LogitsProcessor] | None = None,
     prompt_cache: CachePair | None = None,
+    prefill_step_size: int = _DEFAULT.prefill_step_size,
+    kv_bits: int | None = _DEFAULT.kv_bits,
+    kv_group_size: int = _DEFAULT.kv_group_size,
+    quantized_kv_start: int = _DEFAULT.quantized_kv_start,
+    max_kv_size: int | None = _DEFAULT.max_kv_size,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
+    temp: float = _DEFAULT.temp,
+    top_p: float = _DEFAULT.top_p,
+    top_k: int = _DEFAULT.top_k,
+    min_p: float = _DEFAULT.min_p,
+    seed: int | None = _DEFAULT.seed,
+    draft_vocab_size: int | None = _DEFAULT.draft_vocab_size,
+    prompt_lookup: bool = _DEFAULT.prompt_lookup,
     stats: GenerationStats | None = None,
-    **options,
 ) -> Iterator[tuple[int, mx.array, bool]]:
-    """Yield (token, logprobs, from_draft) for each generated token.
+    """A generator of token ids: the main model's own output, drafted by a smaller model.
 
-    The output is the main model's: token for token its greedy output at
-    temp=0, and its sampling distribution otherwise. `draft_model=None` decodes
-    plainly through the same rounds. A `prompt_cache` from `make_prompt_cache`
-    continues its conversation: `prompt_tokens` are appended to it and only
-    they are prefilled. Stopping early (or an exception) leaves the cache
-    holding exactly the tokens yielded so far. `stats`, if given, is filled as
-    generation goes (see GenerationStats). The other keyword arguments are the
-    fields of `GenerationOptions` (num_draft_tokens, max_tokens, temp, top_p,
-    top_k, min_p, seed, max_kv_size, kv_bits, kv_group_size, quantized_kv_start,
-    draft_vocab_size, prefill_step_size, prompt_lookup). `num_draft_tokens="auto"`
-    chooses each round's source and draft length, plain decoding included (see
-    adaptive.Controller); what it learnt carries over to later calls with the
-    same models. `prompt_lookup` lets rounds copy draft tokens from the
-    conversation itself (every token of the cache: prompt, earlier turns, this
-    reply) where it repeats; with `draft_model=None` generation is then still
-    speculative. `from_draft` is True for accepted draft tokens of either source
-    (`stats.last_source` tells which).
+    The output is token for token the main model's greedy output (no sampler,
+    temp=0), and follows its sampling distribution otherwise. Stopping early (or
+    an exception) leaves `prompt_cache` holding exactly the tokens yielded so far.
+
+    Args:
+        prompt (mx.array or List[int]): The prompt's token ids.
+        model (nn.Module): The main model.
+        draft_model (nn.Module, optional): The draft model; None decodes plainly
+          through the same rounds.
+        num_draft_tokens (int or "auto"): Draft tokens per round, 1..32, or
+          "auto" to choose each round's draft length (plain decoding included)
+          from the acceptance and costs measured. Default: ``"auto"``.
+        max_tokens (int): The maximum number of tokens; -1 for no limit. Default: ``256``.
+        sampler (Sampler, optional): A sampler taking log-probabilities, e.g.
+          from ``make_sampler`` (mlx_spec's or mlx-lm's): its settings are read
+          and rejection sampling keeps their distribution. Any other callable is
+          used with exact-match acceptance (its distribution, fewer draft tokens
+          accepted). Default: ``None`` (greedy, or `temp` and its companions).
+        logits_processors (List[LogitsProcessor], optional): Functions of
+          (tokens, logits) returning logits, applied in order; they see this
+          call's prompt and the tokens generated, as in mlx-lm.
+        prompt_cache (CachePair, optional): Caches to continue, from
+          ``make_prompt_cache(model, draft_model)``. `prompt` is appended to
+          what they hold; they are updated in place.
+        prefill_step_size (int): Prompt tokens per prefill step. Default: ``2048``.
+        kv_bits (int, optional): Quantize the KV caches to this many bits. Default: ``None``.
+        kv_group_size (int): Group size of the KV cache quantization. Default: ``64``.
+        quantized_kv_start (int): Cache length at which quantization starts,
+          with ``kv_bits``. Default: ``5000``.
+        max_kv_size (int, optional): A rotating (sliding-window) KV cache of this
+          many tokens, for caches made here (not for a given `prompt_cache`).
+        prompt_progress_callback (Callable[[int, int], None], optional): Called
+          with (prompt tokens processed, prompt tokens) as the prompt is read.
+        temp, top_p, top_k, min_p (optional): Sampling settings without a
+          `sampler`: temperature (0: greedy), nucleus mass, top tokens kept,
+          minimum probability relative to the top token.
+        seed (int, optional): Seed of the sampling, for a reproducible run.
+        draft_vocab_size (int, optional): Cut the draft's output layer to the
+          first N token ids (cheaper draft steps, same output).
+        prompt_lookup (bool): Let rounds copy draft tokens from the conversation
+          itself (every token of the cache: prompt, earlier turns, this reply)
+          where it repeats; with `draft_model=None` generation is then still
+          speculative. Default: ``True``.
+        stats (GenerationStats, optional): Filled as generation goes.
+
+    Yields:
+        Tuple[int, mx.array, bool]: a token, the main model's log-probabilities
+          at it, and whether a draft (the draft model or a copy from the
+          conversation; `stats.last_source` says which) proposed it.
     """
-    prompt = _token_list(prompt_tokens)
-    opts = make_options(options)
+    tokens = _token_list(prompt)
+    opts = GenerationOptions(
+        max_tokens=max_tokens,
+        num_draft_tokens=num_draft_tokens,
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        seed=seed,
+        max_kv_size=max_kv_size,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
+        draft_vocab_size=draft_vocab_size,
+        prefill_step_size=prefill_step_size,
+        sampler=sampler,
+        prompt_lookup=prompt_lookup,
+    )
     params = opts.sampling
     policy = _policy(opts, model, draft_model)
     vocab_size = output_size(model)
-    if not all(0 <= t < vocab_size for t in prompt):
-        raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {min(prompt)}..{max(prompt)}")
+    if not all(0 <= t < vocab_size for t in tokens):
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {min(tokens)}..{max(tokens)}")
     if draft_model is not None:
         check_draft(model, draft_model)
     draft = None if draft_model is None else DraftModel(draft_model, vocab_size, opts.draft_vocab_size)
@@ -66,23 +134,37 @@ def speculative_generate_step(
     if draft_model is not None and caches.draft is None:
         raise ValueError("prompt_cache has no draft cache: make it with make_prompt_cache(model, draft_model)")
     stats = stats if stats is not None else GenerationStats()
+    stats.acceptance_rule = params.acceptance_rule
     seed = opts.seed if opts.seed is not None else int.from_bytes(os.urandom(4), "little")
-    key = None if params.greedy else mx.random.key(seed)
+    if params.exact_match and opts.seed is not None:
+        mx.random.seed(opts.seed)  # the sampler draws from MLX's global generator
+    key = None if params.greedy or params.exact_match else mx.random.key(seed)
     kv_quantize = functools.partial(
         CachePair.quantize,
         kv_bits=opts.kv_bits,
         kv_group_size=opts.kv_group_size,
         quantized_kv_start=opts.quantized_kv_start,
     )
-    max_tokens, max_draft = opts.max_tokens, opts.max_draft
 
-    caches.tokens.extend(prompt)
+    num_before = len(caches.tokens)
+    caches.tokens.extend(tokens)
     num_known = len(caches.tokens)
+    offset = caches.main_offset
+    progress = prompt_progress_callback or (lambda *_: None)
     num_yielded = 0
     try:
         stats.start()
-        stats.prompt_tokens = num_known - caches.main_offset
-        prefill(model, caches.main, caches.tokens[caches.main_offset : -1], caches, kv_quantize, opts.prefill_step_size)
+        stats.prompt_tokens = num_known - offset
+        progress(0, len(tokens))
+        prefill(
+            model,
+            caches.main,
+            caches.tokens[offset:-1],
+            caches,
+            kv_quantize,
+            opts.prefill_step_size,
+            lambda done: progress(max(0, offset + done - num_before), len(tokens)),
+        )
         if draft_model is not None:
             prefill(
                 draft_model,
@@ -97,7 +179,7 @@ def speculative_generate_step(
         host = HostReads()
         sources = {}
         if opts.prompt_lookup:
-            sources[LOOKUP] = LookupSource(caches, vocab_size, params.greedy)
+            sources[LOOKUP] = LookupSource(caches, vocab_size, params.greedy or params.exact_match)
         if draft is not None:
             catch_up = functools.partial(
                 prefill, draft_model, caches.draft, caches=caches, kv_quantize=kv_quantize, chunk=opts.prefill_step_size
@@ -105,14 +187,29 @@ def speculative_generate_step(
             sources[DRAFT] = DraftSource(draft, caches, params, catch_up, logits_processors)
         if sources:
             steps = rounds(
-                model, sources, caches, policy, max_tokens, params, key, max_draft, kv_quantize, host, logits_processors
+                model,
+                sources,
+                caches,
+                policy,
+                opts.token_limit,
+                params,
+                key,
+                opts.max_draft,
+                kv_quantize,
+                host,
+                logits_processors,
+                history_start=num_before,
             )
         else:
-            steps = plain_rounds(model, caches, max_tokens, params, key, kv_quantize, host, logits_processors)
+            steps = plain_rounds(
+                model, caches, opts.token_limit, params, key, kv_quantize, host, logits_processors, num_before
+            )
         for round_ in steps:
             stats.record_round(round_.num_draft, round_.num_accepted, round_.source)
             stats.host_syncs = host.count
             for i, token in enumerate(round_.tokens):
+                if num_yielded == 0:
+                    progress(len(tokens), len(tokens))
                 num_yielded += 1
                 stats.record_token(round_.source if i < round_.num_accepted else None)
                 yield token, round_.logprobs[i], i < round_.num_accepted
@@ -127,14 +224,6 @@ def _token_list(prompt) -> list[int]:
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
     return prompt
-
-
-def make_options(options: dict) -> GenerationOptions:
-    """GenerationOptions from keyword arguments; an unknown name is a TypeError, as for any function."""
-    unknown = sorted(set(options) - OPTION_NAMES)
-    if unknown:
-        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
-    return GenerationOptions(**options)
 
 
 def _policy(opts: GenerationOptions, model, draft_model):
@@ -173,20 +262,43 @@ class GenerationResponse:
     source: str | None = None  # an accepted draft token's source: "draft" (the draft model) or "lookup"
 
 
+# mlx-lm's generate_step arguments that mean nothing here
+UNSUPPORTED = {
+    "input_embeddings": "mlx_spec generates from token ids (speculative decoding in mlx-lm does too)",
+    "stream": "mlx_spec runs on MLX's default stream",
+}
+
+
 def stream_generate(
-    model,
-    tokenizer,
-    prompt: str | list[int] | mx.array,
-    draft_model=None,
-    max_tokens: int = 256,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizer | TokenizerWrapper,
+    prompt: str | mx.array | list[int],
+    max_tokens: int = _DEFAULT.max_tokens,
+    draft_model: nn.Module | None = None,
     **kwargs,
 ) -> Iterator[GenerationResponse]:
-    """Stream GenerationResponses: text segments as tokens are generated.
+    """A generator of text as the model writes it, speculatively when a draft model is given.
 
     Stops after `max_tokens` tokens (finish_reason "length") or at an end
     token (finish_reason "stop"; the end token's response is the last one).
-    Other keyword arguments are those of speculative_generate_step.
+
+    Args:
+        model (nn.Module): The main model.
+        tokenizer (PreTrainedTokenizer or TokenizerWrapper): The tokenizer.
+        prompt (str, mx.array or List[int]): The prompt text or its token ids.
+        max_tokens (int): The maximum number of tokens to generate; -1 for no limit. Default: ``256``.
+        draft_model (nn.Module, optional): A draft model speaking the main
+          model's vocabulary; None decodes plainly. Default: ``None``.
+        kwargs: The other options of :func:`speculative_generate_step`
+          (sampler, logits_processors, prompt_cache, num_draft_tokens, ...).
+
+    Yields:
+        GenerationResponse: the next text segment, its token and the running statistics.
     """
+    for name, reason in UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name}= is not supported: {reason}")
+        kwargs.pop(name, None)
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     if isinstance(prompt, str):
@@ -229,16 +341,35 @@ def stream_generate(
             yield response(token, logprobs, from_draft, None)
 
 
-def generate(model, tokenizer, prompt, draft_model=None, verbose: bool = False, **kwargs) -> str:
-    """Generate a whole response and return its text; `verbose` prints it as it streams and the statistics."""
+def generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizer | TokenizerWrapper,
+    prompt: str | list[int],
+    verbose: bool = False,
+    **kwargs,
+) -> str:
+    """Generate a complete response, speculatively when `draft_model=` is given.
+
+    Args:
+        model (nn.Module): The main model.
+        tokenizer (PreTrainedTokenizer or TokenizerWrapper): The tokenizer.
+        prompt (str or List[int]): The prompt text or its token ids.
+        verbose (bool): Print the text as it is generated, then the statistics. Default: ``False``.
+        kwargs: The options of :func:`stream_generate` (max_tokens, draft_model, sampler, ...).
+
+    Returns:
+        str: the generated text.
+    """
+    if verbose:
+        print("=" * 10)
     text, last = "", None
-    for last in stream_generate(model, tokenizer, prompt, draft_model=draft_model, **kwargs):
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
         if verbose:
             print(last.text, end="", flush=True)
         text += last.text
     if verbose:
         print()
+        print("=" * 10)
         if last is not None:
-            print("=" * 10)
             print(last.stats.summary())
     return text

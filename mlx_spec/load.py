@@ -19,6 +19,7 @@ class _Loaded(NamedTuple):
 
 
 _loaded: dict[int, _Loaded] = {}  # id(model) -> what `load` knew, while the model lives
+_verdicts = {}  # (id(model), id(draft_model)) -> None (compatible) or the error's message, while both models live
 
 
 class IncompatibleDraftError(ValueError):
@@ -132,15 +133,32 @@ def check_draft(model, draft_model, tokenizer=None, draft_tokenizer=None):
     Tokens are compared for every id both models can emit, so an embedding
     table padded beyond the tokenizer is fine; special tokens must agree.
     Without both tokenizers (models built in code) nothing can be compared.
+    The verdict on a pair is kept for the life of both models: comparing two
+    large vocabularies takes about half a second, once.
     """
-    tokenizer = tokenizer or tokenizer_of(model)
-    draft_tokenizer = draft_tokenizer or tokenizer_of(draft_model)
-    if tokenizer is None or draft_tokenizer is None:
-        return
+    key = (id(model), id(draft_model))
+    if key not in _verdicts:
+        tokenizer = tokenizer if tokenizer is not None else tokenizer_of(model)
+        draft_tokenizer = draft_tokenizer if draft_tokenizer is not None else tokenizer_of(draft_model)
+        if tokenizer is None or draft_tokenizer is None:
+            return
+        try:
+            _compare_vocabularies(model, draft_model, tokenizer, draft_tokenizer)
+            _verdicts[key] = None
+        except IncompatibleDraftError as error:
+            _verdicts[key] = error.args  # not the error: its traceback would keep the models alive
+        for m in {id(model): model, id(draft_model): draft_model}.values():
+            weakref.finalize(m, _verdicts.pop, key, None)
+    if _verdicts[key] is not None:
+        raise IncompatibleDraftError(*_verdicts[key])
+
+
+def _compare_vocabularies(model, draft_model, tokenizer, draft_tokenizer):
     if isinstance(tokenizer, TokenizerWrapper):
         tokenizer = tokenizer._tokenizer
-    eos_main = _eos_ids(tokenizer_of(model) or tokenizer)
-    eos_draft = _eos_ids(tokenizer_of(draft_model) or draft_tokenizer)
+    main_loaded, draft_loaded = tokenizer_of(model), tokenizer_of(draft_model)
+    eos_main = _eos_ids(main_loaded if main_loaded is not None else tokenizer)
+    eos_draft = _eos_ids(draft_loaded if draft_loaded is not None else draft_tokenizer)
     if isinstance(draft_tokenizer, TokenizerWrapper):
         draft_tokenizer = draft_tokenizer._tokenizer
     names = f"main {model_name(model)} and draft {model_name(draft_model)}"

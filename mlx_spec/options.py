@@ -3,10 +3,11 @@
 Every limit lives here; a bad value raises ValueError naming it, before any model is loaded.
 """
 
-from dataclasses import asdict, dataclass, fields, replace
+import sys
+from dataclasses import dataclass, fields, replace
 
 from .cache import KEEP, SLACK
-from .sampling import SamplingParams
+from .sampling import Sampler, SamplingParams, sampler_params
 
 MAX_DRAFT_TOKENS = SLACK  # the longest fixed draft: one round writes at most SLACK + 1 cache entries
 AUTO_MAX_DRAFT = 10  # the longest draft "auto" tries
@@ -26,7 +27,7 @@ class GenerationOptions:
     Construction validates every field; `replace(options, temp=0.7)` makes a checked copy.
     """
 
-    max_tokens: int = 256
+    max_tokens: int = 256  # -1: no limit, as in mlx-lm
     num_draft_tokens: int | str = "auto"  # 1..MAX_DRAFT_TOKENS, or "auto" (chosen each round, plain included)
     temp: float = 0.0
     top_p: float = 1.0
@@ -40,8 +41,21 @@ class GenerationOptions:
     draft_vocab_size: int | None = DEFAULT_DRAFT_VOCAB_SIZE  # cut the draft's output layer to these first ids
     prefill_step_size: int = PREFILL_STEP_SIZE  # prompt tokens per prefill chunk
     prompt_lookup: bool = True  # rounds may copy draft tokens from the conversation where it repeats
+    sampler: Sampler | None = None  # a sampler (mlx-lm's make_sampler or any callable) instead of temp, top_p, ...
 
     def __post_init__(self):
+        if self.sampler is not None:
+            if not callable(self.sampler):
+                raise ValueError(f"sampler must be a callable taking log-probabilities, got {self.sampler!r}")
+            defaults = {f.name: f.default for f in fields(self)}
+            given = [
+                f"{name}={getattr(self, name)!r}" for name in SAMPLING_NAMES if getattr(self, name) != defaults[name]
+            ]
+            if given:
+                raise ValueError(
+                    f"sampler= and {', '.join(given)} were both given: pass the settings to "
+                    "make_sampler(...) or use temp, top_p, top_k, min_p without a sampler"
+                )
         self.sampling  # noqa: B018 -- checks temp, top_p, top_k, min_p
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
@@ -51,8 +65,8 @@ class GenerationOptions:
             raise ValueError(
                 f"num_draft_tokens must be 'auto' or an integer in 1..{MAX_DRAFT_TOKENS}, got {self.num_draft_tokens!r}"
             )
-        if not _is_int(self.max_tokens) or self.max_tokens < 0:
-            raise ValueError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < -1:
+            raise ValueError(f"max_tokens must be an integer >= 0, or -1 for no limit, got {self.max_tokens!r}")
         if self.draft_vocab_size is not None and (not _is_int(self.draft_vocab_size) or self.draft_vocab_size < 1):
             raise ValueError(f"draft_vocab_size must be a positive integer or None, got {self.draft_vocab_size!r}")
         if not isinstance(self.prompt_lookup, bool):
@@ -79,7 +93,15 @@ class GenerationOptions:
 
     @property
     def sampling(self) -> SamplingParams:
+        """temp, top_p, top_k, min_p; or those a `sampler` samples with where they can be read (else exact match)."""
+        if self.sampler is not None:
+            return sampler_params(self.sampler)
         return SamplingParams(self.temp, self.top_p, self.top_k, self.min_p)
+
+    @property
+    def token_limit(self) -> int:
+        """max_tokens, with "no limit" (-1) as a number no generation reaches."""
+        return self.max_tokens if self.max_tokens >= 0 else sys.maxsize
 
     @property
     def verified_per_round(self) -> int:
@@ -104,11 +126,13 @@ class GenerationOptions:
     def max_draft(self, offset: int) -> int:
         """The longest draft of a round that starts at main cache `offset`.
 
-        A round never straddles the point where the KV cache becomes quantized (mlx-lm quantizes between steps).
+        A round never straddles the point where the KV cache becomes quantized: mlx-lm quantizes it after the
+        step that brings it to quantized_kv_start entries (never before the first step), and later steps see it so.
         """
         limit = MAX_DRAFT_TOKENS
-        if self.kv_bits is not None and offset < self.quantized_kv_start:
-            limit = min(limit, self.quantized_kv_start - 1 - offset)
+        start = max(self.quantized_kv_start, 1)
+        if self.kv_bits is not None and offset < start:
+            limit = min(limit, start - 1 - offset)
         return limit
 
     def replace(self, **changes) -> "GenerationOptions":
@@ -116,10 +140,10 @@ class GenerationOptions:
 
     def as_kwargs(self) -> dict:
         """The fields as keyword arguments of stream_generate / speculative_generate_step."""
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-OPTION_NAMES = frozenset(f.name for f in fields(GenerationOptions))
+SAMPLING_NAMES = ("temp", "top_p", "top_k", "min_p")  # the settings a `sampler` replaces
 
 
 def parse_num_draft_tokens(text: str) -> int | str:

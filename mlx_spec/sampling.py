@@ -1,4 +1,4 @@
-"""Logits -> log-probabilities and sampling probabilities, shared by draft and verify.
+"""Logits -> log-probabilities and sampling probabilities, shared by draft and verify; samplers.
 
 The same transform (logits processors, then top-p, min-p, top-k on the
 log-probabilities, then temperature) shapes p (main) and q (draft), exactly as
@@ -7,19 +7,36 @@ mlx-lm's sampler shapes the distribution that plain decoding samples from.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import CodeType
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+from mlx_lm.sample_utils import make_sampler as _mlx_lm_make_sampler
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+Sampler = Callable[[mx.array], mx.array]  # log-probabilities (n, V) -> tokens (n,), as mlx-lm's samplers
+
+# How the draft tokens are accepted (GenerationStats.acceptance_rule)
+GREEDY = "greedy"
+REJECTION_SAMPLING = "rejection sampling"
+EXACT_MATCH = "exact match"
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How tokens are drawn: greedy (temp 0), the distribution these settings shape, or `sampler`.
+
+    A `sampler` whose settings are unknown is called on the main model's
+    log-probabilities at each verified position; a draft token is accepted only
+    where it equals that sample (exact match: the sampler's own distribution, at
+    a lower acceptance than rejection sampling's).
+    """
+
     temp: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    sampler: Sampler | None = None
 
     def __post_init__(self):
         if not self.temp >= 0:
@@ -33,7 +50,124 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temp == 0
+        return self.temp == 0 and self.sampler is None
+
+    @property
+    def exact_match(self) -> bool:
+        return self.sampler is not None
+
+    @property
+    def acceptance_rule(self) -> str:
+        if self.sampler is not None:
+            return EXACT_MATCH
+        return GREEDY if self.temp == 0 else REJECTION_SAMPLING
+
+
+class SamplerWithParams:
+    """A sampler from `make_sampler`: mlx-lm's sampler of the same settings, carrying them.
+
+    Called on log-probabilities it samples exactly as mlx-lm's sampler does;
+    `params` lets speculative decoding use rejection sampling with the same
+    distribution (None for settings it cannot reproduce: XTC, min_tokens_to_keep > 1).
+    """
+
+    def __init__(self, sample: Sampler, params: SamplingParams | None):
+        self._sample = sample
+        self.params = params
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        return self._sample(logprobs)
+
+    def __repr__(self) -> str:
+        return f"make_sampler({self.params})" if self.params is not None else "make_sampler(...)"
+
+
+def make_sampler(
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    min_tokens_to_keep: int = 1,
+    top_k: int = 0,
+    xtc_probability: float = 0.0,
+    xtc_threshold: float = 0.1,
+    xtc_special_tokens: list[int] | None = None,
+) -> SamplerWithParams:
+    """Make a sampler, as mlx-lm's `make_sampler` (same arguments, same samples), for `sampler=`.
+
+    Args:
+        temp (float): The temperature for sampling; 0 takes the argmax. Default: ``0``.
+        top_p (float): Nucleus sampling: keep the most likely tokens up to this
+          probability mass; 0 or 1 keeps all. Default: ``0``.
+        min_p (float): Drop tokens less likely than `min_p` times the most likely one. Default: ``0``.
+        min_tokens_to_keep (int): Tokens min-p never drops. Default: ``1``.
+        top_k (int): Keep only the `top_k` most likely tokens; 0 keeps all. Default: ``0``.
+        xtc_probability (float): The probability of applying XTC sampling. Default: ``0``.
+        xtc_threshold (float): The probability a token needs for XTC to drop it. Default: ``0.1``.
+        xtc_special_tokens (list[int], optional): Token ids XTC never drops.
+
+    Returns:
+        SamplerWithParams: a callable taking log-probabilities and returning tokens.
+    """
+    sample = _mlx_lm_make_sampler(
+        temp, top_p, min_p, min_tokens_to_keep, top_k, xtc_probability, xtc_threshold, xtc_special_tokens
+    )
+    params = None
+    if temp == 0:
+        params = SamplingParams()  # mlx-lm's greedy sampler, whatever the other settings
+    elif xtc_probability <= 0 and (min_p == 0 or min_tokens_to_keep == 1) and min_p < 1:
+        params = SamplingParams(temp, top_p if 0 < top_p < 1 else 1.0, max(top_k, 0), min_p)
+    return SamplerWithParams(sample, params)
+
+
+def sampler_params(sampler: Sampler) -> SamplingParams:
+    """The settings `sampler` samples with where they can be read, else exact-match acceptance with it.
+
+    Read: samplers from `make_sampler` (ours or mlx-lm's, whose closure holds its
+    settings) and mlx-lm's greedy sampler.
+    """
+    if isinstance(sampler, SamplerWithParams) and sampler.params is not None:
+        return sampler.params
+    if sampler is greedy_sampler:
+        return SamplingParams()
+    settings = _mlx_lm_sampler_settings(sampler)
+    if settings is not None:
+        try:
+            return SamplingParams(**settings)
+        except ValueError:  # values mlx-lm accepts and rejection sampling does not reproduce (min_p = 1)
+            pass
+    return SamplingParams(sampler=sampler)
+
+
+_MLX_LM_SAMPLER_CODE = {c for c in _mlx_lm_make_sampler.__code__.co_consts if isinstance(c, CodeType)}
+
+
+def _closure(function) -> dict | None:
+    """The variables a function made inside mlx-lm's make_sampler closes over (None for any other callable)."""
+    code, cells = getattr(function, "__code__", None), getattr(function, "__closure__", None)
+    if code not in _MLX_LM_SAMPLER_CODE or cells is None:
+        return None
+    return dict(zip(code.co_freevars, (cell.cell_contents for cell in cells)))
+
+
+def _mlx_lm_sampler_settings(sampler) -> dict | None:
+    """temp, top_p, min_p, top_k of a sampler mlx-lm's make_sampler built; None if it is not one or uses XTC."""
+    outer = _closure(sampler)
+    if outer is None or outer.keys() != {"sampling_methods", "temp"}:
+        return None
+    settings = {"temp": outer["temp"]}
+    for method in outer["sampling_methods"]:  # top-p, min-p, XTC, top-k: each a lambda over its settings
+        inner = _closure(method)
+        if inner is None:
+            return None
+        if inner.keys() == {"top_p"}:
+            settings["top_p"] = inner["top_p"]
+        elif inner.keys() == {"min_p", "min_tokens_to_keep"} and inner["min_tokens_to_keep"] == 1:
+            settings["min_p"] = inner["min_p"]
+        elif inner.keys() == {"top_k"}:
+            settings["top_k"] = inner["top_k"]
+        else:
+            return None
+    return settings
 
 
 def process(

@@ -20,6 +20,7 @@ class GenerationStats:
     lookup_accepted_tokens: int = 0
     num_rounds: int = 0
     host_syncs: int = 0  # device -> host waits while decoding; one per round
+    acceptance_rule: str = ""  # "greedy", "rejection sampling" or "exact match" (a sampler of unknown settings)
     draft_lengths: Counter = field(default_factory=Counter)  # draft length -> rounds
     rounds_by_source: Counter = field(default_factory=Counter)  # "plain", "draft", "lookup" -> rounds
     last_source: str | None = None  # where the last token came from: "draft", "lookup", or None (the main model)
@@ -98,6 +99,7 @@ class GenerationStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.draft_lengths.update(other.draft_lengths)
         self.rounds_by_source.update(other.rounds_by_source)
+        self.acceptance_rule = other.acceptance_rule or self.acceptance_rule
         self.peak_memory = max(self.peak_memory, other.peak_memory)
 
     @property
@@ -129,7 +131,8 @@ class GenerationStats:
         if self.total_draft_tokens:
             lines.append(
                 f"Accepted {self.accepted_draft_tokens}/{self.total_draft_tokens} draft tokens "
-                f"({100 * self.acceptance_rate:.1f}%), {self.mean_tokens_per_round:.2f} tokens per round, "
+                f"({100 * self.acceptance_rate:.1f}%, {self.acceptance_rule}), "
+                f"{self.mean_tokens_per_round:.2f} tokens per round, "
                 f"draft length {self.mean_draft_length:.1f} on average"
             )
             if self.lookup_draft_tokens:

@@ -18,12 +18,12 @@ def score(
 
     Returns (logprobs, main_probs): the main model's log-probabilities after
     logits processors, (k+1, V), in the model's dtype as plain decoding computes
-    them; and, when sampling, p, the distributions to sample from (None for greedy).
+    them; and, for rejection sampling, p, the distributions to sample from (else None).
     """
     inputs = mx.concatenate([last_token, draft_tokens])
     logits = main_model(inputs[None], cache=main_cache)[0]
     logits = process(logits, history, draft_tokens, logits_processors)
     logprobs = log_probs(logits)
-    if params.greedy:
+    if params.greedy or params.exact_match:
         return logprobs, None
     return logprobs, mx.softmax(filtered_scores(logprobs, params), axis=-1)

@@ -1,5 +1,8 @@
 """The public API end to end: streaming, stops, statistics, logits processors, drafts, bad input."""
 
+import gc
+import importlib
+
 import pytest
 from mlx_lm.sample_utils import make_logits_processors
 from tiny import VOCAB, make_model, perturbed, reference, spec, toy_tokenizer
@@ -154,7 +157,7 @@ BAD = [
     (dict(num_draft_tokens=-2), "num_draft_tokens.*-2"),
     (dict(num_draft_tokens=33), "num_draft_tokens.*33"),
     (dict(num_draft_tokens=2.5), "num_draft_tokens.*2.5"),
-    (dict(max_tokens=-1), "max_tokens.*-1"),
+    (dict(max_tokens=-2), "max_tokens.*-2"),
     (dict(temp=-0.5), "temp.*-0.5"),
     (dict(top_p=0.0), "top_p.*0.0"),
     (dict(top_p=1.5), "top_p.*1.5"),
@@ -200,3 +203,48 @@ def test_bad_input_leaves_a_reused_cache_untouched(pair):
     with pytest.raises(ValueError):
         spec([3], main, draft, temp=-1, prompt_cache=cache)
     assert cache.tokens == before
+
+
+class NoLength:
+    """A tokenizer that cannot be asked its length (as some wrappers): only `is None` tells it from no tokenizer."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __len__(self):
+        raise TypeError("no len() for this tokenizer")
+
+
+def test_check_draft_takes_a_tokenizer_without_a_length(pair):
+    main, draft = pair
+    check_draft(main, draft, NoLength(toy_tokenizer()), NoLength(toy_tokenizer()))
+    with pytest.raises(IncompatibleDraftError, match="'w3' vs 'v3'"):
+        check_draft(main, perturbed(main, 0.01), NoLength(toy_tokenizer()), NoLength(toy_tokenizer(prefix="v")))
+
+
+def test_vocabularies_are_compared_once_per_pair(tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    verdicts = importlib.import_module("mlx_spec.load")._verdicts
+    main = make_model("llama", layers=2)
+    draft = perturbed(main, 0.005)
+    m, tok = mlx_spec.load(str(save_model_folder(main, toy_tokenizer(), tmp_path / "main")))
+    d, _ = mlx_spec.load(str(save_model_folder(draft, toy_tokenizer(), tmp_path / "draft")))
+    bad, _ = mlx_spec.load(str(save_model_folder(draft, toy_tokenizer(prefix="v"), tmp_path / "bad")))
+    calls = []
+    get_vocab = PreTrainedTokenizerFast.get_vocab
+    monkeypatch.setattr(PreTrainedTokenizerFast, "get_vocab", lambda self: calls.append(self) or get_vocab(self))
+    for _ in range(2):
+        mlx_spec.generate(m, tok, PROMPT, draft_model=d, max_tokens=3)
+        for _ in range(2):
+            with pytest.raises(IncompatibleDraftError, match="different vocabularies"):
+                mlx_spec.generate(m, tok, PROMPT, draft_model=bad, max_tokens=3)
+    assert len(calls) == 4  # each pair's two vocabularies, once
+    key = (id(m), id(d))
+    assert key in verdicts
+    del d
+    gc.collect()
+    assert key not in verdicts  # the verdict goes with the draft model

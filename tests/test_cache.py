@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
+from mlx_lm.models.cache import make_prompt_cache as mlx_lm_make_prompt_cache
 from tiny import make_model, perturbed, reference, spec
 
 from mlx_spec import GenerationStats, make_prompt_cache, speculative_generate_step
@@ -75,6 +76,26 @@ def test_quantized_kv_cache_matches_mlx_lm():
     got = spec(prompt, main, draft, num_draft_tokens=5, max_tokens=80, prompt_cache=cache, **kw)
     assert got == expected
     assert all(isinstance(c, QuantizedKVCache) for c in cache.main + cache.draft)
+
+
+@pytest.mark.parametrize("start", [0, 1, 3, 30], ids=["at 0", "at 1", "at k", "mid-generation"])
+@pytest.mark.parametrize("k", [3, "auto"])
+def test_quantization_from_any_start_matches_mlx_lm(start, k):
+    """An empty cache (the draft's, a 1-token prompt's) is quantized once it has entries, as in mlx-lm."""
+    main = make_model("qwen2", layers=4, hidden=128)  # head dim 32: one quantization group
+    draft = perturbed(main, 0.005)
+    kw = dict(kv_bits=4, kv_group_size=32, quantized_kv_start=start)
+    for prompt in ([1, 5, 9, 22, 3], [7]):
+        theirs = mlx_lm_make_prompt_cache(main)
+        expected = reference(main, prompt, 60, prompt_cache=theirs, **kw)
+        cache = make_prompt_cache(main, draft)
+        stats = GenerationStats()
+        got = spec(prompt, main, draft, num_draft_tokens=k, max_tokens=60, prompt_cache=cache, stats=stats, **kw)
+        assert got == expected
+        assert stats.accepted_draft_tokens > 0
+        assert all(isinstance(c, QuantizedKVCache) for c in cache.main)
+        next_turn = spec([40, 41], main, draft, num_draft_tokens=k, max_tokens=10, prompt_cache=cache, **kw)
+        assert next_turn == reference(main, [40, 41], 10, prompt_cache=theirs, **kw)
 
 
 def check_consistent(cache):
