@@ -63,7 +63,7 @@ MAX_RETRY_AFTER = 60  # seconds
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
+    TYPES = {401: "authentication_error", 404: "not_found_error"}  # else invalid_request_error, or server_error
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
         super().__init__(message)
@@ -260,7 +260,7 @@ class Job:
     logits_processors: list | None
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)  # the client left: stop
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the client left, or the server stops
 
     def send(self, event):
         try:
@@ -433,8 +433,8 @@ class Engine:
 
     def _done(self, job, stats: GenerationStats, num_from_draft: int, finish_reason, stop_reason, drafted) -> Done:
         # LM Studio splits the draft tokens into accepted + rejected + ignored. Ignored here: draft tokens the
-        # main model accepted in the last round after the point where generation ended (an end token, a stop
-        # string or max_tokens within the round), computed but never part of the reply.
+        # main model accepted in the last round after the point where generation ended (an end token or a stop
+        # string within the round), computed but never part of the reply. (A round never drafts past max_tokens.)
         num_ignored = stats.accepted_draft_tokens - num_from_draft
         usage = {
             "prompt_tokens": len(job.prompt_tokens),
@@ -671,7 +671,7 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-async def _respond(request: Request, server: Server, job: Job, fmt, model_id: str, body: GenerationRequest):
+async def _respond(request: Request, server: Server, job: Job, fmt, body: GenerationRequest):
     try:
         server.engine.submit(job)
     except QueueFull as e:
@@ -682,7 +682,7 @@ async def _respond(request: Request, server: Server, job: Job, fmt, model_id: st
             headers={"Retry-After": str(e.retry_after)},
         ) from None
     prefix = "chatcmpl" if fmt is ChatFormat else "cmpl"
-    head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_id}
+    head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": server.model_id}
     wants_logprobs = job.num_top_logprobs is not None
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -789,7 +789,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     options = server.options(body, max_tokens, param)
     tokens = await run_in_threadpool(server.chat_tokens, body.messages)
     job = server.job(tokens, options, body, num_top)
-    return await _respond(request, server, job, ChatFormat, server.model_id, body)
+    return await _respond(request, server, job, ChatFormat, body)
 
 
 @router.post("/v1/completions", dependencies=[Depends(_authorize)])
@@ -802,7 +802,7 @@ async def completions(body: CompletionRequest, request: Request):
     options = server.options(body, body.max_tokens, "max_tokens")
     tokens = await run_in_threadpool(server.completion_tokens, body.prompt)
     job = server.job(tokens, options, body, num_top)
-    return await _respond(request, server, job, CompletionFormat, server.model_id, body)
+    return await _respond(request, server, job, CompletionFormat, body)
 
 
 def _num_top(value: int, param: str) -> int:

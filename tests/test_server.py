@@ -333,6 +333,15 @@ def test_stop_strings_end_the_text_before_them(models, client):
         chunks = list(client.chat.completions.create(**kwargs, stream=True))
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == text[:first]
         assert chunks[-1].choices[0].finish_reason == "stop"
+    # Draft tokens accepted beyond the stop string are computed but never used: LM Studio's "ignored".
+    kwargs = dict(model="main", messages=messages, max_tokens=30, logit_bias=NO_END, stop=words[1])
+    answer = client.chat.completions.create(**kwargs, extra_body={"num_draft_tokens": 8})
+    stats = answer.stats
+    assert stats["rounds"] == 1 and stats["accepted_draft_tokens_count"] == answer.usage.completion_tokens
+    assert (
+        stats["ignored_draft_tokens_count"] == 8 - stats["rejected_draft_tokens_count"] - answer.usage.completion_tokens
+    )
+    assert stats["ignored_draft_tokens_count"] > 0
     # A stop string that begins but never completes holds text back, then lets it all out.
     kwargs = dict(model="main", messages=messages, max_tokens=30, logit_bias=NO_END, stop=f"{words[3]} w0")
     chunks = list(client.chat.completions.create(**kwargs, stream=True))
