@@ -234,6 +234,27 @@ class CachePair:
                     layers[i] = cache.to_quantized(group_size=kv_group_size, bits=kv_bits)
 
 
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def reuse_prefix(cache: CachePair, tokens: list[int]) -> int | None:
+    """Keep the longest prefix of `tokens` that `cache` holds; the rest of `tokens` is still to go in.
+
+    Returns how many tokens were kept: at most len(tokens) - 1, since at least one
+    token must go in to give the next logits. None if the cache cannot go back that
+    far (a rotating cache past its slack); the cache is then unchanged.
+    """
+    num_kept = min(common_prefix_length(cache.tokens, tokens), len(tokens) - 1)
+    return num_kept if cache.truncate(num_kept) else None
+
+
 TRIMMABLE = (KVCache, QuantizedKVCache, RotatingKVCache, SlackRotatingCache)
 
 

@@ -9,7 +9,7 @@ import termios
 import tty
 from contextlib import closing, contextmanager, nullcontext
 
-from .cache import make_prompt_cache
+from .cache import make_prompt_cache, reuse_prefix
 from .generate import stream_generate
 from .load import model_name
 from .options import MAX_DRAFT_TOKENS, GenerationOptions, parse_num_draft_tokens
@@ -183,16 +183,11 @@ class ChatSession:
 
     def reuse_cache(self, tokens):
         """Truncate the caches to the prefix they share with `tokens`; return the tokens left to prefill."""
-        common = 0
-        for cached, token in zip(self.cache.tokens, tokens):
-            if cached != token:
-                break
-            common += 1
-        common = min(common, len(tokens) - 1)  # at least one token goes in
-        if not self.cache.truncate(common):  # a rotating cache cannot go back that far
+        num_kept = reuse_prefix(self.cache, tokens)
+        if num_kept is None:  # a rotating cache cannot go back that far
             self.cache = make_prompt_cache(self.model, self.draft_model, self.settings.max_kv_size)
-            common = 0
-        return tokens[common:]
+            num_kept = 0
+        return tokens[num_kept:]
 
     def turn_line(self, stats: GenerationStats) -> str:
         parts = [f"{stats.generation_tokens} tokens", f"{stats.generation_tps:.1f} tokens/s"]

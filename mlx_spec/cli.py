@@ -1,4 +1,4 @@
-"""The `mlx-spec` command line: generate, chat, convert, drafts; a thin layer over the Python API.
+"""The `mlx-spec` command line: generate, chat, serve, convert, drafts, bench; a thin layer over the Python API.
 
 Every user error (a ValueError, an OSError, a bad flag) becomes one `mlx-spec: error: ...` line on stderr.
 """
@@ -13,7 +13,16 @@ from .chat import LEGEND, ChatSession, conversation_tokens, interact, paint, use
 from .discover import find_drafts, report, resolve_draft
 from .generate import stream_generate
 from .load import check_draft, load, model_source
-from .options import DEFAULT_DRAFT_VOCAB_SIZE, KV_BITS, MAX_DRAFT_TOKENS, GenerationOptions, parse_num_draft_tokens
+from .options import (
+    DEFAULT_DRAFT_VOCAB_SIZE,
+    KV_BITS,
+    MAX_BODY,
+    MAX_DRAFT_TOKENS,
+    MAX_QUEUE,
+    NUM_PROMPT_CACHES,
+    GenerationOptions,
+    parse_num_draft_tokens,
+)
 from .stats import GenerationStats
 
 PROG = "mlx-spec"
@@ -112,6 +121,9 @@ def add_model_arguments(p):
     )
     p.add_argument("--kv-bits", type=int, choices=KV_BITS, help="quantize the KV cache to this many bits")
     p.add_argument("--system-prompt", metavar="TEXT", help="system prompt for the chat template")
+
+
+def add_color_argument(p):
     p.add_argument("--no-color", action="store_true", help="do not colour the draft's tokens")
 
 
@@ -154,6 +166,7 @@ def load_models(args):
 
 def add_generate_arguments(p):
     add_model_arguments(p)
+    add_color_argument(p)
     p.add_argument("--prompt", "-p", required=True, metavar="TEXT", help="the message ('-' reads it from stdin)")
     p.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as is, without the template")
     p.add_argument("--verbose", action="store_true", help="more statistics: rounds, draft lengths, host syncs")
@@ -218,6 +231,7 @@ def generate_command(args) -> int:
 
 def add_chat_arguments(p):
     add_model_arguments(p)
+    add_color_argument(p)
 
 
 def chat_command(args) -> int:
@@ -233,6 +247,72 @@ def chat_command(args) -> int:
         color=use_color(sys.stdout, args.no_color),
     )
     return interact(session)
+
+
+# --- serve ------------------------------------------------------------------
+
+
+def add_serve_arguments(p):
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_int_at_least(0, 65535), default=8080, help="port (default 8080; 0: any free one)")
+    p.add_argument("--api-key", metavar="KEY", help="answer only requests with 'Authorization: Bearer KEY'")
+    p.add_argument(
+        "--max-queue",
+        type=_int_at_least(0),
+        default=MAX_QUEUE,
+        metavar="N",
+        help=f"requests that may wait for the model; more get 503 (default {MAX_QUEUE})",
+    )
+    p.add_argument(
+        "--max-body",
+        type=_int_at_least(1),
+        default=MAX_BODY,
+        metavar="BYTES",
+        help=f"largest request body; larger gets 413 (default {MAX_BODY // 2**20} MiB)",
+    )
+    p.add_argument(
+        "--prompt-cache-size",
+        type=_int_at_least(1),
+        default=NUM_PROMPT_CACHES,
+        metavar="N",
+        help=f"conversations whose KV caches are kept for reuse (default {NUM_PROMPT_CACHES})",
+    )
+
+
+def serve_command(args) -> int:
+    """serve the OpenAI API (chat and completions) over HTTP, with speculative decoding"""
+    import logging
+
+    try:
+        from . import server
+    except ImportError as e:
+        raise ValueError(f"serve needs the server extra ({e.name} is missing): pip install 'mlx-spec[server]'") from e
+    settings = settings_from(args)
+    if not server.is_loopback(args.host) and args.api_key is None:
+        note(f"warning: listening on {args.host} without --api-key: anyone who can reach this machine can use it")
+    with server.bind(args.host, args.port) as sock:  # before loading: a busy port fails at once
+        model, tokenizer, draft_model = load_models(args)
+        logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        logging.getLogger(server.log.name).setLevel(logging.INFO)
+        app = server.create_app(
+            model,
+            tokenizer,
+            draft_model,
+            settings,
+            api_key=args.api_key,
+            max_queue=args.max_queue,
+            max_body=args.max_body,
+            num_prompt_caches=args.prompt_cache_size,
+            system_prompt=args.system_prompt,
+        )
+        host, port = sock.getsockname()[:2]
+        address = f"[{host}]" if ":" in host else host
+        draft = f", draft {server.served_name(draft_model)}" if draft_model is not None else ""
+        ready = f"serving {server.served_name(model)}{draft} at http://{address}:{port}/v1 (Ctrl-C stops)"
+        server.run(app, sock, on_ready=lambda: note(ready))
+    note("stopped")
+    return 0
 
 
 # --- convert ----------------------------------------------------------------
@@ -317,6 +397,7 @@ COMMANDS = {
     "convert": (add_convert_arguments, convert_command),
     "drafts": (add_drafts_arguments, drafts_command),
     "bench": (add_bench_arguments, bench_command),
+    "serve": (add_serve_arguments, serve_command),
 }
 
 

@@ -302,8 +302,7 @@ def stream_generate(
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     if isinstance(prompt, str):
-        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
-        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+        prompt = encode_prompt(tokenizer, prompt)
     if draft_model is not None:
         check_draft(model, draft_model, tokenizer)
     stats = kwargs.pop("stats", None) or GenerationStats()
@@ -339,6 +338,12 @@ def stream_generate(
                 yield response(token, logprobs, from_draft, "length")
                 return
             yield response(token, logprobs, from_draft, None)
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a plain-text prompt, as mlx-lm encodes it: the BOS token added unless the text has it."""
+    add_special = tokenizer.bos_token is None or not text.startswith(tokenizer.bos_token)
+    return tokenizer.encode(text, add_special_tokens=add_special)
 
 
 def generate(

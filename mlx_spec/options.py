@@ -18,6 +18,11 @@ KV_GROUP_SIZES = (32, 64, 128)
 # 13% cheaper but lost as much in acceptance over 256 tokens (benchmarks/RESULTS.md).
 DEFAULT_DRAFT_VOCAB_SIZE = None
 PREFILL_STEP_SIZE = 2048  # as mlx-lm's generate_step, so long prompts fill caches alike
+# The server's limits (mlx-spec serve)
+MAX_QUEUE = 16  # requests that may wait for the engine; more get 503
+MAX_BODY = 8 * 1024 * 1024  # bytes of a request body; more get 413
+NUM_PROMPT_CACHES = 4  # conversations whose KV caches are kept for reuse
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for, as OpenAI's
 
 
 @dataclass(frozen=True)

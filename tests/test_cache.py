@@ -9,7 +9,7 @@ from mlx_lm.models.cache import make_prompt_cache as mlx_lm_make_prompt_cache
 from tiny import make_model, perturbed, reference, spec
 
 from mlx_spec import GenerationStats, make_prompt_cache, speculative_generate_step
-from mlx_spec.cache import SLACK, SlackRotatingCache
+from mlx_spec.cache import SLACK, SlackRotatingCache, reuse_prefix
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +254,29 @@ def test_rotating_cache_after_a_long_rejected_round_that_wrapped(k):
             for c in layers:
                 c.trim(num_draft)
             position += 1
+
+
+@pytest.mark.parametrize("max_kv_size", [None, 16])
+def test_reuse_prefix_keeps_the_shared_prefix_and_one_token_to_go_in(pair, max_kv_size):
+    main, draft = pair
+    cache = make_prompt_cache(main, draft, max_kv_size)
+    first = [5, 6, 7, 8]
+    generated = spec(first, main, draft, max_tokens=6, prompt_cache=cache)
+    other = (generated[2] + 1) % 97  # where the new tokens part from the cached ones
+    assert reuse_prefix(cache, first + generated[:2] + [other, 10]) == 6
+    assert cache.tokens == first + generated[:2] and cache.main_offset == 5 and cache.draft_offset <= 5
+    assert reuse_prefix(cache, first + generated[:2]) == 5  # all of it shared: the last token goes in again
+    # The reused cache continues as a fresh run over the whole conversation would.
+    assert spec([generated[1]], main, draft, max_tokens=8, prompt_cache=cache) == spec(
+        first + generated[:2], main, draft, max_tokens=8, max_kv_size=max_kv_size
+    )
+
+
+def test_reuse_prefix_leaves_a_rotating_cache_that_cannot_go_back_unchanged(pair):
+    main, draft = pair
+    cache = make_prompt_cache(main, draft, max_kv_size=16)
+    prompt = [5, 6, 7]
+    generated = spec(prompt, main, draft, max_tokens=3 * SLACK, prompt_cache=cache)
+    tokens = list(cache.tokens)
+    assert reuse_prefix(cache, prompt + [9]) is None
+    assert cache.tokens == tokens and tokens == prompt + generated
