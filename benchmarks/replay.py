@@ -42,8 +42,8 @@ import numpy as np
 
 from mlx_spec.adaptive import DRAFT, LOOKUP, PLAIN, Choice, Controller
 from mlx_spec.bench import ALL_PROMPTS
-from mlx_spec.generate import AUTO_MAX_LOOKUP as MAX_LOOKUP
 from mlx_spec.lookup import NgramIndex
+from mlx_spec.options import AUTO_MAX_LOOKUP as MAX_LOOKUP
 
 
 def replay(
