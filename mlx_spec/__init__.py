@@ -5,6 +5,7 @@ from mlx_lm.sample_utils import make_logits_processors  # mlx-lm's own: its proc
 from .cache import CachePair, make_prompt_cache
 from .generate import GenerationResponse, generate, speculative_generate_step, stream_generate
 from .load import IncompatibleDraftError, check_draft, load
+from .prompt_cache import load_prompt_cache, save_prompt_cache
 from .sampling import make_sampler
 from .stats import GenerationStats
 
@@ -16,9 +17,11 @@ __all__ = [
     "check_draft",
     "generate",
     "load",
+    "load_prompt_cache",
     "make_logits_processors",
     "make_prompt_cache",
     "make_sampler",
+    "save_prompt_cache",
     "speculative_generate_step",
     "stream_generate",
 ]
