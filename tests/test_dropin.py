@@ -179,6 +179,7 @@ def test_the_statistics_say_which_rule_ran(pair, sampler, rule):
     out = spec([1, 5, 9], main, draft, num_draft_tokens=3, max_tokens=30, sampler=sampler, seed=0, stats=stats)
     assert stats.acceptance_rule == rule
     assert f"{rule})" in stats.summary()
+    assert stats.host_syncs == stats.num_rounds  # one host read per round, whatever the rule
     if rule == "greedy" or getattr(sampler, "__name__", "") == "<lambda>":
         assert out == reference(main, [1, 5, 9], 30)  # the main model's greedy output, token for token
         assert stats.accepted_draft_tokens > 0
