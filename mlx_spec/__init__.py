@@ -6,6 +6,7 @@ from .cache import CachePair, make_prompt_cache
 from .discover import find_drafts
 from .generate import GenerationResponse, generate, speculative_generate_step, stream_generate
 from .load import IncompatibleDraftError, check_draft, load
+from .prompt_cache import load_prompt_cache, save_prompt_cache
 from .sampling import make_sampler
 from .stats import GenerationStats
 
@@ -18,9 +19,11 @@ __all__ = [
     "find_drafts",
     "generate",
     "load",
+    "load_prompt_cache",
     "make_logits_processors",
     "make_prompt_cache",
     "make_sampler",
+    "save_prompt_cache",
     "speculative_generate_step",
     "stream_generate",
 ]

@@ -6,13 +6,18 @@ keep SLACK spare slots beyond their window so that a rejected round never
 overwrites an entry that is still needed after the rollback.
 """
 
+import hashlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 from mlx_lm.models.cache import make_prompt_cache as _mlx_lm_make_cache
+
+from .load import output_size
 
 SLACK = 32  # spare slots of a rotating cache: the most tokens one round may write is SLACK + 1
 KEEP = 4  # tokens mlx-lm's rotating cache keeps at the start for max_kv_size
@@ -124,11 +129,42 @@ class SlackRotatingCache:
 
     @property
     def state(self):
-        return self.keys, self.values
+        """As mlx-lm's caches: arrays and scalars that `from_state` (and mlx-lm's save_prompt_cache) take."""
+        return self.keys, self.values, self.offset, self.keep, self.max_size, self.max_written
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values, self.offset, self.keep, self.max_size, self.max_written = v
+        self.capacity = self.max_size + SLACK
+
+    @classmethod
+    def from_state(cls, state) -> "SlackRotatingCache":
+        cache = cls.__new__(cls)
+        cache.state = state
+        return cache
 
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def to_rotating(self) -> RotatingKVCache:
+        """An mlx-lm RotatingKVCache holding the same window, in temporal order: it continues exactly as this one.
+
+        Its entries are the first `keep` positions and the newest ones, as mlx-lm's
+        own cache holds them, so every mlx-lm function (save, trim) takes it.
+        """
+        cache = RotatingKVCache(self.max_size, self.keep)
+        if self.keys is None or self.offset == 0:
+            return cache
+        newest = max(self.keep, self.offset - (self.max_size - self.keep))
+        positions = np.concatenate([np.arange(min(self.keep, self.offset)), np.arange(newest, self.offset)])
+        slots = np.where(
+            positions < self.keep, positions, self.keep + (positions - self.keep) % (self.capacity - self.keep)
+        )
+        slots = mx.array(slots)
+        keys, values = mx.take(self.keys, slots, axis=2), mx.take(self.values, slots, axis=2)
+        cache.state = (keys, values, self.offset, self.keep, self.max_size, len(positions))
+        return cache
 
     @classmethod
     def from_rotating(cls, cache: RotatingKVCache) -> "SlackRotatingCache":
@@ -171,18 +207,25 @@ def _offset(layers: list[Any]) -> int:
     return layers[0].offset if layers else 0
 
 
+UNKNOWN = -1  # in CachePair.tokens: a token a cache holds that mlx_spec never saw (a cache filled by mlx-lm)
+
+
 @dataclass
 class CachePair:
     """KV caches of the main and the draft model, and the tokens they stand for.
 
     `tokens` is every token of the conversation so far (prompt and generated);
-    each cache holds the first `offset` of them. The last token is never in a
-    cache yet: it is the input of the next forward pass.
+    the main cache holds the first `main_offset` of them, the draft cache those
+    from `draft_start` to `draft_offset`. The last token is never in a cache
+    yet: it is the input of the next forward pass. `models` names the models the
+    caches belong to (see `fingerprint`), where known.
     """
 
     main: list[Any]
     draft: list[Any] | None
     tokens: list[int] = field(default_factory=list)
+    draft_start: int = 0  # the token the draft cache's first entry stands for (a draft cache begun late)
+    models: dict[str, str | None] | None = None  # {"main": fingerprint, "draft": fingerprint or None}
 
     @property
     def main_offset(self) -> int:
@@ -190,17 +233,18 @@ class CachePair:
 
     @property
     def draft_offset(self) -> int:
-        return _offset(self.draft) if self.draft is not None else 0
+        """The number of tokens the draft cache has seen, counted from the start of the conversation."""
+        return _offset(self.draft) + self.draft_start if self.draft is not None else 0
 
     def rollback(self) -> bool:
         """Trim both caches to all tokens but the last. False (nothing changed) if impossible."""
         length = len(self.tokens) - 1
-        layers = self.main + (self.draft or [])
-        for cache in layers:
-            if cache.offset > length and not _can_trim_to(cache, length):
+        layers = [(c, length) for c in self.main] + [(c, length - self.draft_start) for c in self.draft or []]
+        for cache, keep in layers:
+            if cache.offset > keep and (keep < 0 or not _can_trim_to(cache, keep)):
                 return False
-        for cache in layers:
-            cache.trim(max(0, cache.offset - length))
+        for cache, keep in layers:
+            cache.trim(max(0, cache.offset - keep))
         return True
 
     def truncate(self, num_tokens: int) -> bool:
@@ -258,7 +302,7 @@ def reuse_prefix(cache: CachePair, tokens: list[int]) -> int | None:
 TRIMMABLE = (KVCache, QuantizedKVCache, RotatingKVCache, SlackRotatingCache)
 
 
-def _model_cache(model, max_kv_size: int | None, role: str) -> list[Any]:
+def model_cache(model, max_kv_size: int | None, role: str) -> list[Any]:
     layers = _mlx_lm_make_cache(model, max_kv_size=max_kv_size)
     for cache in layers:
         if not isinstance(cache, TRIMMABLE):
@@ -270,10 +314,43 @@ def _model_cache(model, max_kv_size: int | None, role: str) -> list[Any]:
 
 
 def make_prompt_cache(model, draft_model=None, max_kv_size: int | None = None) -> CachePair:
-    """Caches for both models, reusable across calls (turns of a conversation)."""
+    """Make the caches of both models, reusable across calls (the turns of a conversation).
+
+    Args:
+        model (nn.Module): The main model.
+        draft_model (nn.Module, optional): The draft model; without one, a draft
+          cache is added when the pair is first used with a draft model.
+        max_kv_size (int, optional): A rotating (sliding-window) cache of this
+          many tokens, as in mlx-lm (the first 4 tokens are always kept).
+
+    Returns:
+        CachePair: the caches, the tokens they stand for, and the models they belong to.
+    """
     if max_kv_size is not None and max_kv_size <= KEEP:
         raise ValueError(f"max_kv_size must be larger than {KEEP}, got {max_kv_size}")
     return CachePair(
-        main=_model_cache(model, max_kv_size, "main"),
-        draft=None if draft_model is None else _model_cache(draft_model, max_kv_size, "draft"),
+        main=model_cache(model, max_kv_size, "main"),
+        draft=None if draft_model is None else model_cache(draft_model, max_kv_size, "draft"),
+        models={"main": fingerprint(model), "draft": None if draft_model is None else fingerprint(draft_model)},
     )
+
+
+_fingerprints = {}  # id(model) -> its fingerprint, while the model lives
+
+
+def fingerprint(model) -> str:
+    """A model's type, sizes and a hash of some weights: caches made for one model do not fit another."""
+    key = id(model)
+    if key not in _fingerprints:
+        args = getattr(model, "args", None)
+        kind = getattr(args, "model_type", None) or type(model).__module__.rsplit(".", 1)[-1]
+        weights = tree_flatten(model.parameters())
+        digest = hashlib.sha256()
+        for _, w in weights[:1] + weights[-1:]:
+            digest.update(np.array(w.reshape(-1)[:4096].astype(mx.float32)).tobytes())
+        _fingerprints[key] = (
+            f"{kind} ({len(model.layers)} layers, hidden size {getattr(args, 'hidden_size', '?')}, "
+            f"vocabulary {output_size(model)}, weights {digest.hexdigest()[:8]})"
+        )
+        weakref.finalize(model, _fingerprints.pop, key, None)
+    return _fingerprints[key]

@@ -5,6 +5,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -13,12 +14,13 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from transformers import PreTrainedTokenizer
 
 from .adaptive import DRAFT, LOOKUP, Controller, learnt_for
-from .cache import CachePair, make_prompt_cache
+from .cache import CachePair
 from .decode import FixedDraft, HostReads, plain_rounds, prefill, rounds
 from .draft import DraftModel, DraftSource
 from .load import check_draft, output_size
 from .lookup import LookupSource
 from .options import GenerationOptions
+from .prompt_cache import pair_for_call
 from .sampling import LogitsProcessor, Sampler
 from .stats import GenerationStats
 
@@ -34,7 +36,7 @@ def speculative_generate_step(
     max_tokens: int = _DEFAULT.max_tokens,
     sampler: Sampler | None = None,
     logits_processors: list[LogitsProcessor] | None = None,
-    prompt_cache: CachePair | None = None,
+    prompt_cache: CachePair | list[Any] | None = None,
     prefill_step_size: int = _DEFAULT.prefill_step_size,
     kv_bits: int | None = _DEFAULT.kv_bits,
     kv_group_size: int = _DEFAULT.kv_group_size,
@@ -73,9 +75,10 @@ def speculative_generate_step(
         logits_processors (List[LogitsProcessor], optional): Functions of
           (tokens, logits) returning logits, applied in order; they see this
           call's prompt and the tokens generated, as in mlx-lm.
-        prompt_cache (CachePair, optional): Caches to continue, from
-          ``make_prompt_cache(model, draft_model)``. `prompt` is appended to
-          what they hold; they are updated in place.
+        prompt_cache (CachePair or List[Any], optional): Caches to continue:
+          a CachePair from ``make_prompt_cache(model, draft_model)``, or
+          mlx-lm's flat list (the main model's layers, then the draft model's
+          or none). `prompt` is appended to what they hold; they are updated in place.
         prefill_step_size (int): Prompt tokens per prefill step. Default: ``2048``.
         kv_bits (int, optional): Quantize the KV caches to this many bits. Default: ``None``.
         kv_group_size (int): Group size of the KV cache quantization. Default: ``64``.
@@ -128,11 +131,7 @@ def speculative_generate_step(
     if draft_model is not None:
         check_draft(model, draft_model)
     draft = None if draft_model is None else DraftModel(draft_model, vocab_size, opts.draft_vocab_size)
-    caches = prompt_cache if prompt_cache is not None else make_prompt_cache(model, draft_model, opts.max_kv_size)
-    if not isinstance(caches, CachePair):
-        raise ValueError("prompt_cache must come from mlx_spec.make_prompt_cache(model, draft_model)")
-    if draft_model is not None and caches.draft is None:
-        raise ValueError("prompt_cache has no draft cache: make it with make_prompt_cache(model, draft_model)")
+    caches, write_back = pair_for_call(prompt_cache, model, draft_model, opts.max_kv_size)
     stats = stats if stats is not None else GenerationStats()
     stats.acceptance_rule = params.acceptance_rule
     seed = opts.seed if opts.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -156,15 +155,19 @@ def speculative_generate_step(
         stats.start()
         stats.prompt_tokens = num_known - offset
         progress(0, len(tokens))
-        prefill(
-            model,
-            caches.main,
-            caches.tokens[offset:-1],
-            caches,
-            kv_quantize,
-            opts.prefill_step_size,
-            lambda done: progress(max(0, offset + done - num_before), len(tokens)),
-        )
+        # The last token of the previous call goes in alone, as mlx-lm's decoding step fed it (a rotating
+        # cache attends differently to a token fed with others), then the prompt in steps.
+        first = offset + 1 if num_before == offset + 1 else offset
+        for start, end in ((offset, first), (first, num_known - 1)):
+            prefill(
+                model,
+                caches.main,
+                caches.tokens[start:end],
+                caches,
+                kv_quantize,
+                opts.prefill_step_size,
+                lambda done, start=start: progress(max(0, start + done - num_before), len(tokens)),
+            )
         if draft_model is not None:
             prefill(
                 draft_model,
@@ -215,6 +218,11 @@ def speculative_generate_step(
                 yield token, round_.logprobs[i], i < round_.num_accepted
     finally:
         caches.truncate(num_known + num_yielded)
+        if write_back is not None:  # mlx-lm's list: its cache holds the last token too, as mlx-lm's steps leave it
+            prefill(
+                model, caches.main, caches.tokens[caches.main_offset :], caches, kv_quantize, opts.prefill_step_size
+            )
+            write_back()
 
 
 def _token_list(prompt) -> list[int]:

@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_spec.accept import accept, accept_greedy
+from mlx_spec.accept import accept, accept_exact, accept_greedy
 
 
 def scores_with_argmax(tokens, vocab=8):
@@ -24,6 +24,20 @@ def scores_with_argmax(tokens, vocab=8):
 )
 def test_accept_greedy(draft, main_argmax, expected):
     num_accepted, next_token = accept_greedy(mx.array(draft, mx.int32), scores_with_argmax(main_argmax))
+    assert (num_accepted.item(), next_token.item()) == expected
+
+
+@pytest.mark.parametrize(
+    "draft, sampled, expected",
+    [
+        ([3, 1, 2], [3, 1, 7, 5], (2, 7)),  # the main model's own draw where the draft's differs
+        ([3, 1, 2], [3, 1, 2, 5], (3, 5)),
+        ([3, 1, 2], [4, 1, 2, 5], (0, 4)),
+        ([], [6], (0, 6)),
+    ],
+)
+def test_accept_exact(draft, sampled, expected):
+    num_accepted, next_token = accept_exact(mx.array(draft, mx.int32), mx.array(sampled, mx.int32))
     assert (num_accepted.item(), next_token.item()) == expected
 
 

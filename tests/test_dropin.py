@@ -8,6 +8,10 @@ import mlx_lm
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import load_prompt_cache as mlx_lm_load_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache as mlx_lm_make_prompt_cache
+from mlx_lm.models.cache import save_prompt_cache as mlx_lm_save_prompt_cache
 from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from test_accept import CRITICAL, chi_squared
@@ -17,6 +21,7 @@ from tiny_folders import write_tiny_pair
 
 import mlx_spec
 from mlx_spec import GenerationStats
+from mlx_spec.cache import SlackRotatingCache
 
 MESSAGE = [{"role": "user", "content": "w7 w8 w9 w10"}]
 
@@ -174,6 +179,7 @@ def test_the_statistics_say_which_rule_ran(pair, sampler, rule):
     out = spec([1, 5, 9], main, draft, num_draft_tokens=3, max_tokens=30, sampler=sampler, seed=0, stats=stats)
     assert stats.acceptance_rule == rule
     assert f"{rule})" in stats.summary()
+    assert stats.host_syncs == stats.num_rounds  # one host read per round, whatever the rule
     if rule == "greedy" or getattr(sampler, "__name__", "") == "<lambda>":
         assert out == reference(main, [1, 5, 9], 30)  # the main model's greedy output, token for token
         assert stats.accepted_draft_tokens > 0
@@ -240,3 +246,150 @@ def test_any_random_sampler_keeps_its_distribution_with_exact_match(small_pair):
     q1 = next_dist(draft, PROMPT, temp=0.8)
     theory = (p1 * q1).sum()  # exact match accepts where two independent draws agree
     assert abs(accepted / runs - theory) < 4 * np.sqrt(theory * (1 - theory) / runs)
+
+
+# --- prompt caches -----------------------------------------------------------
+
+TURNS = [[1, 5, 9, 22, 3], [30, 31, 32], [40, 41], [50, 51, 52]]
+
+
+@pytest.mark.parametrize("max_kv_size", [None, 16])
+@pytest.mark.parametrize("layers", ["main", "main + draft", "main, draft beside"])
+def test_multi_turn_with_mlx_lms_flat_list(pair, max_kv_size, layers):
+    """make_prompt_cache(model) [+ make_prompt_cache(draft_model)], then generate turn after turn.
+
+    The list holds what mlx-lm's holds after each turn, so mlx-lm can take a turn in between.
+    """
+    main, draft, tokenizer = pair
+    theirs = mlx_lm_make_prompt_cache(main, max_kv_size=max_kv_size)
+    cache = mlx_lm_make_prompt_cache(main, max_kv_size=max_kv_size)
+    if layers == "main + draft":
+        cache += mlx_lm_make_prompt_cache(draft, max_kv_size=max_kv_size)
+    draft_model = None if layers == "main" else draft
+    for i, turn in enumerate(TURNS):
+        expected = mlx_lm.generate(main, tokenizer, turn, max_tokens=40, prompt_cache=theirs)
+        if i == 2:  # mlx-lm's turn, on the main layers of our list
+            assert mlx_lm.generate(main, tokenizer, turn, max_tokens=40, prompt_cache=cache[:4]) == expected
+            continue
+        stats = GenerationStats()
+        got = mlx_spec.generate(
+            main,
+            tokenizer,
+            turn,
+            max_tokens=40,
+            prompt_cache=cache,
+            draft_model=draft_model,
+            stats=stats,
+            num_draft_tokens=2,  # the draft model drafts (auto may choose plain or lookup rounds only)
+            prompt_lookup=False,
+        )
+        assert got == expected
+        assert stats.prompt_tokens == len(turn)  # only the new tokens went in
+        assert [(type(c), c.offset) for c in cache[:4]] == [(type(c), c.offset) for c in theirs]  # mlx-lm's state
+        assert all(type(c) is (KVCache if max_kv_size is None else RotatingKVCache) for c in cache)
+        if draft_model is not None and i < 2:  # then the draft lacks the tokens of mlx-lm's turn
+            assert stats.accepted_draft_tokens > 0
+    assert len(cache) == (8 if layers == "main + draft" else 4)
+
+
+@pytest.mark.parametrize("layers", ["main", "main + draft"])
+def test_a_list_mlx_lm_filled_continues_as_in_mlx_lm(pair, layers):
+    """Tokens mlx_spec never saw: the prompt is appended to them, as mlx-lm does."""
+    main, draft, tokenizer = pair
+
+    def filled_by_mlx_lm():
+        cache = mlx_lm_make_prompt_cache(main)
+        if layers == "main + draft":  # mlx-lm's speculative decoding fills both
+            cache += mlx_lm_make_prompt_cache(draft)
+        mlx_lm.generate(
+            main, tokenizer, TURNS[0], max_tokens=20, prompt_cache=cache, draft_model=draft if len(cache) > 4 else None
+        )
+        return cache
+
+    expected = mlx_lm.generate(main, tokenizer, TURNS[1], max_tokens=30, prompt_cache=filled_by_mlx_lm()[:4])
+    stats = GenerationStats()
+    got = mlx_spec.generate(
+        main, tokenizer, TURNS[1], max_tokens=30, prompt_cache=filled_by_mlx_lm(), draft_model=draft, stats=stats
+    )
+    assert got == expected
+    if layers == "main + draft":  # a draft cache begun now knows only the new prompt
+        assert stats.accepted_draft_tokens > 0
+
+
+def test_a_list_of_the_wrong_length_is_refused(pair):
+    main, draft, _ = pair
+    with pytest.raises(
+        ValueError, match="prompt_cache has 6 layers, the models 4 \\(main\\) or 8 \\(main \\+ draft\\)"
+    ):
+        spec([1, 2], main, draft, prompt_cache=mlx_lm_make_prompt_cache(main) + [KVCache(), KVCache()])
+
+
+@pytest.mark.parametrize("kind", ["pair", "list"])
+@pytest.mark.parametrize("max_kv_size", [None, 16])
+def test_save_and_load_continue_the_conversation(pair, tmp_path, kind, max_kv_size):
+    main, draft, _ = pair
+    if kind == "pair":
+        cache = mlx_spec.make_prompt_cache(main, draft, max_kv_size=max_kv_size)
+    else:
+        cache = mlx_lm_make_prompt_cache(main, max_kv_size=max_kv_size) + mlx_lm_make_prompt_cache(draft, max_kv_size)
+    first = spec(TURNS[0], main, draft, max_tokens=50, prompt_cache=cache)  # a rotating cache wraps
+    file = str(tmp_path / "cache.safetensors")
+    mlx_spec.save_prompt_cache(file, cache, metadata={"note": "hello"})
+    loaded, metadata = mlx_spec.load_prompt_cache(file, return_metadata=True)
+    assert metadata == {"note": "hello"}
+    assert type(loaded) is type(cache)
+    if kind == "pair":
+        assert loaded.tokens == cache.tokens == TURNS[0] + first
+        if max_kv_size:
+            assert all(isinstance(c, SlackRotatingCache) for c in cache.main)
+    expected = spec(TURNS[1], main, draft, max_tokens=30, prompt_cache=cache)
+    stats = GenerationStats()
+    assert spec(TURNS[1], main, draft, max_tokens=30, prompt_cache=loaded, stats=stats) == expected
+    assert stats.prompt_tokens == len(TURNS[1]) + (kind == "pair")  # and a pair's last token
+    if kind == "list" or max_kv_size is None:
+        assert len(mlx_lm_load_prompt_cache(file)) == 8  # mlx-lm reads our files
+
+
+def test_a_file_mlx_lm_saved_loads_and_continues(pair, tmp_path):
+    main, _, tokenizer = pair
+    cache = mlx_lm_make_prompt_cache(main, max_kv_size=16)
+    mlx_lm.generate(main, tokenizer, TURNS[0], max_tokens=40, prompt_cache=cache)
+    file = str(tmp_path / "mlx_lm.safetensors")
+    mlx_lm_save_prompt_cache(file, cache)
+    expected = mlx_lm.generate(main, tokenizer, TURNS[1], max_tokens=30, prompt_cache=mlx_lm_load_prompt_cache(file))
+    loaded = mlx_spec.load_prompt_cache(file)
+    assert isinstance(loaded, list)
+    assert mlx_spec.generate(main, tokenizer, TURNS[1], max_tokens=30, prompt_cache=loaded) == expected
+
+
+def test_mlx_lms_save_takes_our_rotating_cache(pair, tmp_path):
+    main, draft, _ = pair
+    cache = mlx_spec.make_prompt_cache(main, draft, max_kv_size=16)
+    spec(TURNS[0], main, draft, max_tokens=50, prompt_cache=cache)
+    file = str(tmp_path / "layers.safetensors")
+    mlx_lm_save_prompt_cache(file, cache.main)
+    loaded = mlx_spec.load_prompt_cache(file)
+    for ours, back in zip(cache.main, loaded):
+        assert type(back) is SlackRotatingCache
+        assert (back.offset, back.keep, back.max_size, back.max_written) == (
+            ours.offset,
+            ours.keep,
+            ours.max_size,
+            ours.max_written,
+        )
+        assert mx.array_equal(back.keys, ours.keys) and mx.array_equal(back.values, ours.values)
+
+
+def test_a_cache_of_another_pair_is_refused(pair, tmp_path):
+    main, draft, _ = pair
+    cache = mlx_spec.make_prompt_cache(main, draft)
+    spec(TURNS[0], main, draft, max_tokens=5, prompt_cache=cache)
+    file = str(tmp_path / "cache.safetensors")
+    mlx_spec.save_prompt_cache(file, cache)
+    other = make_model("qwen2", layers=4, seed=5)  # same shapes, other weights
+    for loaded in (mlx_spec.load_prompt_cache(file), cache):
+        with pytest.raises(ValueError, match=r"belongs to main qwen2 \(4 layers.*weights (\w+)\).*not to main qwen2"):
+            spec([1], other, draft, prompt_cache=loaded)
+        with pytest.raises(ValueError, match=r"and draft qwen2.*not to main qwen2.*and draft qwen2"):
+            spec([1], main, other, prompt_cache=loaded)
+    assert spec([1], main, draft, max_tokens=5, prompt_cache=cache)  # still usable with its own pair
