@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .compat import SPECIAL_TOKEN_NAMES, incompatibility, special_tokens
-from .gguf import _SPLITS, ARCHITECTURES, _eos_ids, cache_root, read_header
+from .gguf import ARCHITECTURES, PRE_TOKENIZER_SPLITS, cache_root, end_token_ids, read_header
 
 # LM Studio's size guide: main model -> largest draft that still pays off, in nominal parameters.
 SIZE_GUIDE = ((7e9, 1e9), (14e9, 3e9), (32e9, 7e9))
@@ -417,7 +417,7 @@ def _describe_gguf(path: Path) -> ModelInfo:
     types = fields.get("tokenizer.ggml.token_type") or [1] * len(token_list)
     bos_id, pad_id = fields.get("tokenizer.ggml.bos_token_id"), fields.get("tokenizer.ggml.padding_token_id")
     try:
-        end = _eos_ids(
+        end = end_token_ids(
             token_list, types, fields.get("tokenizer.chat_template"), fields.get("tokenizer.ggml.eos_token_id"), path
         )
         bos = token_list[bos_id] if bos_id is not None else None
@@ -448,7 +448,7 @@ def _gguf_unsupported(fields: dict) -> str | None:
         return f"unsupported architecture {arch!r} (mlx_spec converts GGUF {', '.join(ARCHITECTURES)})"
     if tokenizer != "gpt2":
         return f"unsupported GGUF tokenizer {tokenizer!r} (mlx_spec converts byte-level BPE 'gpt2')"
-    if pre not in _SPLITS:
+    if pre not in PRE_TOKENIZER_SPLITS:
         return f"unsupported GGUF pre-tokenizer {pre!r}"
     if parts > 1:
         return f"split GGUF ({parts} files): mlx_spec converts single files"

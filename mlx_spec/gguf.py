@@ -47,7 +47,7 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_SPLITS = {
+PRE_TOKENIZER_SPLITS = {
     "qwen2": _QWEN2_SPLIT,
     "llama-bpe": _LLAMA3_SPLIT,
     "smaug-bpe": _LLAMA3_SPLIT,
@@ -348,18 +348,20 @@ def _tokenizer(reader, gguf_path, max_length: int):
     kind, pre = _field(reader, "tokenizer.ggml.model"), _field(reader, "tokenizer.ggml.pre", "default")
     if kind != "gpt2":
         raise ValueError(f"{gguf_path}: unsupported tokenizer model {kind!r} (only byte-level BPE 'gpt2')")
-    if pre not in _SPLITS:
-        raise ValueError(f"{gguf_path}: unsupported pre-tokenizer {pre!r} (supported: {', '.join(_SPLITS)})")
+    if pre not in PRE_TOKENIZER_SPLITS:
+        raise ValueError(
+            f"{gguf_path}: unsupported pre-tokenizer {pre!r} (supported: {', '.join(PRE_TOKENIZER_SPLITS)})"
+        )
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))
     tok = _byte_level_bpe(tokens, types, _field(reader, "tokenizer.ggml.merges", []), pre)
 
     template = _field(reader, "tokenizer.chat_template")
-    eos_ids = _eos_ids(tokens, types, template, _field(reader, "tokenizer.ggml.eos_token_id"), gguf_path)
+    eos_ids = end_token_ids(tokens, types, template, _field(reader, "tokenizer.ggml.eos_token_id"), gguf_path)
     bos_id = _field(reader, "tokenizer.ggml.bos_token_id")
     pad_id = _field(reader, "tokenizer.ggml.padding_token_id")
     bos = tokens[bos_id] if bos_id is not None else None
-    if _field(reader, "tokenizer.ggml.add_bos_token", _SPLITS[pre] is _LLAMA3_SPLIT) and bos is not None:
+    if _field(reader, "tokenizer.ggml.add_bos_token", PRE_TOKENIZER_SPLITS[pre] is _LLAMA3_SPLIT) and bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
         )
@@ -379,7 +381,7 @@ def _byte_level_bpe(tokens, types, merges, pre: str):
     """A `tokenizers` byte-level BPE like the model's Hugging Face tokenizer.json (control tokens special)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    split = _SPLITS[pre]
+    split = PRE_TOKENIZER_SPLITS[pre]
     tok = Tokenizer(
         models.BPE(
             vocab={t: i for i, t in enumerate(tokens)},
@@ -413,7 +415,7 @@ def _byte_level_bpe(tokens, types, merges, pre: str):
     return tok
 
 
-def _eos_ids(tokens, types, template, meta_eos, gguf_path) -> list[int]:
+def end_token_ids(tokens, types, template, meta_eos, gguf_path) -> list[int]:
     """The end-of-sequence ids. The metadata's eos id is replaced when it is not a control token
     (a known GGUF fault) and the chat template ends turns with a control token, which is added anyway."""
     control = gguf.TokenType.CONTROL
