@@ -13,9 +13,10 @@ PLAIN, DRAFT, LOOKUP = "plain", "draft", "lookup"
 SLOPE_PRIOR = 2.0  # weight of the prior slope in a cost line's fit
 OUTLIER = 1.5  # a round's seconds count at most this times what its kind of round was expected to take
 MAX_POSITIONS = 32  # positions whose acceptance is tracked (the longest round drafts SLACK tokens)
-# Lookup matches are bucketed by length (1, 2, 3, 4-7, 8+ tokens): a longer match is a surer copy.
+# Exact lookup matches are bucketed by length (1, 2, 3, 4-7, 8+ tokens): a longer match is a surer copy.
+# A copy realigned after a swapped token (lookup.Match.realigned) has a bucket of its own, the last.
 MATCH_BUCKETS = (1, 2, 3, 4, 8)
-LOOKUP_PRIORS = (0.2, 0.4, 0.6, 0.8, 0.9)  # prior acceptance of each bucket (tuned with benchmarks/replay.py)
+LOOKUP_PRIORS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.6)  # prior acceptance of each bucket (tuned with benchmarks/replay.py)
 VERIFY_SLOPE = 0.1  # prior cost of one more verified row, in plain steps (a lookup round's slope; 0.09 on this CPU)
 
 
@@ -27,8 +28,9 @@ class Choice(NamedTuple):
     bucket: int = 0  # LOOKUP: the match-length bucket
 
 
-def bucket_of(match_length: int) -> int:
-    return sum(match_length >= b for b in MATCH_BUCKETS) - 1
+def bucket_of(match) -> int:
+    """The acceptance bucket of a lookup.Match."""
+    return len(MATCH_BUCKETS) if match.realigned else sum(match.length >= b for b in MATCH_BUCKETS) - 1
 
 
 class Acceptance:
@@ -222,7 +224,7 @@ class Controller:
 
     def choose(self, match=None) -> Choice:
         """The next round's plan; `match`: the conversation's lookup match (lookup.Match) or None."""
-        bucket = None if match is None or self.max_lookup == 0 else bucket_of(match.length)
+        bucket = None if match is None or self.max_lookup == 0 else bucket_of(match)
         if self.fresh and self.max_draft > 0:
             return Choice(DRAFT, min(self.first_draft, self.max_draft))
         if self.probe_left > 0:

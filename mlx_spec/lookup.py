@@ -2,6 +2,9 @@
 
 An incremental n-gram index over `caches.tokens` finds the most recent earlier
 occurrence of the conversation's last tokens; what followed it is the proposal.
+A copy cursor follows the text being copied through small edits: where the
+reply swapped a token of its source for its own (a renamed identifier), the
+copy resumes right after the swapped token, which no n-gram can find.
 """
 
 import weakref
@@ -13,13 +16,22 @@ import mlx.core as mx
 MAX_NGRAM = 4  # the longest suffix looked up; shorter ones down to 1 when it has no earlier occurrence
 MAX_MATCH = 16  # a match is measured backwards up to this many tokens (its length picks the acceptance bucket)
 MAX_ENTRIES = 1 << 18  # distinct n-grams kept per n; the least recently seen go first
+ALIGN_WINDOW = 8  # a copy cursor is judged by how many of the last 8 tokens agree with the 8 before it
+MAX_MISSES = 1  # the cursor is dropped when more tokens than this in a row differ from what it points at
 
 
 class Match(NamedTuple):
-    """The conversation's last `length` tokens also end at position `start` - 1; `start` is what followed."""
+    """Where to copy from: position `start` and what argues for it.
+
+    Exact (`realigned` False): the conversation's last `length` tokens also end
+    at position `start` - 1. Realigned: the copy cursor, where `length` of the
+    last ALIGN_WINDOW tokens agree position by position with those before
+    `start` but the very last ones do not (the reply swapped a token).
+    """
 
     start: int
     length: int
+    realigned: bool = False
 
 
 class NgramIndex:
@@ -44,6 +56,8 @@ class NgramIndex:
         self.last: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram + 1)]
         self.previous = [array("i") for _ in range(max_ngram + 1)]
         self.work = 0
+        self.cursor: int | None = None  # the position the reply is copying next, if it is copying
+        self.misses = 0  # tokens in a row that differed from the cursor's
 
     def sync(self, tokens: list[int]):
         """Bring the index up to `tokens`: keep the prefix it shares with them, index the rest."""
@@ -67,6 +81,7 @@ class NgramIndex:
         for n in range(1, self.max_ngram + 1):
             del self.previous[n][num_tokens:]
         del seen[num_tokens:]
+        self.cursor = None
 
     def extend(self, new_tokens: list[int]):
         """Append tokens; index each n-gram that now has a continuation."""
@@ -85,22 +100,60 @@ class NgramIndex:
             while len(table) > self.max_entries:
                 del table[next(iter(table))]
         self.work += self.max_ngram * len(new_tokens)
+        self._follow(first)
+
+    def _follow(self, first: int):
+        """Move the copy cursor along the tokens from `first` on: one step per token, agreeing or not."""
+        cursor, seen = self.cursor, self.tokens
+        if cursor is None:
+            return
+        for token in seen[first:]:
+            self.misses = 0 if seen[cursor] == token else self.misses + 1
+            if self.misses > MAX_MISSES:
+                self.cursor = None
+                return
+            cursor += 1  # stays behind the token compared, since it started behind the end
+        self.cursor = cursor
+
+    def agreement(self, start: int) -> tuple[int, int]:
+        """(exact, aligned): how many of the last tokens equal those before `start`, in a row (up to
+        MAX_MATCH) and position by position among the last ALIGN_WINDOW."""
+        seen, size = self.tokens, len(self.tokens)
+        exact = 0
+        while exact < MAX_MATCH and start - exact > 0 and seen[start - exact - 1] == seen[size - exact - 1]:
+            exact += 1
+        window = min(ALIGN_WINDOW, start)
+        aligned = sum(seen[start - j] == seen[size - j] for j in range(1, window + 1))
+        self.work += exact + window
+        return exact, aligned
 
     def match(self) -> Match | None:
-        """The longest of the last MAX_NGRAM..1 tokens that occurred before, at its most recent occurrence."""
-        seen = self.tokens
-        size = len(seen)
+        """The better of the longest earlier occurrence of the last tokens and the copy cursor.
+
+        Candidates are ranked by the larger of their exact and aligned agreement,
+        then by the exact. An exact winner moves the cursor there.
+        """
+        size = len(self.tokens)
+        starts = {self.cursor} if self.cursor is not None and self.cursor < size else set()
         for n in range(min(self.max_ngram, size - 1), 0, -1):
-            start = self.last[n].get(tuple(seen[size - n :]))
+            start = self.last[n].get(tuple(self.tokens[size - n :]))
             self.work += n
-            if start is None:
-                continue
-            length = n
-            while length < MAX_MATCH and start - length > 0 and seen[start - length - 1] == seen[size - length - 1]:
-                length += 1
-            self.work += length - n
-            return Match(start, length)
-        return None
+            if start is not None:  # the longest n-gram's most recent occurrence
+                starts.add(start)
+                break
+        if not starts:
+            return None
+        ranked = []
+        for start in starts:
+            exact, aligned = self.agreement(start)
+            ranked.append((max(exact, aligned), exact, start))
+        score, exact, start = max(ranked)
+        if score == 0:
+            return None
+        if exact >= score:
+            self.cursor, self.misses = start, 0
+            return Match(start, exact)
+        return Match(start, score, realigned=True)
 
     def continuation(self, match: Match, num_draft: int) -> list[int]:
         """The `num_draft` tokens that followed the match; past the end it repeats itself (a period)."""

@@ -190,8 +190,9 @@ def simulate_sources(c, lookup_alpha, draft_alpha, match_length, costs, num_roun
 COSTS = {PLAIN: (1.0, 0.0), DRAFT: (1.1, 0.35), LOOKUP: (1.05, 0.05)}
 
 
-def test_match_lengths_fall_into_buckets():
-    assert [bucket_of(n) for n in (1, 2, 3, 4, 7, 8, 16)] == [0, 1, 2, 3, 3, 4, 4]
+def test_match_lengths_fall_into_buckets_and_realigned_copies_into_their_own():
+    assert [bucket_of(Match(0, n)) for n in (1, 2, 3, 4, 7, 8, 16)] == [0, 1, 2, 3, 3, 4, 4]
+    assert bucket_of(Match(0, 7, realigned=True)) == 5
 
 
 def test_copies_long_stretches_where_the_conversation_repeats():
