@@ -122,8 +122,8 @@ if __name__ == "__main__":
 REPEAT_PROMPTS = {
     "rename": "Rename the class `Item` to `Product` and the function `load_items` to `load_products` everywhere "
     "in this file. Return the whole file, code only.\n\n```python\n" + INVENTORY_PY + "```",
-    "extract": HANDBOOK + "\nCopy the sections on borrowing and late returns exactly as written, word for word, "
-    "then answer in one sentence: how much does a book returned ten days late cost?",
+    "extract": HANDBOOK + "\nWhat are the rules on borrowing and late returns? Answer with the two sections quoted "
+    "exactly as written, as plain text.",
     "chat-rewrite": [
         {"role": "user", "content": "Write a Python function that counts how often each word occurs in a text file."},
         {"role": "assistant", "content": "```python\n" + WORD_COUNT_PY + "```"},
