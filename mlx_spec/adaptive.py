@@ -199,7 +199,8 @@ class Controller:
         for line, prior in ((learnt.draft_cost, self.cost_ratio), (learnt.lookup_cost, VERIFY_SLOPE)):
             if line.seen:  # T0 unseen: taken as A of a line whose slope leans on a prior relative to it
                 w, wk, _, wt, _ = line.sums
-                return line.line(prior * (wt / w) / (1.0 + prior * wk / w))[0]
+                t0 = (wt / w) / (1.0 + prior * wk / w)  # the mean round's seconds at the prior slope
+                return line.line(prior * t0)[0] or t0  # a line through the origin or below: the prior's
         return 1.0
 
     def round_seconds(self, source: str, k: int) -> float:

@@ -190,6 +190,17 @@ def simulate_sources(c, lookup_alpha, draft_alpha, match_length, costs, num_roun
 COSTS = {PLAIN: (1.0, 0.0), DRAFT: (1.1, 0.35), LOOKUP: (1.05, 0.05)}
 
 
+def test_a_cost_line_through_the_origin_does_not_make_plain_rounds_free():
+    """Draft rounds timed so that their fitted line has no intercept left no plain round time: a division
+    by zero. The mean round at the prior slope stands in for T0 then."""
+    c = Controller(max_draft=10)
+    for _ in range(20):
+        c.record(Choice(DRAFT, 2), 2, 0.01)
+        c.record(Choice(DRAFT, 10), 10, 10.0)
+    assert c.plain_seconds() > 0
+    assert c.choose().source in (DRAFT, PLAIN)
+
+
 def test_match_lengths_fall_into_buckets_and_realigned_copies_into_their_own():
     assert [bucket_of(Match(0, n)) for n in (1, 2, 3, 4, 7, 8, 16)] == [0, 1, 2, 3, 3, 4, 4]
     assert bucket_of(Match(0, 7, realigned=True)) == 5
