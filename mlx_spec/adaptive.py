@@ -140,6 +140,8 @@ class Controller:
     `probe_every` times in a row is tried with one token. Each probe that does
     not bring its source back doubles its gap (up to `max_probe_gap`), so a
     source that never agrees costs little, and code after prose is still caught.
+    A call's first round proposes at most `first_draft` tokens, whatever was
+    learnt: the first token waits for the whole round.
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class Controller:
         self.max_probe_gap = max_probe_gap
         self.first_draft = first_draft
         self.fresh = self.learnt.num_rounds == 0  # nothing known yet: the first round drafts first_draft
+        self.first_round = True  # of this call
         self.plain_streak = 0
         self.probe_gap = probe_every
         self.probe_left = 0
@@ -185,7 +188,7 @@ class Controller:
             else:
                 (learnt.draft_cost if source == DRAFT else learnt.lookup_cost).record(k, seconds)
         learnt.num_rounds += 1
-        self.fresh = False
+        self.fresh = self.first_round = False
         self.plain_streak = self.plain_streak + 1 if source == PLAIN else 0 if source == DRAFT else self.plain_streak
 
     def _cost_seen(self, source: str) -> bool:
@@ -225,6 +228,12 @@ class Controller:
 
     def choose(self, match=None) -> Choice:
         """The next round's plan; `match`: the conversation's lookup match (lookup.Match) or None."""
+        choice = self._choose(match)
+        if self.first_round and choice.num_draft > self.first_draft:
+            return choice._replace(num_draft=self.first_draft)
+        return choice
+
+    def _choose(self, match) -> Choice:
         bucket = None if match is None or self.max_lookup == 0 else bucket_of(match)
         if self.fresh and self.max_draft > 0:
             return Choice(DRAFT, min(self.first_draft, self.max_draft))

@@ -7,7 +7,7 @@ import pytest
 from tiny import make_model, perturbed, reference, spec
 
 from mlx_spec import GenerationStats
-from mlx_spec.adaptive import _LEARNT, DRAFT, LOOKUP, PLAIN, Choice, Controller, bucket_of, learnt_for
+from mlx_spec.adaptive import _LEARNT, DRAFT, LOOKUP, PLAIN, Choice, Controller, Learnt, bucket_of, learnt_for
 from mlx_spec.lookup import Match
 
 
@@ -188,6 +188,19 @@ def simulate_sources(c, lookup_alpha, draft_alpha, match_length, costs, num_roun
 
 
 COSTS = {PLAIN: (1.0, 0.0), DRAFT: (1.1, 0.35), LOOKUP: (1.05, 0.05)}
+
+
+def test_a_call_starts_with_a_short_round_whatever_was_learnt():
+    """The first token waits for the first round: a call starts with at most 3 draft tokens, even where
+    the pair has learnt that 8 pay, and goes on at the learnt length."""
+    learnt = Learnt()
+    simulate_sources(Controller(learnt, max_draft=8), 0.0, 0.98, 0, {**COSTS, DRAFT: (1.0, 0.05)}, 60)
+    c = Controller(learnt, max_draft=8)
+    first = c.choose()
+    c.record(first, first.num_draft, 1.2)
+    assert first == Choice(DRAFT, 3) and c.choose() == Choice(DRAFT, 8)
+    c = Controller(learnt, max_draft=0, has_draft=False, max_lookup=16)
+    assert c.choose(Match(10, 12)) == Choice(LOOKUP, 3, 4)  # a copying first round too
 
 
 def test_a_cost_line_through_the_origin_does_not_make_plain_rounds_free():
