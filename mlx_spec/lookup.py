@@ -26,7 +26,7 @@ class Match(NamedTuple):
     Exact (`realigned` False): the conversation's last `length` tokens also end
     at position `start` - 1. Realigned: the copy cursor, where `length` of the
     last ALIGN_WINDOW tokens agree position by position with those before
-    `start` but the very last ones do not (the reply swapped a token).
+    `start`, more than agree in a row (the reply swapped a token among them).
     """
 
     start: int
