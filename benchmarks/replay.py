@@ -42,6 +42,7 @@ import numpy as np
 
 from mlx_spec.adaptive import DRAFT, LOOKUP, PLAIN, Choice, Controller
 from mlx_spec.bench import ALL_PROMPTS
+from mlx_spec.cache import SLACK
 from mlx_spec.lookup import NgramIndex
 from mlx_spec.options import AUTO_MAX_LOOKUP as MAX_LOOKUP
 
@@ -70,7 +71,7 @@ def replay(
     n, t, seconds, behind = len(positions), 0, 0.0, 1
     while t < n:
         match = index.match() if index is not None else None
-        choice = policy.choose(match)
+        choice = policy.choose(match, behind, n - t)
         longest = len(round_seconds if choice.source == DRAFT else lookup_seconds or [0]) - 1
         k = min(choice.num_draft, n - t - 1, longest)
         choice = choice._replace(num_draft=k, source=choice.source if k > 0 else PLAIN)
@@ -86,10 +87,15 @@ def replay(
         ):
             accepted += 1
         caught_up = choice.source == DRAFT and behind > 2
-        cost = (lookup_seconds if choice.source == LOOKUP else round_seconds)[k]
-        cost = (cost + (catch_up_seconds * behind if caught_up else 0.0)) * (1.0 + noise * rng.standard_normal())
-        seconds += cost
-        policy.record(choice, accepted, None if caught_up else cost)  # as decode.rounds does
+        chunked = choice.source == DRAFT and behind > SLACK + 1  # timed apart, as in DraftSource.propose
+        noisy = 1.0 + noise * rng.standard_normal()
+        cost = (lookup_seconds if choice.source == LOOKUP else round_seconds)[k] * noisy
+        catch_up = catch_up_seconds * (behind - 1) * noisy if caught_up else 0.0
+        seconds += cost + catch_up
+        # as decode.rounds does
+        policy.record(
+            choice, accepted, None if caught_up and not chunked else cost, (behind - 1, catch_up) if chunked else None
+        )
         behind = 1 + (accepted == k) if choice.source == DRAFT else behind + accepted + 1  # tokens the draft lacks
         if index is not None:
             index.extend(text[t : t + accepted + 1])
@@ -104,10 +110,10 @@ class Fixed:
         self.k = k
         self.drafted = self.accepted = 0
 
-    def choose(self, match=None) -> Choice:
+    def choose(self, match=None, behind=1, left=None) -> Choice:
         return Choice(DRAFT, self.k) if self.k else Choice(PLAIN, 0)
 
-    def record(self, choice: Choice, num_accepted: int, _seconds):
+    def record(self, choice: Choice, num_accepted: int, _seconds, catch_up=None):
         self.drafted += choice.num_draft
         self.accepted += num_accepted
 

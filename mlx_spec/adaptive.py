@@ -1,8 +1,10 @@
 """Before each round: choose its source (lookup, draft model, plain) and length for the most tokens per second.
 
 Pure and deterministic: it learns only from what `record` tells it after each
-round (source, length, tokens accepted, seconds the round took). What it
-learnt about a (main, draft) pair is kept for the next call in this process.
+round (source, length, tokens accepted, seconds the round took, the draft's
+catching up). What it learnt is kept for the next call in this process: facts
+of the main model (plain and lookup rounds) for every call with that model,
+facts of the draft for every call with the same pair.
 """
 
 import weakref
@@ -18,6 +20,9 @@ MAX_POSITIONS = 32  # positions whose acceptance is tracked (the longest round d
 MATCH_BUCKETS = (1, 2, 3, 4, 8)
 LOOKUP_PRIORS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.6)  # prior acceptance of each bucket (tuned with benchmarks/replay.py)
 VERIFY_SLOPE = 0.1  # prior cost of one more verified row, in plain steps (a lookup round's slope; 0.09 on this CPU)
+CATCH_UP_PRIOR = 0.05  # prior seconds per token the draft catches up on, in draft steps (a batched forward)
+HORIZON = 512  # the most tokens ahead that a draft catching up on a backlog is expected to serve
+UNCOPIED_PRIOR = (0.5, 8.0)  # prior share of tokens not copied from the conversation, worth 8 tokens
 
 
 class Choice(NamedTuple):
@@ -97,26 +102,58 @@ class CostLine:
         return max(mean_t - b * mean_k, 0.0), b
 
 
+class Ratio:
+    """sum(y) / sum(x) over what was recorded, older records decayed."""
+
+    def __init__(self):
+        self.x, self.y = 0.0, 0.0
+
+    @property
+    def seen(self) -> bool:
+        return self.x > 0
+
+    def record(self, x: float, y: float, decay: float):
+        self.x, self.y = self.x * decay + x, self.y * decay + y
+
+    def value(self, prior: float, weight: float = 0.0) -> float:
+        """The ratio, leaning on `prior` worth `weight` of x; `prior` while nothing was recorded."""
+        return (self.y + weight * prior) / (self.x + weight) if self.x + weight > 0 else prior
+
+
+@dataclass
+class MainFacts:
+    """What the controller knows of a main model, whatever the draft: plain and lookup rounds."""
+
+    plain: Ratio = field(default_factory=Ratio)  # seconds per plain round
+    lookup_cost: CostLine = field(default_factory=CostLine)
+    lookup: list = field(default_factory=lambda: [Acceptance(p) for p in LOOKUP_PRIORS])  # per match bucket
+    uncopied: Ratio = field(default_factory=Ratio)  # share of the tokens emitted that were not copied
+
+
 @dataclass
 class Learnt:
     """What the controller knows of one (main, draft) pair; it carries over to the next call."""
 
-    plain: list = field(default_factory=lambda: [0.0, 0.0])  # decayed sums over plain rounds of w, w t
+    main: MainFacts = field(default_factory=MainFacts)
     draft_cost: CostLine = field(default_factory=CostLine)
-    lookup_cost: CostLine = field(default_factory=CostLine)
     draft: Acceptance = field(default_factory=lambda: Acceptance(0.8))
-    lookup: list = field(default_factory=lambda: [Acceptance(p) for p in LOOKUP_PRIORS])  # per match bucket
+    catch_up: Ratio = field(default_factory=Ratio)  # the draft's seconds per token caught up on
     num_rounds: int = 0
 
 
 _LEARNT: dict[tuple[int, int], Learnt] = {}
+_MAIN_FACTS: dict[int, MainFacts] = {}
 
 
 def learnt_for(main_model, draft_model) -> Learnt:
-    """The process's store for this pair, dropped when either model is."""
+    """The process's store for this pair (its main model's facts shared with other pairs), dropped with
+    either model."""
     key = (id(main_model), id(draft_model))
     if key not in _LEARNT:
-        _LEARNT[key] = Learnt()
+        if id(main_model) not in _MAIN_FACTS:
+            _MAIN_FACTS[id(main_model)] = MainFacts()
+            weakref.finalize(main_model, _MAIN_FACTS.pop, id(main_model), None)
+        _LEARNT[key] = Learnt(_MAIN_FACTS[id(main_model)])
         for model in (main_model, draft_model):
             if model is not None:
                 weakref.finalize(model, _LEARNT.pop, key, None)
@@ -142,6 +179,10 @@ class Controller:
     source that never agrees costs little, and code after prose is still caught.
     A call's first round proposes at most `first_draft` tokens, whatever was
     learnt: the first token waits for the whole round.
+    The draft model's cache falls behind while other rounds serve (with lookup
+    on, it starts without the prompt): a draft round first catches it up, a
+    batched forward over the tokens it lacks. Drafting is an option only where
+    that pays (`catch_up_pays`); a probe only where it costs at most a plain step.
     """
 
     def __init__(
@@ -173,33 +214,40 @@ class Controller:
         self.lookup_gap = probe_every
 
     # --- learning -------------------------------------------------------------
-    def record(self, choice: Choice, num_accepted: int, seconds: float | None):
-        learnt, d = self.learnt, self.decay
+    def record(self, choice: Choice, num_accepted: int, seconds: float | None, catch_up=None):
+        """Learn from a round; `catch_up`: (tokens, seconds) the draft spent catching up in it, not in `seconds`."""
+        learnt, main, d = self.learnt, self.learnt.main, self.decay
         source, k = choice.source, choice.num_draft
         if source == DRAFT:
             learnt.draft.record(k, num_accepted)
         elif source == LOOKUP:
-            learnt.lookup[choice.bucket].record(k, num_accepted)
+            main.lookup[choice.bucket].record(k, num_accepted)
+        if catch_up is not None:
+            learnt.catch_up.record(*catch_up, d)
         if seconds is not None:  # None: the round's time says nothing about T(k)
             if self._cost_seen(source):  # one slow round must not rule for long
                 seconds = min(seconds, OUTLIER * self.round_seconds(source, k))
             if source == PLAIN:
-                learnt.plain = [s * d + x for s, x in zip(learnt.plain, (1.0, seconds))]
+                main.plain.record(1.0, seconds, d)
             else:
-                (learnt.draft_cost if source == DRAFT else learnt.lookup_cost).record(k, seconds)
+                (learnt.draft_cost if source == DRAFT else main.lookup_cost).record(k, seconds)
+        emitted = num_accepted + 1
+        main.uncopied.record(emitted, emitted - (num_accepted if source == LOOKUP else 0), d)
         learnt.num_rounds += 1
         self.fresh = self.first_round = False
         self.plain_streak = self.plain_streak + 1 if source == PLAIN else 0 if source == DRAFT else self.plain_streak
 
     def _cost_seen(self, source: str) -> bool:
         learnt = self.learnt
-        return {PLAIN: learnt.plain[0] > 0, DRAFT: learnt.draft_cost.seen, LOOKUP: learnt.lookup_cost.seen}[source]
+        return {PLAIN: learnt.main.plain.seen, DRAFT: learnt.draft_cost.seen, LOOKUP: learnt.main.lookup_cost.seen}[
+            source
+        ]
 
     def plain_seconds(self) -> float:
         learnt = self.learnt
-        if learnt.plain[0] > 0:
-            return learnt.plain[1] / learnt.plain[0]
-        for line, prior in ((learnt.draft_cost, self.cost_ratio), (learnt.lookup_cost, VERIFY_SLOPE)):
+        if learnt.main.plain.seen:
+            return learnt.main.plain.value(1.0)
+        for line, prior in ((learnt.draft_cost, self.cost_ratio), (learnt.main.lookup_cost, VERIFY_SLOPE)):
             if line.seen:  # T0 unseen: taken as A of a line whose slope leans on a prior relative to it
                 w, wk, _, wt, _ = line.sums
                 t0 = (wt / w) / (1.0 + prior * wk / w)  # the mean round's seconds at the prior slope
@@ -211,7 +259,9 @@ class Controller:
         if source == PLAIN or k == 0:
             return t0
         line, prior = (
-            (self.learnt.draft_cost, self.cost_ratio) if source == DRAFT else (self.learnt.lookup_cost, VERIFY_SLOPE)
+            (self.learnt.draft_cost, self.cost_ratio)
+            if source == DRAFT
+            else (self.learnt.main.lookup_cost, VERIFY_SLOPE)
         )
         if not line.seen:
             return t0 + prior * t0 * k
@@ -221,29 +271,47 @@ class Controller:
     # --- deciding -------------------------------------------------------------
     def best(self, source: str, max_k: int, bucket: int = 0) -> tuple[float, int]:
         """(tokens per second, k) of the best length of `source`."""
-        acceptance = self.learnt.draft if source == DRAFT else self.learnt.lookup[bucket]
+        acceptance = self.learnt.draft if source == DRAFT else self.learnt.main.lookup[bucket]
         expected = acceptance.expected_tokens(max_k)
         rate, k = max((expected[k] / self.round_seconds(source, k), -k) for k in range(1, max_k + 1))
         return rate, -k
 
-    def choose(self, match=None) -> Choice:
-        """The next round's plan; `match`: the conversation's lookup match (lookup.Match) or None."""
-        choice = self._choose(match)
+    def catch_up_seconds(self, behind: int) -> float:
+        """Seconds the draft takes to catch up on `behind` tokens it has not seen (the last one included,
+        which goes in with the first draft step in any case): a batched forward, learnt, first a prior."""
+        per_token = self.learnt.catch_up.value(CATCH_UP_PRIOR * self.cost_ratio * self.plain_seconds())
+        return max(behind - 1, 0) * per_token
+
+    def catch_up_pays(self, draft_rate: float, behind: int, left: int | None) -> bool:
+        """Whether drafting at `draft_rate` tokens per second pays back the draft's catching up: what it
+        saves over plain decoding on the tokens ahead (up to HORIZON) that copying has not been serving."""
+        if behind <= 1:
+            return True
+        ahead = min(left if left is not None else HORIZON, HORIZON) * self.learnt.main.uncopied.value(*UNCOPIED_PRIOR)
+        return self.catch_up_seconds(behind) < ahead * (self.plain_seconds() - 1.0 / draft_rate)
+
+    def choose(self, match=None, behind: int = 1, left: int | None = None) -> Choice:
+        """The next round's plan; `match`: the conversation's lookup match (lookup.Match) or None; `behind`:
+        tokens the draft model has not seen (the last one included); `left`: tokens still to emit."""
+        choice = self._choose(match, behind, left)
         if self.first_round and choice.num_draft > self.first_draft:
             return choice._replace(num_draft=self.first_draft)
         return choice
 
-    def _choose(self, match) -> Choice:
+    def _choose(self, match, behind: int, left: int | None) -> Choice:
         bucket = None if match is None or self.max_lookup == 0 else bucket_of(match)
-        if self.fresh and self.max_draft > 0:
+        draft = None  # (tokens per second, k) of the best draft length, where drafting pays its catching up
+        if self.max_draft > 0:
+            draft = self.best(DRAFT, self.max_draft)
+            draft = draft if self.catch_up_pays(draft[0], behind, left) else None
+        if self.fresh and draft is not None:
             return Choice(DRAFT, min(self.first_draft, self.max_draft))
         if self.probe_left > 0:
             self.probe_left -= 1
             return Choice(DRAFT, 1)
         options = [(1.0 / self.plain_seconds(), Choice(PLAIN, 0))]
-        if self.max_draft > 0:
-            rate, k = self.best(DRAFT, self.max_draft)
-            options.append((rate, Choice(DRAFT, k)))
+        if draft is not None:
+            options.append((draft[0], Choice(DRAFT, draft[1])))
         if bucket is not None:
             rate, k = self.best(LOOKUP, self.max_lookup, bucket)
             options.append((rate, Choice(LOOKUP, k, bucket)))
@@ -258,7 +326,12 @@ class Controller:
                     return Choice(LOOKUP, 1, bucket)
         if choice.source == DRAFT:
             self.probe_gap = self.probe_every
-        elif choice.source == PLAIN and self.max_draft > 0 and self.plain_streak >= self.probe_gap:
+        elif (
+            choice.source == PLAIN
+            and self.max_draft > 0
+            and self.plain_streak >= self.probe_gap
+            and self.catch_up_seconds(behind) <= self.plain_seconds()  # a probe, not a catch-up on a whole prompt
+        ):
             self.probe_gap = min(2 * self.probe_gap, self.max_probe_gap)
             self.probe_left = 1  # the first round catches the draft up on skipped tokens; the second is timed
             return Choice(DRAFT, 1)

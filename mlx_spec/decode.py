@@ -69,12 +69,12 @@ class FixedDraft:
     def __init__(self, num_draft: int, has_draft: bool = True):
         self.num_draft, self.has_draft = num_draft, has_draft
 
-    def choose(self, match: Match | None = None) -> Choice:
+    def choose(self, match: Match | None = None, behind: int = 1, left: int | None = None) -> Choice:
         if match is not None and match.length >= min(FIXED_MIN_MATCH, MAX_MATCH):
             return Choice(LOOKUP, self.num_draft)
         return Choice(DRAFT, self.num_draft) if self.has_draft and self.num_draft > 0 else Choice(PLAIN, 0)
 
-    def record(self, choice: Choice, num_accepted: int, seconds: float | None):
+    def record(self, choice: Choice, num_accepted: int, seconds: float | None, catch_up=None):
         pass
 
 
@@ -154,10 +154,10 @@ def rounds(
     while num_emitted < max_tokens:
         start, tokens = time.perf_counter(), caches.tokens
         # 1) choose: source and length, from the conversation's match and what was learnt
-        choice = policy.choose(lookup.match() if lookup is not None else None)
+        behind = draft.num_behind() if draft is not None else 1
+        choice = policy.choose(lookup.match() if lookup is not None else None, behind, max_tokens - num_emitted)
         num_draft = min(choice.num_draft, max_tokens - num_emitted - 1, max_draft(len(tokens) - 1))
         choice = choice._replace(num_draft=num_draft, source=choice.source if num_draft > 0 else PLAIN)
-        num_behind = draft.num_behind() if choice.source == DRAFT else 0
         if key is not None:
             key, draft_key, accept_key = mx.random.split(key, 3)
         history = mx.array(tokens[history_start:], mx.int32) if logits_processors else None
@@ -168,8 +168,14 @@ def rounds(
         verified = check(mx.array(tokens[-1:]), draft_tokens, draft_probs, history, accept_key)
         verdict = Verdict.read(host, verified)
         # 5) learn, extend the conversation, roll back the rejected positions
-        # A draft that sat out other rounds caught up on them in this round: not a cost of k.
-        policy.record(choice, verdict.num_accepted, None if num_behind > 2 else time.perf_counter() - start)
+        # A draft that sat out other rounds caught up on them in this round: in chunks, timed apart (it
+        # tells what catching up costs); a few tokens with its first step, untimed (not a cost of k).
+        seconds, caught_up = time.perf_counter() - start, draft.caught_up if choice.source == DRAFT else None
+        if caught_up is not None:
+            seconds -= caught_up[1]
+        elif choice.source == DRAFT and behind > 2:
+            seconds = None
+        policy.record(choice, verdict.num_accepted, seconds, caught_up)
         tokens.extend(verdict.new_tokens)
         if num_draft > 0:
             caches.rollback()

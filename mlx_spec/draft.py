@@ -1,5 +1,6 @@
 """Step 1 of a round: the draft model proposes k tokens without a host sync."""
 
+import time
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -111,16 +112,23 @@ class DraftSource:
     ):
         self.draft, self.caches, self.params = draft, caches, params
         self.catch_up, self.logits_processors = catch_up, logits_processors
+        self.caught_up: tuple[int, float] | None = None
 
     def num_behind(self) -> int:
         """Tokens of the conversation the draft cache has not seen, the last one included."""
         return len(self.caches.tokens) - self.caches.draft_offset
 
     def propose(self, num_draft: int, key: mx.array | None, history: mx.array | None):
-        """(draft_tokens (k,), q (k, V) or None when greedy): see `propose`."""
+        """(draft_tokens (k,), q (k, V) or None when greedy): see `propose`.
+
+        `caught_up` says afterwards what catching up in chunks took: (tokens, seconds), or None.
+        """
         tokens, caches = self.caches.tokens, self.caches
-        if self.num_behind() > SLACK + 1:  # after a long stretch of other rounds
-            self.catch_up(tokens[caches.draft_offset : -1])
+        self.caught_up = None
+        if self.num_behind() > SLACK + 1:  # after a long stretch of other rounds, or the prompt not yet in
+            start, behind = time.perf_counter(), tokens[caches.draft_offset : -1]
+            self.catch_up(behind)  # evaluated chunk by chunk: the time is the work's
+            self.caught_up = (len(behind), time.perf_counter() - start)
         pending = tokens[caches.draft_offset :]
         return propose(self.draft, caches.draft, pending, num_draft, self.params, key, history, self.logits_processors)
 

@@ -10,11 +10,12 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from transformers import PreTrainedTokenizer
 
 from .adaptive import DRAFT, LOOKUP, Controller, learnt_for
-from .cache import CachePair
+from .cache import CachePair, SlackRotatingCache
 from .decode import FixedDraft, HostReads, plain_rounds, prefill, rounds
 from .draft import DraftModel, DraftSource
 from .load import check_draft, output_size
@@ -25,6 +26,7 @@ from .sampling import LogitsProcessor, Sampler
 from .stats import GenerationStats
 
 _DEFAULT = GenerationOptions()
+ROTATING = (RotatingKVCache, SlackRotatingCache)
 
 
 def speculative_generate_step(
@@ -168,7 +170,7 @@ def speculative_generate_step(
                 opts.prefill_step_size,
                 lambda done, start=start: progress(max(0, start + done - num_before), len(tokens)),
             )
-        if draft_model is not None:
+        if draft_model is not None and not _draft_waits(opts, caches):
             prefill(
                 draft_model,
                 caches.draft,
@@ -232,6 +234,13 @@ def _token_list(prompt) -> list[int]:
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
     return prompt
+
+
+def _draft_waits(opts: GenerationOptions, caches: CachePair) -> bool:
+    """Whether the draft model reads the prompt only when a round first drafts, which a reply copied from
+    the conversation may never need (lookup on). A rotating cache reads it now: once generation runs, it
+    takes a few tokens at a time."""
+    return opts.prompt_lookup and not any(isinstance(c, ROTATING) for c in caches.draft)
 
 
 def _policy(opts: GenerationOptions, model, draft_model):

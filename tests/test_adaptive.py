@@ -7,7 +7,18 @@ import pytest
 from tiny import make_model, perturbed, reference, spec
 
 from mlx_spec import GenerationStats
-from mlx_spec.adaptive import _LEARNT, DRAFT, LOOKUP, PLAIN, Choice, Controller, Learnt, bucket_of, learnt_for
+from mlx_spec.adaptive import (
+    _LEARNT,
+    DRAFT,
+    LOOKUP,
+    PLAIN,
+    Choice,
+    Controller,
+    Learnt,
+    MainFacts,
+    bucket_of,
+    learnt_for,
+)
 from mlx_spec.lookup import Match
 
 
@@ -252,6 +263,36 @@ def test_buckets_learn_apart():
     assert c.choose(Match(10, 1)).source == PLAIN
     choice = c.choose(Match(10, 12))
     assert choice.source == LOOKUP and choice.bucket == 4 and choice.num_draft >= 4  # prior 0.8, cheap rows
+
+
+def test_the_draft_catches_up_on_a_prompt_only_where_drafting_repays_it():
+    """With lookup on the draft starts without the prompt. Nothing known, half of a long reply is expected
+    to be drafted, which repays reading a 600-token prompt; a 2-token reply does not, nor a reply that
+    copies nearly everything. Without a backlog the draft serves what the copy does not."""
+    assert Controller(max_draft=8).choose(None, behind=600, left=256) == Choice(DRAFT, 3)
+    assert Controller(max_draft=8).choose(None, behind=600, left=2) == Choice(PLAIN, 0)
+    facts = MainFacts()
+    simulate_sources(Controller(Learnt(facts), max_draft=0, has_draft=False), 0.97, 0.0, 12, COSTS, 40)
+    c = Controller(Learnt(facts), max_draft=8)
+    assert c.learnt.main.uncopied.value(0.5) < 0.2
+    assert c.choose(None, behind=600, left=150) == Choice(PLAIN, 0)
+    assert c.choose(Match(10, 12), behind=600, left=150).source == LOOKUP
+    assert c.choose(None, behind=2, left=150).source == DRAFT
+
+
+def test_catching_up_is_timed_apart_and_learnt_per_token():
+    c = Controller(max_draft=8, cost_ratio=0.3)
+    record(c, 0, 0, 1.0)
+    assert c.catch_up_seconds(101) == pytest.approx(100 * 0.05 * 0.3)  # the prior: a batched forward
+    c.record(Choice(DRAFT, 3), 3, 1.9, catch_up=(400, 2.0))
+    assert c.catch_up_seconds(101) == pytest.approx(0.5) and c.catch_up_seconds(1) == 0.0
+    assert c.round_seconds(DRAFT, 3) == pytest.approx(1.9, rel=0.2)  # the round's own time, without the catch-up
+
+
+def test_lookup_facts_are_shared_by_every_pair_with_the_main_model():
+    main, draft = make_model("llama", layers=1), make_model("llama", layers=1, seed=1)
+    assert learnt_for(main, draft).main is learnt_for(main, None).main
+    assert learnt_for(main, draft).draft is not learnt_for(main, None).draft
 
 
 def test_what_was_learnt_carries_over_to_the_next_call_with_the_same_pair():

@@ -170,6 +170,23 @@ def test_greedy_is_exact_with_every_cache_kind(arch, options, with_draft):
         assert len(cache.tokens) > 10 * kw["max_kv_size"]  # long after the wrap
 
 
+def test_the_draft_reads_the_prompt_when_a_round_first_drafts(copier):
+    """With lookup on, the first token does not wait for the draft to read the prompt: a one-token reply
+    leaves the draft cache empty. Lookup off, the draft reads it before the first round, as before."""
+    main, draft = copier
+    prompt = [(7 * i + 3) % 90 + 3 for i in range(200)]
+    for lookup, read in ((True, 0), (False, len(prompt) - 1)):
+        cache = make_prompt_cache(main, draft)
+        assert spec(prompt, main, draft, max_tokens=1, prompt_cache=cache, prompt_lookup=lookup) == reference(
+            main, prompt, 1
+        )
+        assert cache.draft_offset == read
+    cache = make_prompt_cache(main, draft)
+    stats = GenerationStats()
+    assert spec(PROMPT, main, draft, max_tokens=60, prompt_cache=cache, stats=stats) == reference(main, PROMPT, 60)
+    assert stats.model_draft_tokens > 0 and cache.draft_offset >= len(PROMPT)  # it caught up and drafted
+
+
 def test_early_stop_then_continue_equals_a_fresh_run(copier):
     """The index follows the caches when they are cut back: an early stop, then the next turn."""
     main, draft = copier
