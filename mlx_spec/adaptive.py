@@ -127,12 +127,13 @@ class MainFacts:
     plain: Ratio = field(default_factory=Ratio)  # seconds per plain round
     lookup_cost: CostLine = field(default_factory=CostLine)
     lookup: list = field(default_factory=lambda: [Acceptance(p) for p in LOOKUP_PRIORS])  # per match bucket
-    uncopied: Ratio = field(default_factory=Ratio)  # share of the tokens emitted that were not copied
+    uncopied: Ratio = field(default_factory=Ratio)  # share of the tokens emitted by rounds that copied none
 
 
 @dataclass
 class Learnt:
-    """What the controller knows of one (main, draft) pair; it carries over to the next call."""
+    """What the controller knows of one (main, draft) pair, with lookup on or off (where copying serves
+    the repeats, the draft meets only the rest: its acceptance differs); it carries over to the next call."""
 
     main: MainFacts = field(default_factory=MainFacts)
     draft_cost: CostLine = field(default_factory=CostLine)
@@ -141,14 +142,14 @@ class Learnt:
     num_rounds: int = 0
 
 
-_LEARNT: dict[tuple[int, int], Learnt] = {}
+_LEARNT: dict[tuple[int, int, bool], Learnt] = {}
 _MAIN_FACTS: dict[int, MainFacts] = {}
 
 
-def learnt_for(main_model, draft_model) -> Learnt:
-    """The process's store for this pair (its main model's facts shared with other pairs), dropped with
-    either model."""
-    key = (id(main_model), id(draft_model))
+def learnt_for(main_model, draft_model, lookup: bool = True) -> Learnt:
+    """The process's store for this pair and lookup setting (its main model's facts shared with every
+    other), dropped with either model."""
+    key = (id(main_model), id(draft_model), lookup)
     if key not in _LEARNT:
         if id(main_model) not in _MAIN_FACTS:
             _MAIN_FACTS[id(main_model)] = MainFacts()
@@ -231,8 +232,9 @@ class Controller:
                 main.plain.record(1.0, seconds, d)
             else:
                 (learnt.draft_cost if source == DRAFT else main.lookup_cost).record(k, seconds)
-        emitted = num_accepted + 1
-        main.uncopied.record(emitted, emitted - (num_accepted if source == LOOKUP else 0), d)
+        if self.max_lookup > 0:  # how much of the text copying leaves to other rounds, where it may copy
+            emitted = num_accepted + 1
+            main.uncopied.record(emitted, 0 if source == LOOKUP and num_accepted > 0 else emitted, d)
         learnt.num_rounds += 1
         self.fresh = self.first_round = False
         self.plain_streak = self.plain_streak + 1 if source == PLAIN else 0 if source == DRAFT else self.plain_streak

@@ -280,6 +280,18 @@ def test_the_draft_catches_up_on_a_prompt_only_where_drafting_repays_it():
     assert c.choose(None, behind=2, left=150).source == DRAFT
 
 
+def test_only_rounds_that_copied_nothing_count_as_text_left_to_the_draft():
+    """The main model's own token after a copy comes with the copy; a draft could not have served it."""
+    c = Controller(max_draft=8)
+    for _ in range(20):
+        c.record(Choice(LOOKUP, 8, 4), 8, 0.7)
+    assert c.learnt.main.uncopied.value(0.5) == 0.0
+    c.record(Choice(LOOKUP, 8, 4), 0, 0.7)
+    c.record(Choice(PLAIN, 0), 0, 0.3)
+    copied = 9 * sum(0.95**i for i in range(2, 22))  # 20 rounds of 9 tokens, decayed by the two since
+    assert c.learnt.main.uncopied.value(0.5) == pytest.approx(1.95 / (1.95 + copied))
+
+
 def test_catching_up_is_timed_apart_and_learnt_per_token():
     c = Controller(max_draft=8, cost_ratio=0.3)
     record(c, 0, 0, 1.0)
@@ -291,8 +303,9 @@ def test_catching_up_is_timed_apart_and_learnt_per_token():
 
 def test_lookup_facts_are_shared_by_every_pair_with_the_main_model():
     main, draft = make_model("llama", layers=1), make_model("llama", layers=1, seed=1)
-    assert learnt_for(main, draft).main is learnt_for(main, None).main
+    assert learnt_for(main, draft).main is learnt_for(main, None).main is learnt_for(main, draft, False).main
     assert learnt_for(main, draft).draft is not learnt_for(main, None).draft
+    assert learnt_for(main, draft).draft is not learnt_for(main, draft, False).draft  # it drafts other text
 
 
 def test_what_was_learnt_carries_over_to_the_next_call_with_the_same_pair():
