@@ -132,8 +132,7 @@ class MainFacts:
 
 @dataclass
 class Learnt:
-    """What the controller knows of one (main, draft) pair, with lookup on or off (where copying serves
-    the repeats, the draft meets only the rest: its acceptance differs); it carries over to the next call."""
+    """What the controller knows of one (main, draft) pair; it carries over to the next call."""
 
     main: MainFacts = field(default_factory=MainFacts)
     draft_cost: CostLine = field(default_factory=CostLine)
@@ -142,14 +141,14 @@ class Learnt:
     num_rounds: int = 0
 
 
-_LEARNT: dict[tuple[int, int, bool], Learnt] = {}
+_LEARNT: dict[tuple[int, int], Learnt] = {}
 _MAIN_FACTS: dict[int, MainFacts] = {}
 
 
-def learnt_for(main_model, draft_model, lookup: bool = True) -> Learnt:
-    """The process's store for this pair and lookup setting (its main model's facts shared with every
-    other), dropped with either model."""
-    key = (id(main_model), id(draft_model), lookup)
+def learnt_for(main_model, draft_model) -> Learnt:
+    """The process's store for this pair (its main model's facts shared with every other pair), dropped
+    with either model."""
+    key = (id(main_model), id(draft_model))
     if key not in _LEARNT:
         if id(main_model) not in _MAIN_FACTS:
             _MAIN_FACTS[id(main_model)] = MainFacts()
@@ -183,7 +182,8 @@ class Controller:
     The draft model's cache falls behind while other rounds serve (with lookup
     on, it starts without the prompt): a draft round first catches it up, a
     batched forward over the tokens it lacks. Drafting is an option only where
-    that pays (`catch_up_pays`); a probe only where it costs at most a plain step.
+    that pays (`catch_up_pays`); a probe only where catching up costs at most a
+    quarter of the plain stretch before it.
     """
 
     def __init__(
@@ -332,7 +332,8 @@ class Controller:
             choice.source == PLAIN
             and self.max_draft > 0
             and self.plain_streak >= self.probe_gap
-            and self.catch_up_seconds(behind) <= self.plain_seconds()  # a probe, not a catch-up on a whole prompt
+            # a probe spends on catching up at most a quarter of the plain stretch before it
+            and self.catch_up_seconds(behind) <= self.plain_seconds() * self.plain_streak / 4
         ):
             self.probe_gap = min(2 * self.probe_gap, self.max_probe_gap)
             self.probe_left = 1  # the first round catches the draft up on skipped tokens; the second is timed

@@ -248,7 +248,7 @@ def _policy(opts: GenerationOptions, model, draft_model):
         return FixedDraft(opts.num_draft_tokens, draft_model is not None)
     ratio = _nbytes(draft_model) / _nbytes(model) if draft_model is not None else 1.0
     return Controller(
-        learnt_for(model, draft_model, opts.prompt_lookup),
+        learnt_for(model, draft_model),
         max_draft=opts.auto_max_draft,
         max_lookup=opts.auto_max_lookup if opts.prompt_lookup else 0,
         has_draft=draft_model is not None,
