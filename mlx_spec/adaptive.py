@@ -240,10 +240,8 @@ class Controller:
         self.plain_streak = self.plain_streak + 1 if source == PLAIN else 0 if source == DRAFT else self.plain_streak
 
     def _cost_seen(self, source: str) -> bool:
-        learnt = self.learnt
-        return {PLAIN: learnt.main.plain.seen, DRAFT: learnt.draft_cost.seen, LOOKUP: learnt.main.lookup_cost.seen}[
-            source
-        ]
+        learnt, main = self.learnt, self.learnt.main
+        return {PLAIN: main.plain.seen, DRAFT: learnt.draft_cost.seen, LOOKUP: main.lookup_cost.seen}[source]
 
     def plain_seconds(self) -> float:
         learnt = self.learnt
@@ -260,10 +258,9 @@ class Controller:
         t0 = self.plain_seconds()
         if source == PLAIN or k == 0:
             return t0
+        learnt = self.learnt
         line, prior = (
-            (self.learnt.draft_cost, self.cost_ratio)
-            if source == DRAFT
-            else (self.learnt.main.lookup_cost, VERIFY_SLOPE)
+            (learnt.draft_cost, self.cost_ratio) if source == DRAFT else (learnt.main.lookup_cost, VERIFY_SLOPE)
         )
         if not line.seen:
             return t0 + prior * t0 * k
