@@ -8,6 +8,7 @@ facts of the draft for every call with the same pair.
 """
 
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -21,6 +22,7 @@ MATCH_BUCKETS = (1, 2, 3, 4, 8)
 LOOKUP_PRIORS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.6)  # prior acceptance of each bucket (tuned with benchmarks/replay.py)
 VERIFY_SLOPE = 0.1  # prior cost of one more verified row, in plain steps (a lookup round's slope; 0.09 on this CPU)
 CATCH_UP_PRIOR = 0.05  # prior seconds per token the draft catches up on, in draft steps (a batched forward)
+CARRY = 0.3  # weight of acceptance learnt in earlier calls, at a call's start
 HORIZON = 512  # the most tokens ahead that a draft catching up on a backlog is expected to serve
 UNCOPIED_PRIOR = (0.5, 8.0)  # prior share of tokens not copied from the conversation, worth 8 tokens
 
@@ -51,6 +53,11 @@ class Acceptance:
         self.prior, self.prior_rounds, self.decay = prior, prior_rounds, decay
         self.tried = [0.0] * (MAX_POSITIONS + 1)  # decayed trials at position i (index 1..MAX_POSITIONS)
         self.accepted = [0.0] * (MAX_POSITIONS + 1)
+
+    def weigh(self, factor: float):
+        """Scale what was learnt to `factor` of its weight (its rates stay)."""
+        self.tried = [x * factor for x in self.tried]
+        self.accepted = [x * factor for x in self.accepted]
 
     def record(self, num_draft: int, num_accepted: int):
         self.tried = [x * self.decay for x in self.tried]
@@ -93,13 +100,15 @@ class CostLine:
         k = float(k)
         self.sums = [s * self.decay + x for s, x in zip(self.sums, (1.0, k, k * k, seconds, k * seconds))]
 
-    def line(self, slope_prior: float) -> tuple[float, float]:
-        """(A, B), given the prior slope B0."""
+    def line(self, slope_prior: float, floor: float = 0.0) -> tuple[float, float]:
+        """(A, B), given the prior slope B0; A at least `floor`, the line still through the mean round."""
         w, wk, wkk, wt, wkt = self.sums
         mean_k, mean_t = wk / w, wt / w
         lam = SLOPE_PRIOR
         b = max((w * (wkt + lam * slope_prior) - wk * wt) / (w * (wkk + lam) - wk * wk), 0.0)
-        return max(mean_t - b * mean_k, 0.0), b
+        if mean_t - b * mean_k < floor:  # too steep for what the rounds cost on average
+            b = max((mean_t - floor) / mean_k, 0.0)
+        return max(mean_t - b * mean_k, floor), b
 
 
 class Ratio:
@@ -143,6 +152,20 @@ class Learnt:
 
 _LEARNT: dict[tuple[int, int], Learnt] = {}
 _MAIN_FACTS: dict[int, MainFacts] = {}
+_APART: dict = {}  # name -> (_LEARNT, _MAIN_FACTS) of a store kept apart
+
+
+@contextmanager
+def kept_apart(name):
+    """Within: the controller learns into, and from, a store of `name`'s own, as if in a process of its own
+    (the benchmark runs each variant so: the first variant on a new prompt does not learn for the others)."""
+    global _LEARNT, _MAIN_FACTS
+    outer = _LEARNT, _MAIN_FACTS
+    _LEARNT, _MAIN_FACTS = _APART.setdefault(name, ({}, {}))
+    try:
+        yield
+    finally:
+        _LEARNT, _MAIN_FACTS = outer
 
 
 def learnt_for(main_model, draft_model) -> Learnt:
@@ -213,6 +236,9 @@ class Controller:
         self.probe_left = 0
         self.declined = 0  # rounds in a row whose lookup match was not used
         self.lookup_gap = probe_every
+        if not self.fresh:  # a new call's text: what was accepted before is a prior the call soon outweighs
+            for acceptance in (self.learnt.draft, *self.learnt.main.lookup):
+                acceptance.weigh(CARRY)
 
     # --- learning -------------------------------------------------------------
     def record(self, choice: Choice, num_accepted: int, seconds: float | None, catch_up=None):
@@ -264,7 +290,7 @@ class Controller:
         )
         if not line.seen:
             return t0 + prior * t0 * k
-        a, b = line.line(prior * t0)
+        a, b = line.line(prior * t0, floor=t0 if learnt.main.plain.seen else 0.0)  # no verify beats a plain step
         return a + b * k
 
     # --- deciding -------------------------------------------------------------

@@ -9,6 +9,7 @@ from tiny import make_model, perturbed, reference, spec
 from mlx_spec import GenerationStats
 from mlx_spec.adaptive import (
     _LEARNT,
+    CARRY,
     DRAFT,
     LOOKUP,
     PLAIN,
@@ -17,6 +18,7 @@ from mlx_spec.adaptive import (
     Learnt,
     MainFacts,
     bucket_of,
+    kept_apart,
     learnt_for,
 )
 from mlx_spec.lookup import Match
@@ -225,6 +227,33 @@ def test_a_cost_line_through_the_origin_does_not_make_plain_rounds_free():
     assert c.choose().source in (DRAFT, PLAIN)
 
 
+@pytest.mark.parametrize("source, prior", [(LOOKUP, 0.1), (DRAFT, 0.3)])
+def test_no_round_is_expected_to_cost_less_than_a_plain_step(source, prior):
+    """Rounds timed only at one long length leave the slope to its prior; where that prior is steeper than
+    the rounds, the line's intercept fell below a plain step (to 0 here) and made short rounds look free."""
+    c = Controller(max_draft=16, max_lookup=16, cost_ratio=prior)
+    c.record(Choice(PLAIN, 0), 0, 1.0)
+    for _ in range(20):
+        c.record(Choice(source, 16), 16, 1.2)
+    assert c.round_seconds(source, 1) == pytest.approx(1.0 + 0.2 / 16)
+    assert c.round_seconds(source, 16) == pytest.approx(1.2)
+
+
+def test_stores_kept_apart_learn_apart():
+    """The benchmark runs each variant as if in a process of its own."""
+    main, draft = make_model("llama", layers=1), make_model("llama", layers=1, seed=1)
+    shared = learnt_for(main, draft)
+    with kept_apart("a"):
+        apart = learnt_for(main, draft)
+        assert apart is not shared and apart.main is not shared.main
+        assert learnt_for(main, None).main is apart.main  # within a store, the main model's facts are shared
+    with kept_apart("b"):
+        assert learnt_for(main, draft) is not apart
+    with kept_apart("a"):
+        assert learnt_for(main, draft) is apart  # and kept for the next time
+    assert learnt_for(main, draft) is shared
+
+
 def test_match_lengths_fall_into_buckets_and_realigned_copies_into_their_own():
     assert [bucket_of(Match(0, n)) for n in (1, 2, 3, 4, 7, 8, 16)] == [0, 1, 2, 3, 3, 4, 4]
     assert bucket_of(Match(0, 7, realigned=True)) == 5
@@ -318,6 +347,22 @@ def test_catching_up_is_timed_apart_and_learnt_per_token():
     c.record(Choice(DRAFT, 3), 3, 1.9, catch_up=(400, 2.0))
     assert c.catch_up_seconds(101) == pytest.approx(0.5) and c.catch_up_seconds(1) == 0.0
     assert c.round_seconds(DRAFT, 3) == pytest.approx(1.9, rel=0.2)  # the round's own time, without the catch-up
+
+
+def test_a_new_call_keeps_the_acceptance_learnt_before_as_a_prior_it_soon_outweighs():
+    """Costs are facts of the machine and carry over whole; acceptance is a fact of the text, and a new
+    call's text may be another: earlier calls' counts keep their rates at CARRY of their weight."""
+    learnt = Learnt()
+    simulate(Controller(learnt, max_draft=8), lambda r: 0.95, 1.0, 0.1, 100)
+    learnt.main.lookup[4].record(16, 16)
+    rates, tried, copied = learnt.draft.rates(8), sum(learnt.draft.tried), sum(learnt.main.lookup[4].tried)
+    line = learnt.draft_cost.sums
+    c = Controller(learnt, max_draft=8)
+    assert sum(learnt.draft.tried) == pytest.approx(CARRY * tried)
+    assert sum(learnt.main.lookup[4].tried) == pytest.approx(CARRY * copied)
+    assert learnt.draft.rates(8) == pytest.approx(rates, abs=0.01) and learnt.draft_cost.sums == line
+    chosen = simulate(c, lambda r: 0.0, 1.0, 0.1, 30)  # text the draft never agrees with
+    assert chosen[:2] == [3, 8] and min(i for i, k in enumerate(chosen) if i > 0 and k < 8) <= 10  # 19 at full weight
 
 
 def test_lookup_facts_are_shared_by_every_pair_with_the_main_model():
