@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mlx_spec.adaptive import DRAFT, LOOKUP, PLAIN, Choice, Controller
+from mlx_spec.adaptive import DRAFT, LOOKUP, PLAIN, Choice, Controller, Learnt
 from mlx_spec.bench import ALL_PROMPTS
 from mlx_spec.cache import SLACK
 from mlx_spec.lookup import NgramIndex
@@ -165,25 +165,40 @@ def acceptance_table(traces: dict, ks=(1, 2, 3, 4)) -> list[str]:
 
 
 def replay_table(
-    traces: dict, make_auto: Callable, seeds: int = 8, noise: float = 0.03, variants: dict | None = None
+    traces: dict,
+    make_auto: Callable,
+    seeds: int = 8,
+    noise: float = 0.03,
+    variants: dict | None = None,
+    carry: bool = False,
 ) -> list[dict]:
-    """Per trace: mean rate of each fixed k, of auto, and of each of `variants` (name -> make policy)."""
+    """Per trace: mean rate of each fixed k, of auto, and of each of `variants` (name -> make policy from a
+    Learnt store). `carry`: each adaptive policy goes through the traces in order with one store of its own,
+    as in the benchmark's process; otherwise each trace starts from nothing learnt."""
     costs = traces["costs"]
     looked_up = lookup_costs(costs, traces.get("cost_ratio", 0.3))
+    adaptive = {"auto": make_auto, **(variants or {})}
+    rates: dict[str, dict[str, list[float]]] = {v: {t: [] for t in traces["traces"]} for v in adaptive}
+    for s in range(seeds):
+        stores = {v: Learnt() for v in adaptive}
+        for name, trace in traces["traces"].items():
+            for v, make in adaptive.items():
+                policy = make(stores[v] if carry else Learnt())
+                rate = replay(policy, trace, costs["round_seconds"], costs["catch_up_seconds"], s, noise, looked_up)
+                rates[v][name].append(rate)
     rows = []
     for name, trace in traces["traces"].items():
-
-        def rate(make, trace=trace):
-            return statistics.mean(
-                replay(make(), trace, costs["round_seconds"], costs["catch_up_seconds"], s, noise, looked_up)
+        fixed = {
+            k: statistics.mean(
+                replay(Fixed(k), trace, costs["round_seconds"], costs["catch_up_seconds"], s, noise, looked_up)
                 for s in range(seeds)
             )
-
-        fixed = {k: rate(lambda k=k: Fixed(k)) for k in range(len(costs["round_seconds"]))}
+            for k in range(len(costs["round_seconds"]))
+        }
         best = max(fixed, key=fixed.get)
-        auto = rate(make_auto)
+        auto = statistics.mean(rates["auto"][name])
         row = dict(trace=name, fixed=fixed, best_k=best, auto=auto, auto_over_best=auto / fixed[best])
-        row["variants"] = {v: rate(make) for v, make in (variants or {}).items()}
+        row["variants"] = {v: statistics.mean(rates[v][name]) for v in variants or {}}
         rows.append(row)
     return rows
 
@@ -262,7 +277,7 @@ def measure_costs(main, draft, prompt, max_draft, generate_step, stats_type, mx,
 
     catch_up = statistics.median((draft_forward(9) - draft_forward(1)) / 8 for _ in range(3))
     lookup_seconds = [round_seconds[0]]
-    for k in range(1, max_draft + 1):  # a lookup round: a plain step's cost times a verify pass over k + 1 tokens
+    for k in range(1, MAX_LOOKUP + 1):  # a lookup round: a plain step's cost times a verify pass over k + 1 tokens
         ratio = statistics.median(
             verify_forward(main, prompt, k + 1, mx) / verify_forward(main, prompt, 1, mx) for _ in range(3)
         )
@@ -288,17 +303,16 @@ def _nbytes(model) -> int:
     return sum(w.nbytes for _, w in tree_flatten(model.parameters()))
 
 
-def print_table(traces: dict, seeds: int):
+def print_table(traces: dict, seeds: int, carry: bool = False):
     """Fixed k and auto with the draft model only, then auto with prompt lookup (hybrid) and lookup alone."""
     max_draft = len(traces["costs"]["round_seconds"]) - 1
     ratio = traces["cost_ratio"]
     variants = {
-        "hybrid": lambda: Controller(max_draft=max_draft, cost_ratio=ratio),
-        "lookup only": lambda: Controller(max_draft=0, has_draft=False),
+        "hybrid": lambda learnt: Controller(learnt, max_draft=max_draft, cost_ratio=ratio),
+        "lookup only": lambda learnt: Controller(learnt, max_draft=0, has_draft=False),
     }
-    rows = replay_table(
-        traces, lambda: Controller(max_draft=max_draft, max_lookup=0, cost_ratio=ratio), seeds, variants=variants
-    )
+    draft_only = lambda learnt: Controller(learnt, max_draft=max_draft, max_lookup=0, cost_ratio=ratio)  # noqa: E731
+    rows = replay_table(traces, draft_only, seeds, variants=variants, carry=carry)
     ks = list(rows[0]["fixed"])
     print(
         "| trace | "
@@ -338,6 +352,9 @@ def main(argv=None) -> int:
     rep.add_argument("traces")
     rep.add_argument("--seeds", type=int, default=8)
     rep.add_argument("--max-tokens", type=int, help="replay only the first N tokens of each trace (short replies)")
+    rep.add_argument(
+        "--carry", action="store_true", help="each variant learns across the traces in order, as in one process"
+    )
     args = parser.parse_args(argv)
     if args.command == "record":
         result = record(args)
@@ -357,7 +374,7 @@ def main(argv=None) -> int:
                 if key in trace:
                     trace[key] = trace[key][: args.max_tokens]
     if "costs" in traces:
-        print_table(traces, args.seeds)
+        print_table(traces, args.seeds, args.carry)
     if any("exact_match" in t for t in traces["traces"].values()):
         print("\nAcceptance at temp > 0, rejection sampling vs exact match (mlx-lm), accepted / drafted:\n")
         print("\n".join(acceptance_table(traces)))

@@ -1,7 +1,9 @@
 """The benchmark: the main model alone, our engine and mlx-lm's speculative decoding, side by side.
 
 Every run starts on fresh caches; variants are interleaved (A B C A B C ...) after
-one warm-up, so that drift on a noisy machine hits all of them alike. This is the runner;
+one warm-up, so that drift on a noisy machine hits all of them alike. Each of our adaptive variants
+learns (costs, acceptance) only from its own runs, as a process of its own would: what the first
+variant on a prompt learnt does not serve the next. This is the runner;
 the tables, plot and machine description are in `mlx_spec.bench_report`.
 """
 
@@ -18,6 +20,7 @@ from mlx_lm.generate import speculative_generate_step as mlx_lm_speculative
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from .adaptive import kept_apart
 from .generate import speculative_generate_step
 from .options import MAX_DRAFT_TOKENS
 from .stats import GenerationStats
@@ -245,7 +248,10 @@ def run_once(variant, num_draft, main, draft, prompt, max_tokens, temp, rep, pro
     else:
         with_draft = variant in (OURS, OURS_DRAFT_ONLY)
         with_lookup = variant == OURS_LOOKUP or (variant == OURS and lookup)
-        counts = _run_ours(main, draft if with_draft else None, prompt, max_tokens, temp, num_draft, rep, with_lookup)
+        with kept_apart((variant, num_draft, with_lookup)):  # each variant learns as if in a process of its own
+            counts = _run_ours(
+                main, draft if with_draft else None, prompt, max_tokens, temp, num_draft, rep, with_lookup
+            )
         counts, looked_up = counts[:4], counts[4:]
     seconds = time.perf_counter() - start
     drafted, accepted, rounds, first = counts

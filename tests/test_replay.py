@@ -30,10 +30,19 @@ def test_a_round_stops_at_the_first_disagreement():
 
 def test_auto_decodes_plainly_when_the_draft_never_agrees_and_drafts_when_it_always_does():
     traces = dict(costs=COSTS, traces={"never": dict(agree=[False] * 300), "always": dict(agree=[True] * 300)})
-    make = lambda: Controller(max_draft=4, max_lookup=0, cost_ratio=0.3)  # noqa: E731
+    make = lambda learnt: Controller(learnt, max_draft=4, max_lookup=0, cost_ratio=0.3)  # noqa: E731
     rows = {r["trace"]: r for r in replay.replay_table(traces, make, seeds=2)}
     assert rows["never"]["best_k"] == 0 and rows["never"]["auto_over_best"] > 0.9
     assert rows["always"]["best_k"] == 4 and rows["always"]["auto_over_best"] > 0.95
+
+
+def test_carried_over_the_auto_policy_starts_each_trace_from_what_the_traces_before_taught_it():
+    traces = dict(costs=COSTS, traces={"always": dict(agree=[True] * 200), "never": dict(agree=[False] * 40)})
+    make = lambda learnt: Controller(learnt, max_draft=4, max_lookup=0, cost_ratio=0.3)  # noqa: E731
+    fresh = {r["trace"]: r["auto"] for r in replay.replay_table(traces, make, seeds=2)}
+    carried = {r["trace"]: r["auto"] for r in replay.replay_table(traces, make, seeds=2, carry=True)}
+    assert carried["always"] == fresh["always"]  # the first trace: nothing learnt before it either way
+    assert carried["never"] < 0.9 * fresh["never"]  # it drafts on, trusting the first trace's acceptance
 
 
 def test_temperature_traces_accept_with_their_probability():
