@@ -4,7 +4,8 @@ Pure and deterministic: it learns only from what `record` tells it after each
 round (source, length, tokens accepted, seconds the round took, the draft's
 catching up). What it learnt is kept for the next call in this process: facts
 of the main model (plain and lookup rounds) for every call with that model,
-facts of the draft for every call with the same pair.
+facts of the draft for every call with the same pair. Costs carry over whole;
+acceptance, a fact of the text, at CARRY of its weight.
 """
 
 import weakref
