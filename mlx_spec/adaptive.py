@@ -20,7 +20,7 @@ MAX_POSITIONS = 32  # positions whose acceptance is tracked (the longest round d
 # Exact lookup matches are bucketed by length (1, 2, 3, 4-7, 8+ tokens): a longer match is a surer copy.
 # A copy realigned after a swapped token (lookup.Match.realigned) has a bucket of its own, the last.
 MATCH_BUCKETS = (1, 2, 3, 4, 8)
-LOOKUP_PRIORS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.6)  # prior acceptance of each bucket (tuned with benchmarks/replay.py)
+LOOKUP_PRIORS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.8)  # prior acceptance of each bucket (tuned with benchmarks/replay.py)
 VERIFY_SLOPE = 0.1  # prior cost of one more verified row, in plain steps (a lookup round's slope; 0.09 on this CPU)
 CATCH_UP_PRIOR = 0.05  # prior seconds per token the draft catches up on, in draft steps (a batched forward)
 CARRY = 0.3  # weight of acceptance learnt in earlier calls, at a call's start
