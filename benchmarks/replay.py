@@ -3,6 +3,7 @@
 
   python3 benchmarks/replay.py record [--max-tokens 256] [--out traces.json]   # ~30 min on a 2-core CPU
   python3 benchmarks/replay.py replay traces.json                                 # seconds
+  python3 benchmarks/replay.py replay benchmarks/traces_lookup.json --carry       # learning across prompts
 
 `record` generates each benchmark prompt once per temperature (`--samples N`
 texts at temperature > 0) with the default pair and stores, for every
