@@ -61,8 +61,7 @@ class Acceptance:
         self.accepted = [x * factor for x in self.accepted]
 
     def record(self, num_draft: int, num_accepted: int):
-        self.tried = [x * self.decay for x in self.tried]
-        self.accepted = [x * self.decay for x in self.accepted]
+        self.weigh(self.decay)
         for i in range(1, min(num_draft, num_accepted + 1) + 1):  # positions observed this round
             self.tried[i] += 1.0
             self.accepted[i] += 1.0 if i <= num_accepted else 0.0
