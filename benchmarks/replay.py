@@ -70,6 +70,11 @@ def replay(
         index = NgramIndex()
         index.extend(trace["tokens"][: trace["num_prompt"]])
     n, t, seconds, behind = len(positions), 0, 0.0, 1
+    if policy.max_draft > 0 and "num_prompt" in trace:  # the draft reads the prompt, as in the engine:
+        if getattr(policy, "max_lookup", 0) > 0:  # with lookup, when a round first drafts
+            behind = trace["num_prompt"]
+        else:  # without, before the first round
+            seconds = catch_up_seconds * (trace["num_prompt"] - 1)
     while t < n:
         match = index.match() if index is not None else None
         choice = policy.choose(match, behind, n - t)
@@ -108,7 +113,7 @@ class Fixed:
     """A fixed draft length of the draft model; counts what its rounds drafted and accepted."""
 
     def __init__(self, k: int):
-        self.k = k
+        self.k = self.max_draft = k
         self.drafted = self.accepted = 0
 
     def choose(self, match=None, behind=1, left=None) -> Choice:

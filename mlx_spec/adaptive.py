@@ -24,6 +24,7 @@ LOOKUP_PRIORS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.8)  # prior acceptance of each bucke
 VERIFY_SLOPE = 0.1  # prior cost of one more verified row, in plain steps (a lookup round's slope; 0.09 on this CPU)
 CATCH_UP_PRIOR = 0.05  # prior seconds per token the draft catches up on, in draft steps (a batched forward)
 CARRY = 0.3  # weight of acceptance learnt in earlier calls, at a call's start
+LAZY = 3.0  # plain steps' worth of catching up that the draft puts off while a copy beats plain decoding
 HORIZON = 512  # the most tokens ahead that a draft catching up on a backlog is expected to serve
 UNCOPIED_PRIOR = (0.5, 8.0)  # prior share of tokens not copied from the conversation, worth 8 tokens
 
@@ -205,8 +206,11 @@ class Controller:
     The draft model's cache falls behind while other rounds serve (with lookup
     on, it starts without the prompt): a draft round first catches it up, a
     batched forward over the tokens it lacks. Drafting is an option only where
-    that pays (`catch_up_pays`); a probe only where catching up costs at most a
-    quarter of the plain stretch before it.
+    that pays (`catch_up_pays`), and not while a copy from the conversation
+    beats plain decoding and catching up would cost more than LAZY plain steps
+    (a reply that copies its long prompt need never pay the draft's reading
+    it); a probe only where catching up costs at most a quarter of the plain
+    stretch before it.
     """
 
     def __init__(
@@ -325,10 +329,13 @@ class Controller:
 
     def _choose(self, match, behind: int, left: int | None) -> Choice:
         bucket = None if match is None or self.max_lookup == 0 else bucket_of(match)
-        draft = None  # (tokens per second, k) of the best draft length, where drafting pays its catching up
+        lookup = None if bucket is None else self.best(LOOKUP, self.max_lookup, bucket)  # (tokens per second, k)
+        draft = None  # the same of the best draft length, where drafting pays its catching up
         if self.max_draft > 0:
             draft = self.best(DRAFT, self.max_draft)
-            draft = draft if self.catch_up_pays(draft[0], behind, left) else None
+            copying = lookup is not None and lookup[0] > 1.0 / self.plain_seconds()
+            waits = copying and self.catch_up_seconds(behind) > LAZY * self.plain_seconds()
+            draft = draft if not waits and self.catch_up_pays(draft[0], behind, left) else None
         if self.fresh and draft is not None:
             return Choice(DRAFT, min(self.first_draft, self.max_draft))
         if self.probe_left > 0:
@@ -337,9 +344,8 @@ class Controller:
         options = [(1.0 / self.plain_seconds(), Choice(PLAIN, 0))]
         if draft is not None:
             options.append((draft[0], Choice(DRAFT, draft[1])))
-        if bucket is not None:
-            rate, k = self.best(LOOKUP, self.max_lookup, bucket)
-            options.append((rate, Choice(LOOKUP, k, bucket)))
+        if lookup is not None:
+            options.append((lookup[0], Choice(LOOKUP, lookup[1], bucket)))
         choice = max(options, key=lambda o: (o[0], -o[1].num_draft))[1]
         if bucket is not None:
             if choice.source == LOOKUP:

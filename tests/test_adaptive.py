@@ -11,6 +11,7 @@ from mlx_spec.adaptive import (
     _LEARNT,
     CARRY,
     DRAFT,
+    LAZY,
     LOOKUP,
     PLAIN,
     Choice,
@@ -307,6 +308,22 @@ def test_the_draft_catches_up_on_a_prompt_only_where_drafting_repays_it():
     assert c.choose(None, behind=600, left=150) == Choice(PLAIN, 0)
     assert c.choose(Match(10, 12), behind=600, left=150).source == LOOKUP
     assert c.choose(None, behind=2, left=150).source == DRAFT
+
+
+def test_a_copy_puts_off_the_drafts_reading_of_a_long_prompt():
+    """Where the conversation offers a copy that beats plain decoding, a round copies rather than make the
+    draft read a long prompt first (600 tokens: more than LAZY plain steps), even the first round of a
+    process, which otherwise drafts to learn: a reply that copies its prompt need never pay that reading.
+    Without such a copy the draft catches up; a short backlog does not wait either."""
+    c = Controller(max_draft=8)
+    assert c.choose(Match(10, 12), behind=600, left=256).source == LOOKUP
+    assert c.choose(Match(10, 1), behind=600, left=256).source == LOOKUP  # prior 0.2: still above plain
+    assert c.choose(None, behind=600, left=256) == Choice(DRAFT, 3)
+    assert c.catch_up_seconds(600) > LAZY * c.plain_seconds() > c.catch_up_seconds(100)
+    assert Controller(max_draft=8).choose(Match(10, 12), behind=100, left=256) == Choice(DRAFT, 3)
+    for _ in range(30):  # copies of one token keep failing: below plain, they no longer put the draft off
+        c.record(Choice(LOOKUP, 1, 0), 0, 1.1)
+    assert c.choose(Match(10, 1), behind=600, left=256).source == DRAFT
 
 
 def test_a_probe_catches_the_draft_up_on_a_backlog_only_after_a_long_plain_stretch():

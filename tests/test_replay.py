@@ -100,3 +100,19 @@ def test_lookup_replays_exactly_over_a_text_that_repeats_its_prompt():
     copied = sum(accepted for choice, accepted in chosen if choice.source == LOOKUP)
     assert copied >= 25 and rate > 1.5  # the copy: many tokens per round; the rest: nearly plain
     assert replay.lookup_costs(COSTS, 0.3)[2] == pytest.approx(0.9 - 2 * 0.3 * 0.5)
+
+
+def test_the_draft_reads_the_prompt_before_the_first_round_or_when_a_round_with_lookup_first_drafts():
+    """As in the engine: without lookup the draft reads the prompt before the first round; with lookup on,
+    when a round first drafts, as its catching up; plain decoding does not read it."""
+    prompt = list(range(100, 141))  # 41 tokens: 40 read before the first round, the last with it
+    trace = dict(agree=[True] * 100, tokens=prompt + list(range(300, 400)), num_prompt=len(prompt))
+    rate = replay.replay(replay.Fixed(4), trace, COSTS["round_seconds"], 0.01, noise=0.0)
+    assert rate == pytest.approx(100 / (40 * 0.01 + 20 * 1.3) * 0.5)
+    assert replay.replay(replay.Fixed(0), trace, COSTS["round_seconds"], 0.01, noise=0.0) == pytest.approx(1.0)
+    policy = Controller(max_draft=4, cost_ratio=0.3)
+    behind = []
+    choose = policy.choose
+    policy.choose = lambda match, b, left: (behind.append(b), choose(match, b, left))[1]
+    replay.replay(policy, trace, COSTS["round_seconds"], 0.01, noise=0.0, lookup_seconds=[0.5] * 17)
+    assert behind[0] == len(prompt)
