@@ -24,6 +24,8 @@ round less its draft steps). A round
 with k drafts starting at position t accepts the run of agreeing positions
 from t on (at temp > 0, each with its acceptance probability), which is what
 the engine does when the draft and main model see the same accepted prefix.
+The draft reads the prompt as in the engine: before the first round without
+lookup, as the catching up of the first drafting round with it.
 Controller changes can thus be tried on every prompt in seconds instead of
 hours; the benchmark then confirms them (benchmarks/RESULTS.md). For traces
 above temperature 0 it also prints the acceptance rate (accepted / drafted) of
