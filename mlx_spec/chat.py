@@ -262,10 +262,15 @@ def interact(session: ChatSession, read=None) -> int:
 def typeahead_kept(stdin):
     """Between prompts, let the terminal neither echo keys nor interpret them (cbreak mode): what is typed
     while a reply streams stays out of the reply, waiting, and the next prompt reads it as if typed there
-    (Enter, backspace, Ctrl-D included). Ctrl-C still interrupts."""
+    (Enter, backspace, Ctrl-D included). Ctrl-C still interrupts, and the terminal discards nothing then
+    (NOFLSH): neither what was typed nor the reply's words written but not yet on the screen, so what a
+    stopped reply keeps is what the user sees, however slowly the terminal shows it."""
     fd = stdin.fileno()
     before = termios.tcgetattr(fd)
     tty.setcbreak(fd, termios.TCSANOW)  # TCSANOW, not TCSAFLUSH: what was typed stays
+    attributes = termios.tcgetattr(fd)
+    attributes[3] |= termios.NOFLSH
+    termios.tcsetattr(fd, termios.TCSANOW, attributes)
     try:
         yield
     finally:

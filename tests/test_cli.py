@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,17 @@ from tiny import make_model, toy_tokenizer
 from tiny_folders import save_model_folder, write_tiny_pair
 
 import mlx_spec
-from mlx_spec.chat import CYAN, GREEN, LEAVE_HINT, ChatSession, conversation_tokens, interact, paint, use_color
+from mlx_spec.chat import (
+    CYAN,
+    GREEN,
+    LEAVE_HINT,
+    ChatSession,
+    conversation_tokens,
+    interact,
+    paint,
+    typeahead_kept,
+    use_color,
+)
 from mlx_spec.cli import main
 from mlx_spec.load import model_name
 from mlx_spec.options import GenerationOptions
@@ -149,7 +160,9 @@ def test_chat_in_a_terminal(folders, models, long_message):
     child.expect(echoed(long_message))
     child.expect(r"w\d+|<s>|<unk>")  # the reply's first word
     shown = child.after
+    child.sendcontrol("s")  # the terminal holds the reply back (XOFF): it cannot end before Ctrl-C lands
     child.sendintr()
+    child.sendcontrol("q")
     child.expect_exact("[stopped]")
     shown = words(shown + child.before)
     child.expect(TURN_LINE)
@@ -186,6 +199,27 @@ def test_chat_in_a_terminal(folders, models, long_message):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_ctrl_c_during_a_reply_discards_neither_the_words_on_their_way_nor_what_was_typed():
+    """A terminal flushes its queues on Ctrl-C: words the chat wrote that the screen had not shown yet would
+    be lost from view, though kept in the conversation, and so would a line typed ahead (seen with a slow reader)."""
+
+    def pending(fd):
+        data = b""
+        while select.select([fd], [], [], 0.2)[0]:
+            data += os.read(fd, 4096)
+        return data
+
+    screen, terminal = os.openpty()
+    with open(terminal, closefd=False) as stdin, typeahead_kept(stdin):
+        os.write(screen, b"w7 w8")  # typed while the reply streams
+        os.write(terminal, b" w40 w41")  # the reply's words, not yet read by the screen
+        os.write(screen, b"\x03")  # Ctrl-C
+        assert pending(screen) == b" w40 w41"
+        assert pending(terminal) == b"w7 w8"
+    os.close(screen)
+    os.close(terminal)
 
 
 def test_chat_keeps_what_is_typed_while_a_reply_streams(folders, models, long_message):
