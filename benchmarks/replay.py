@@ -4,6 +4,7 @@
   python3 benchmarks/replay.py record [--max-tokens 256] [--out traces.json]   # ~30 min on a 2-core CPU
   python3 benchmarks/replay.py replay traces.json                                 # seconds
   python3 benchmarks/replay.py replay benchmarks/traces_lookup.json --carry       # learning across prompts
+  python3 benchmarks/replay.py replay benchmarks/traces_lookup.json --carry --traces story@0,quicksort@0
 
 `record` generates each benchmark prompt once per temperature (`--samples N`
 texts at temperature > 0) with the default pair and stores, for every
@@ -363,6 +364,13 @@ def main(argv=None) -> int:
     rep.add_argument(
         "--carry", action="store_true", help="each variant learns across the traces in order, as in one process"
     )
+    rep.add_argument(
+        "--traces",
+        type=lambda s: s.split(","),
+        metavar="NAMES",
+        dest="names",
+        help="only these traces, in this order (e.g. story@0,quicksort@0: with --carry, quicksort after story)",
+    )
     args = parser.parse_args(argv)
     if args.command == "record":
         result = record(args)
@@ -376,6 +384,12 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: cannot read traces {args.traces}: {e}", file=sys.stderr)
         return 2
+    if args.names:
+        unknown = [name for name in args.names if name not in traces["traces"]]
+        if unknown:
+            print(f"error: no trace {', '.join(unknown)}; the file has {', '.join(traces['traces'])}", file=sys.stderr)
+            return 2
+        traces["traces"] = {name: traces["traces"][name] for name in args.names}
     if args.max_tokens:
         for trace in traces["traces"].values():
             for key in ("agree", "accept", "exact_match"):

@@ -81,6 +81,14 @@ def test_replay_command_prints_the_table_and_refuses_a_missing_file(tmp_path, ca
     assert replay.main(["replay", str(tmp_path / "nope.json")]) == 2
     assert "cannot read traces" in capsys.readouterr().err
 
+    # --traces: these, in this order; a name the file lacks is an error naming what it has
+    assert replay.main(["replay", str(path), "--seeds", "1", "--traces", "prose@0.7#2,code@0"]) == 0
+    rows = [" | ".join(line.split(" | ")[:2]) for line in capsys.readouterr().out.splitlines() if "@" in line]
+    assert [row.split(" | ")[0] for row in rows[:2]] == ["| prose@0.7#2", "| code@0"]  # the replay table
+    assert rows[2:] == ["| prose@0.7 | 1"]  # the acceptance table: the one sample left of prose@0.7
+    assert replay.main(["replay", str(path), "--traces", "code@0,story@0"]) == 2
+    assert "no trace story@0; the file has code@0, prose@0.7, prose@0.7#2" in capsys.readouterr().err
+
 
 def test_lookup_replays_exactly_over_a_text_that_repeats_its_prompt():
     """Greedy traces with their tokens replay prompt lookup: the copy of the prompt is accepted, and costs
