@@ -16,6 +16,8 @@ from typing import NamedTuple
 PLAIN, DRAFT, LOOKUP = "plain", "draft", "lookup"
 SLOPE_PRIOR = 2.0  # weight of the prior slope in a cost line's fit
 OUTLIER = 1.5  # a round's seconds count at most this times what its kind of round was expected to take
+LENGTH_PRIOR = 1.0  # rounds' worth of the cost line in the cost of a round length seen before
+LENGTH_DECAY = 0.9  # per round of that length: the cost of a length follows the context as it grows
 MAX_POSITIONS = 32  # positions whose acceptance is tracked (the longest round drafts SLACK tokens)
 # Exact lookup matches are bucketed by length (1, 2, 3, 4-7, 8+ tokens): a longer match is a surer copy.
 # A copy realigned after a swapped token (lookup.Match.realigned) has a bucket of its own, the last.
@@ -83,23 +85,36 @@ class Acceptance:
 
 
 class CostLine:
-    """Seconds of a round of k > 0 drafts, T(k) = A + B k: a decayed least-squares line.
+    """Seconds of a round of k > 0 drafts, T(k) = A + B k: a decayed least-squares line, and beside it
+    what rounds of each length k took, where seen.
 
-    Its slope is pulled towards a prior B0 with the weight of SLOPE_PRIOR (in
-    rounds times k^2), so that few lengths, or one slow round, cannot tilt it far.
+    The line's slope is pulled towards a prior B0 with the weight of SLOPE_PRIOR
+    (in rounds times k^2), so that few lengths, or one slow round, cannot tilt it
+    far. A verify pass over k+1 rows is not a line in k (a BLAS or GPU kernel
+    works in blocks of rows: on this CPU 16 rows cost less than 9), so a length
+    seen before is expected to cost what it cost, the line worth LENGTH_PRIOR of
+    its rounds; the line alone prices lengths never tried.
     """
 
     def __init__(self, decay: float = 0.95):
         self.decay = decay
         self.sums = [0.0] * 5  # decayed sums of w, w k, w k^2, w t, w k t
+        self.by_length: dict[int, Ratio] = {}  # k -> seconds per round of k drafts
 
     @property
     def seen(self) -> bool:
         return self.sums[0] > 0
 
     def record(self, k: int, seconds: float):
+        self.by_length.setdefault(k, Ratio()).record(1.0, seconds, LENGTH_DECAY)
         k = float(k)
         self.sums = [s * self.decay + x for s, x in zip(self.sums, (1.0, k, k * k, seconds, k * seconds))]
+
+    def seconds(self, k: int, line: tuple[float, float]) -> float:
+        """T(k): what rounds of k took, leaning on the line (A, B) worth LENGTH_PRIOR rounds."""
+        a, b = line
+        seen = self.by_length.get(k)
+        return a + b * k if seen is None else seen.value(a + b * k, LENGTH_PRIOR)
 
     def line(self, slope_prior: float, floor: float = 0.0) -> tuple[float, float]:
         """(A, B), given the prior slope B0; A at least `floor`, the line still through the mean round."""
@@ -193,7 +208,9 @@ class Controller:
     apart (a verify pass over k+1 tokens is not a plain step plus k cheap rows);
     the drafting slope leans on B0 = T0 * cost_ratio (the draft's bytes over the
     main model's), the lookup slope on T0 * VERIFY_SLOPE; until a plain round
-    was seen, T0 = A. A round slower than 1.5x its expectation counts as 1.5x.
+    was seen, T0 = A. A length already tried costs what its rounds took (the
+    line prices the others: see CostLine). A round slower than 1.5x its
+    expectation counts as 1.5x.
     Choice: the source and k with the largest E(k) / T(k), lookup only where the
     conversation has a match. While plain decoding wins, two one-token draft
     rounds probe after `probe_every` plain rounds (the first catches the draft up
@@ -294,8 +311,8 @@ class Controller:
         )
         if not line.seen:
             return t0 + prior * t0 * k
-        a, b = line.line(prior * t0, floor=t0 if learnt.main.plain.seen else 0.0)  # no verify beats a plain step
-        return a + b * k
+        floor = t0 if learnt.main.plain.seen else 0.0  # the line's: no verify beats a plain step
+        return line.seconds(k, line.line(prior * t0, floor))
 
     # --- deciding -------------------------------------------------------------
     def best(self, source: str, max_k: int, bucket: int = 0) -> tuple[float, int]:

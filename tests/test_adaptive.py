@@ -12,8 +12,11 @@ from mlx_spec.adaptive import (
     CARRY,
     DRAFT,
     LAZY,
+    LENGTH_DECAY,
+    LENGTH_PRIOR,
     LOOKUP,
     PLAIN,
+    VERIFY_SLOPE,
     Choice,
     Controller,
     Learnt,
@@ -238,6 +241,26 @@ def test_no_round_is_expected_to_cost_less_than_a_plain_step(source, prior):
         c.record(Choice(source, 16), 16, 1.2)
     assert c.round_seconds(source, 1) == pytest.approx(1.0 + 0.2 / 16)
     assert c.round_seconds(source, 16) == pytest.approx(1.2)
+
+
+def test_a_length_already_tried_costs_what_its_rounds_took():
+    """A verify pass is not a line in k: on this CPU 16 rows cost less than 9 (OpenBLAS works in blocks of
+    rows). Lengths tried cost what their rounds took, leaning a little on the line; the line prices the
+    others; and the choice follows: a sure copy takes the cheap 15 tokens."""
+    c = Controller(max_draft=0, has_draft=False, max_lookup=16)
+    c.record(Choice(PLAIN, 0), 0, 1.0)
+    measured = {4: 1.8, 8: 2.25, 15: 1.68}
+    for _ in range(10):
+        for k, seconds in measured.items():
+            c.record(Choice(LOOKUP, k, 4), k, seconds)
+    a, b = c.learnt.main.lookup_cost.line(VERIFY_SLOPE * 1.0, floor=1.0)
+    weight = sum(LENGTH_DECAY**i for i in range(10))
+    for k, seconds in measured.items():
+        expected = (weight * seconds + LENGTH_PRIOR * (a + b * k)) / (weight + LENGTH_PRIOR)
+        assert c.round_seconds(LOOKUP, k) == pytest.approx(expected)
+    assert c.round_seconds(LOOKUP, 15) < c.round_seconds(LOOKUP, 8) - 0.4  # what no line can say
+    assert c.round_seconds(LOOKUP, 12) == pytest.approx(a + b * 12)  # never tried: the line's
+    assert c.choose(Match(10, 8)) == Choice(LOOKUP, 15, 4)
 
 
 def test_stores_kept_apart_learn_apart():
