@@ -110,9 +110,9 @@ class CostLine:
         k = float(k)
         self.sums = [s * self.decay + x for s, x in zip(self.sums, (1.0, k, k * k, seconds, k * seconds))]
 
-    def seconds(self, k: int, line: tuple[float, float]) -> float:
-        """T(k): what rounds of k took, leaning on the line (A, B) worth LENGTH_PRIOR rounds."""
-        a, b = line
+    def seconds(self, k: int, slope_prior: float, floor: float = 0.0) -> float:
+        """T(k): what rounds of k took, leaning on the line (see `line`) worth LENGTH_PRIOR rounds."""
+        a, b = self.line(slope_prior, floor)
         seen = self.by_length.get(k)
         return a + b * k if seen is None else seen.value(a + b * k, LENGTH_PRIOR)
 
@@ -312,7 +312,7 @@ class Controller:
         if not line.seen:
             return t0 + prior * t0 * k
         floor = t0 if learnt.main.plain.seen else 0.0  # the line's: no verify beats a plain step
-        return line.seconds(k, line.line(prior * t0, floor))
+        return line.seconds(k, prior * t0, floor)
 
     # --- deciding -------------------------------------------------------------
     def best(self, source: str, max_k: int, bucket: int = 0) -> tuple[float, int]:
