@@ -20,9 +20,12 @@ LENGTH_PRIOR = 1.0  # rounds' worth of the cost line in the cost of a round leng
 LENGTH_DECAY = 0.9  # per round of that length: the cost of a length follows the context as it grows
 MAX_POSITIONS = 32  # positions whose acceptance is tracked (the longest round drafts SLACK tokens)
 # Exact lookup matches are bucketed by length (1, 2, 3, 4-7, 8+ tokens): a longer match is a surer copy.
-# A copy realigned after a swapped token (lookup.Match.realigned) has a bucket of its own, the last.
+# A copy realigned after a swapped token (lookup.Match.realigned) has two buckets of its own, the last: where
+# at least REALIGNED_SURE of the last 8 tokens agree with its source, and where fewer do (text that only
+# shares a few tokens with an earlier passage, not an edited copy of it: its next token is rarely the copy's).
 MATCH_BUCKETS = (1, 2, 3, 4, 8)
-LOOKUP_PRIORS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.8)  # prior acceptance of each bucket (tuned with benchmarks/replay.py)
+REALIGNED_SURE = 5
+LOOKUP_PRIORS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.8, 0.15)  # prior acceptance of each bucket (tuned with replay.py)
 VERIFY_SLOPE = 0.1  # prior cost of one more verified row, in plain steps (a lookup round's slope; 0.09 on this CPU)
 CATCH_UP_PRIOR = 0.05  # prior seconds per token the draft catches up on, in draft steps (a batched forward)
 CARRY = 0.3  # weight of acceptance learnt in earlier calls, at a call's start
@@ -41,7 +44,9 @@ class Choice(NamedTuple):
 
 def bucket_of(match) -> int:
     """The acceptance bucket of a lookup.Match."""
-    return len(MATCH_BUCKETS) if match.realigned else sum(match.length >= b for b in MATCH_BUCKETS) - 1
+    if match.realigned:
+        return len(MATCH_BUCKETS) + (match.length < REALIGNED_SURE)
+    return sum(match.length >= b for b in MATCH_BUCKETS) - 1
 
 
 class Acceptance:

@@ -280,7 +280,16 @@ def test_stores_kept_apart_learn_apart():
 
 def test_match_lengths_fall_into_buckets_and_realigned_copies_into_their_own():
     assert [bucket_of(Match(0, n)) for n in (1, 2, 3, 4, 7, 8, 16)] == [0, 1, 2, 3, 3, 4, 4]
-    assert bucket_of(Match(0, 7, realigned=True)) == 5
+    assert [bucket_of(Match(0, n, realigned=True)) for n in (7, 5, 4, 2)] == [5, 5, 6, 6]
+
+
+def test_a_copy_realigned_on_few_agreeing_tokens_is_not_trusted_as_an_edited_copy():
+    """Prose that shares 2 of its last 8 tokens with an earlier passage is not copying it: the draft serves."""
+    c = Controller(max_draft=8, max_lookup=16, cost_ratio=0.35)
+    simulate_sources(c, 0.0, 0.8, 0, COSTS, 40)  # no match yet: drafting rounds, 80 % accepted
+    assert c.choose(Match(10, 2, realigned=True)).source == DRAFT
+    choice = c.choose(Match(10, 7, realigned=True))  # 7 of 8 agree: a copy through a renamed identifier
+    assert choice.source == LOOKUP and choice.num_draft >= 4
 
 
 def test_copies_long_stretches_where_the_conversation_repeats():
