@@ -32,6 +32,8 @@ CARRY = 0.3  # weight of acceptance learnt in earlier calls, at a call's start
 LAZY = 3.0  # plain steps' worth of catching up that the draft puts off while a copy beats plain decoding
 HORIZON = 512  # the most tokens ahead that a draft catching up on a backlog is expected to serve
 UNCOPIED_PRIOR = (0.5, 8.0)  # prior share of tokens not copied from the conversation, worth 8 tokens
+RELATIVE_PRIOR = 8.0  # observations' worth of "as the pooled rate" in the draft's rate at a position
+MAX_RATE = 0.99  # the most a position's acceptance is expected to be
 
 
 class Choice(NamedTuple):
@@ -64,7 +66,7 @@ class Acceptance:
         self.accepted = [0.0] * (MAX_POSITIONS + 1)
 
     def weigh(self, factor: float):
-        """Scale what was learnt to `factor` of its weight (its rates stay)."""
+        """Scale what was learnt to `factor` of its weight (its rates stay, but for the prior's larger say)."""
         self.tried = [x * factor for x in self.tried]
         self.accepted = [x * factor for x in self.accepted]
 
@@ -74,10 +76,13 @@ class Acceptance:
             self.tried[i] += 1.0
             self.accepted[i] += 1.0 if i <= num_accepted else 0.0
 
+    def pooled(self) -> float:
+        """The rate of all positions together, from `prior` worth `prior_rounds` observations."""
+        return (sum(self.accepted) + self.prior_rounds * self.prior) / (sum(self.tried) + self.prior_rounds)
+
     def rates(self, k: int) -> list[float]:
         """a_1..a_k."""
-        n0 = self.prior_rounds
-        pooled = (sum(self.accepted) + n0 * self.prior) / (sum(self.tried) + n0)
+        pooled = self.pooled()
         return [(self.accepted[i] + 2.0 * pooled) / (self.tried[i] + 2.0) for i in range(1, k + 1)]
 
     def expected_tokens(self, max_k: int) -> list[float]:
@@ -87,6 +92,38 @@ class Acceptance:
             run *= a
             out.append(out[-1] + run)
         return out
+
+
+class RelativeAcceptance(Acceptance):
+    """The draft model's a_i: the pooled rate times what position i accepts relative to it.
+
+    A text's acceptance moves as a whole (code after prose, the next call), its
+    profile over positions much less. Each observation of position i is set
+    against the pooled rate at that time; a_i = pooled * (accepted_i /
+    expected_i), the ratio leaning on 1 with RELATIVE_PRIOR observations. So a
+    position the controller has not drafted to of late follows the pooled rate,
+    which every round observes, instead of keeping a rate from other text: with
+    absolute rates, quicksort after a story drafted one token a round, all
+    accepted, for 20 rounds, since positions 2+ kept the story's rates.
+    """
+
+    def __init__(self, prior: float, prior_rounds: float = 4.0, decay: float = 0.95):
+        super().__init__(prior, prior_rounds, decay)
+        self.expected = [0.0] * (MAX_POSITIONS + 1)  # decayed sums of the pooled rate when position i was observed
+
+    def weigh(self, factor: float):
+        super().weigh(factor)
+        self.expected = [x * factor for x in self.expected]
+
+    def record(self, num_draft: int, num_accepted: int):
+        pooled = self.pooled()
+        super().record(num_draft, num_accepted)
+        for i in range(1, min(num_draft, num_accepted + 1) + 1):
+            self.expected[i] += pooled
+
+    def rates(self, k: int) -> list[float]:
+        p, w = self.pooled(), RELATIVE_PRIOR
+        return [min(p * (self.accepted[i] + w * p) / (self.expected[i] + w * p), MAX_RATE) for i in range(1, k + 1)]
 
 
 class CostLine:
@@ -166,7 +203,7 @@ class Learnt:
 
     main: MainFacts = field(default_factory=MainFacts)
     draft_cost: CostLine = field(default_factory=CostLine)
-    draft: Acceptance = field(default_factory=lambda: Acceptance(0.8))
+    draft: RelativeAcceptance = field(default_factory=lambda: RelativeAcceptance(0.8))
     catch_up: Ratio = field(default_factory=Ratio)  # the draft's seconds per token caught up on
     num_rounds: int = 0
 
