@@ -50,8 +50,9 @@ def formula(alpha, k, a, b):
     return (1 - alpha ** (k + 1)) / (1 - alpha) / (a + b * k)
 
 
-def simulate(controller, alpha_of_round, a, b, num_rounds, seed=0):
-    """Drive the controller: each draft token is accepted with probability alpha while all before it were."""
+def simulate(controller, alpha_of_round, a, b, num_rounds, seed=0, seconds=None):
+    """Drive the controller: each draft token is accepted with probability alpha while all before it were.
+    A round of k drafts takes a + b k, or `seconds(k)`."""
     rng = np.random.default_rng(seed)
     chosen = []
     for r in range(num_rounds):
@@ -60,7 +61,7 @@ def simulate(controller, alpha_of_round, a, b, num_rounds, seed=0):
         accepted = 0
         while accepted < k and rng.random() < alpha_of_round(r):
             accepted += 1
-        controller.record(choice, accepted, a + b * k)
+        controller.record(choice, accepted, a + b * k if seconds is None else seconds(k))
         chosen.append(k)
     return chosen
 
@@ -418,21 +419,8 @@ def test_a_new_call_keeps_the_acceptance_learnt_before_as_a_prior_it_soon_outwei
     assert chosen[:2] == [3, 8] and min(i for i, k in enumerate(chosen) if i > 0 and k < 8) <= 10  # 19 at full weight
 
 
-CPU_ROUNDS = [1.0, 1.45, 2.0, 2.4, 2.7, 3.15, 3.4, 3.7, 4.4]  # seconds of rounds of k drafts on this CPU, in steps
-
-
-def simulate_table(controller, alpha, num_rounds, seed):
-    """`simulate` with rounds that cost CPU_ROUNDS[k]: the step from k = 1 to 2 is the dearest."""
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for _ in range(num_rounds):
-        choice = controller.choose()
-        accepted = 0
-        while accepted < choice.num_draft and rng.random() < alpha:
-            accepted += 1
-        controller.record(choice, accepted, CPU_ROUNDS[choice.num_draft])
-        chosen.append(choice.num_draft)
-    return chosen
+# seconds of a round of k drafts on this CPU, in plain steps: the step from k = 1 to 2 is the dearest
+CPU_ROUNDS = [1.0, 1.45, 2.0, 2.4, 2.7, 3.15, 3.4, 3.7, 4.4]
 
 
 def test_a_position_not_drafted_to_of_late_follows_the_pooled_rate():
@@ -451,9 +439,9 @@ def test_a_position_not_drafted_to_of_late_follows_the_pooled_rate():
 def test_after_prose_a_call_on_code_drafts_further_sooner():
     rounds = []
     for seed in range(8):
-        learnt = Learnt()
-        simulate_table(Controller(learnt, max_draft=8), 0.5, 80, seed)  # prose: k = 1 or plain decoding
-        rounds += simulate_table(Controller(learnt, max_draft=8), 0.97, 15, seed)  # code, best k = 7
+        learnt, cost = Learnt(), CPU_ROUNDS.__getitem__
+        simulate(Controller(learnt, max_draft=8), lambda r: 0.5, 0, 0, 80, seed, cost)  # prose: k = 1 or plain
+        rounds += simulate(Controller(learnt, max_draft=8), lambda r: 0.97, 0, 0, 15, seed, cost)  # code: k = 7
     assert np.mean(rounds) > 2.7  # 2.3 when each position kept a rate of its own
 
 
