@@ -70,9 +70,14 @@ class Acceptance:
         self.tried = [x * factor for x in self.tried]
         self.accepted = [x * factor for x in self.accepted]
 
+    @staticmethod
+    def observed(num_draft: int, num_accepted: int) -> range:
+        """The positions a round observed: those accepted and the first rejected, if any."""
+        return range(1, min(num_draft, num_accepted + 1) + 1)
+
     def record(self, num_draft: int, num_accepted: int):
         self.weigh(self.decay)
-        for i in range(1, min(num_draft, num_accepted + 1) + 1):  # positions observed this round
+        for i in self.observed(num_draft, num_accepted):
             self.tried[i] += 1.0
             self.accepted[i] += 1.0 if i <= num_accepted else 0.0
 
@@ -118,7 +123,7 @@ class RelativeAcceptance(Acceptance):
     def record(self, num_draft: int, num_accepted: int):
         pooled = self.pooled()
         super().record(num_draft, num_accepted)
-        for i in range(1, min(num_draft, num_accepted + 1) + 1):
+        for i in self.observed(num_draft, num_accepted):
             self.expected[i] += pooled
 
     def rates(self, k: int) -> list[float]:
