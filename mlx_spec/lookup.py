@@ -4,7 +4,9 @@ An incremental n-gram index over `caches.tokens` finds the most recent earlier
 occurrence of the conversation's last tokens; what followed it is the proposal.
 A copy cursor follows the text being copied through small edits: where the
 reply swapped a token of its source for its own (a renamed identifier), the
-copy resumes right after the swapped token, which no n-gram can find.
+copy resumes right after the swapped token, which no n-gram can find. The swap
+is remembered: later copies propose the reply's token wherever the source has
+the swapped one, as an edit that renames does throughout.
 """
 
 import weakref
@@ -18,6 +20,7 @@ MAX_MATCH = 16  # a match is measured backwards up to this many tokens (its leng
 MAX_ENTRIES = 1 << 18  # distinct n-grams kept per n; the least recently seen go first
 ALIGN_WINDOW = 8  # a copy cursor is judged by how many of the last 8 tokens agree with the 8 before it
 MAX_MISSES = 1  # the cursor is dropped when more tokens than this in a row differ from what it points at
+MAX_SWAPS = 256  # swapped tokens remembered; the least recently confirmed go first
 
 
 class Match(NamedTuple):
@@ -58,6 +61,8 @@ class NgramIndex:
         self.work = 0
         self.cursor: int | None = None  # the position the reply is copying next, if it is copying
         self.misses = 0  # tokens in a row that differed from the cursor's
+        self.swaps: dict[int, int] = {}  # a source's token -> the reply's in its place (dict order: recency)
+        self.swapped: tuple[int, int] | None = None  # the last token missed, (source's, reply's), till confirmed
 
     def sync(self, tokens: list[int]):
         """Bring the index up to `tokens`: keep the prefix it shares with them, index the rest."""
@@ -81,7 +86,8 @@ class NgramIndex:
         for n in range(1, self.max_ngram + 1):
             del self.previous[n][num_tokens:]
         del seen[num_tokens:]
-        self.cursor = None
+        self.cursor, self.swapped = None, None
+        self.swaps.clear()  # learnt from what was cut, maybe
 
     def extend(self, new_tokens: list[int]):
         """Append tokens; index each n-gram that now has a continuation."""
@@ -103,27 +109,50 @@ class NgramIndex:
         self._follow(first)
 
     def _follow(self, first: int):
-        """Move the copy cursor along the tokens from `first` on: one step per token, agreeing or not."""
-        cursor, seen = self.cursor, self.tokens
+        """Move the copy cursor along the tokens from `first` on: one step per token, agreeing or not.
+
+        A token that differs from the source's, followed by one that agrees, is a
+        swap: remembered, and copied from then on. The source's own token where a
+        swap was remembered takes the swap back.
+        """
+        cursor, seen, swaps = self.cursor, self.tokens, self.swaps
         if cursor is None:
             return
         for token in seen[first:]:
-            self.misses = 0 if seen[cursor] == token else self.misses + 1
-            if self.misses > MAX_MISSES:
-                self.cursor = None
-                return
+            source = seen[cursor]
+            if token == source or token == swaps.get(source):
+                if token == source:
+                    swaps.pop(source, None)
+                if self.swapped is not None:
+                    swaps.pop(self.swapped[0], None)  # re-inserted last: the dict's order is recency
+                    swaps[self.swapped[0]] = self.swapped[1]
+                    if len(swaps) > MAX_SWAPS:
+                        del swaps[next(iter(swaps))]
+                self.misses, self.swapped = 0, None
+            else:
+                self.misses += 1
+                self.swapped = (source, token) if self.misses == 1 else None
+                if self.misses > MAX_MISSES:
+                    self.cursor = None
+                    return
             cursor += 1  # stays behind the token compared, since it started behind the end
         self.cursor = cursor
 
+    def _agree(self, source: int, token: int) -> bool:
+        """Whether the reply's `token` copies the source's: the same, or the source's swapped."""
+        return token == source or token == self.swaps.get(source)
+
     def agreement(self, start: int) -> tuple[int, int]:
-        """(exact, aligned): how many of the last tokens equal those before `start`, in a row (up to
-        MAX_MATCH) and position by position among the last ALIGN_WINDOW."""
+        """(exact, aligned): how many of the last tokens equal those before `start` in a row (up to
+        MAX_MATCH), and how many copy them (`_agree`: swaps count) position by position among the last
+        ALIGN_WINDOW."""
         seen, size = self.tokens, len(self.tokens)
+        agree = self._agree
         exact = 0
         while exact < MAX_MATCH and start - exact > 0 and seen[start - exact - 1] == seen[size - exact - 1]:
             exact += 1
         window = min(ALIGN_WINDOW, start)
-        aligned = sum(seen[start - j] == seen[size - j] for j in range(1, window + 1))
+        aligned = sum(agree(seen[start - j], seen[size - j]) for j in range(1, window + 1))
         self.work += exact + window
         return exact, aligned
 
@@ -151,16 +180,19 @@ class NgramIndex:
         if score == 0:
             return None
         if exact >= score:
-            self.cursor, self.misses = start, 0
+            self.cursor, self.misses, self.swapped = start, 0, None
             return Match(start, exact)
         return Match(start, score, realigned=True)
 
     def continuation(self, match: Match, num_draft: int) -> list[int]:
-        """The `num_draft` tokens that followed the match; past the end it repeats itself (a period)."""
-        seen, size = self.tokens, len(self.tokens)
+        """The `num_draft` tokens that followed the match, with the swaps the reply made; past the end it
+        repeats itself (a period)."""
+        seen, size, swaps = self.tokens, len(self.tokens), self.swaps
+        last = self.swapped or (None, None)  # the last token missed: taken for a swap till the next says otherwise
         out = []
         for i in range(match.start, match.start + num_draft):
-            out.append(seen[i] if i < size else out[i - size])
+            token = seen[i] if i < size else out[i - size]
+            out.append(token if i >= size else last[1] if token == last[0] else swaps.get(token, token))
         self.work += num_draft
         return out
 

@@ -51,11 +51,40 @@ def test_a_copy_resumes_after_a_swapped_token():
     assert match == Match(start=21, length=7, realigned=True)  # 7 of the last 8 agree with the source
     assert index.continuation(match, 3) == [121, 122, 123]
     index.extend([121, 122])  # the copy goes on, still judged by its alignment while the swap is in view
-    assert index.match() == Match(start=23, length=7, realigned=True)
+    assert index.match() == Match(start=23, length=8, realigned=True)  # 99 for 120 is a swap now: 8 of 8
     index.extend(source[23:30])
     assert index.match() == Match(start=30, length=9)  # exact again once the swap is 9 tokens back
     index.extend([98, 97])  # two tokens in a row that are not the source's: the reply stopped copying
     assert index.cursor is None and index.match() is None
+
+
+def test_a_swap_is_copied_wherever_the_source_has_the_swapped_token():
+    """An edit that renames throughout: once the reply put 99 where its source has 120 and copied on, later
+    copies propose 99 wherever the source has 120, until the reply keeps a 120 of the source."""
+    source = [100, 101, 120, 102, 103, 104, 105, 106, 107, 120, 108, 109, 110, 111, 112, 113, 114, 120, 115]
+    index = indexed(source + [7] + source[:2])
+    assert index.match() == Match(start=2, length=2)
+    index.extend([99])  # the reply's own token where the source has 120
+    assert index.continuation(index.match(), 3) == [102, 103, 104]
+    index.extend(source[3:9])  # copied on: a swap
+    assert index.swaps == {120: 99}
+    match = index.match()
+    assert match == Match(start=9, length=8, realigned=True)  # 7 equal, and the swapped token
+    assert index.continuation(match, 4) == [99, 108, 109, 110]  # the source's second 120, swapped
+    index.extend([99, *source[10:17], 120])  # the reply keeps the third 120: not a swap there
+    assert index.swaps == {} and index.continuation(index.match(), 1) == [115]
+
+
+def test_two_tokens_in_a_row_off_the_source_are_no_swap():
+    source = list(range(100, 140))
+    index = indexed(source + [7] + source[:20])
+    index.extend([98, 97, *source[22:30]])  # the reply left its source, then met it again
+    assert index.swaps == {} and index.match() == Match(start=30, length=8)
+    index.extend([96])  # a swap learnt ...
+    index.extend(source[31:33])
+    assert index.swaps == {130: 96}
+    index.sync(index.tokens[:-5])  # ... is forgotten with the tokens it was learnt from
+    assert index.swaps == {} and index.cursor is None
 
 
 def test_extend_equals_indexing_at_once():
@@ -63,8 +92,9 @@ def test_extend_equals_indexing_at_once():
     grown = NgramIndex()
     for i in range(0, 300, 7):
         grown.extend(tokens[i : i + 7])
-        assert grown.match() == indexed(tokens[: i + 7]).match()
-    assert grown.last == indexed(tokens).last
+        at_once = indexed(tokens[: i + 7])
+        assert (grown.last, grown.previous) == (at_once.last, at_once.previous)
+        grown.match()  # moves the copy cursor, which learns swaps: the tables do not depend on it
 
 
 def test_tokens_cut_back_or_changed_are_forgotten_exactly():
