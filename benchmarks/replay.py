@@ -102,8 +102,21 @@ def replay(
         catch_up = catch_up_seconds * (behind - 1) * noisy if caught_up else 0.0
         seconds += cost + catch_up
         # as decode.rounds does
+        unused = None
+        if match is not None and choice.source != LOOKUP:  # what a copy would have accepted of the emitted tokens
+            emitted = text[t : t + accepted + 1]
+            proposal = index.continuation(match, len(emitted))
+            unused = (
+                match,
+                len(emitted),
+                next((i for i, (a, b) in enumerate(zip(proposal, emitted)) if a != b), len(emitted)),
+            )
         policy.record(
-            choice, accepted, None if caught_up and not chunked else cost, (behind - 1, catch_up) if chunked else None
+            choice,
+            accepted,
+            None if caught_up and not chunked else cost,
+            (behind - 1, catch_up) if chunked else None,
+            unused,
         )
         behind = 1 + (accepted == k) if choice.source == DRAFT else behind + accepted + 1  # tokens the draft lacks
         if index is not None:
@@ -122,7 +135,7 @@ class Fixed:
     def choose(self, match=None, behind=1, left=None) -> Choice:
         return Choice(DRAFT, self.k) if self.k else Choice(PLAIN, 0)
 
-    def record(self, choice: Choice, num_accepted: int, _seconds, catch_up=None):
+    def record(self, choice: Choice, num_accepted: int, _seconds, catch_up=None, unused=None):
         self.drafted += choice.num_draft
         self.accepted += num_accepted
 

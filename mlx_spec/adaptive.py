@@ -259,12 +259,14 @@ class Controller:
     line prices the others: see CostLine). A round slower than 1.5x its
     expectation counts as 1.5x.
     Choice: the source and k with the largest E(k) / T(k), lookup only where the
-    conversation has a match. While plain decoding wins, two one-token draft
-    rounds probe after `probe_every` plain rounds (the first catches the draft up
-    on the skipped tokens and is not timed, the second is); a match declined
-    `probe_every` times in a row is tried with one token. Each probe that does
-    not bring its source back doubles its gap (up to `max_probe_gap`), so a
-    source that never agrees costs little, and code after prose is still caught.
+    conversation has a match. A round that had a match and used another source
+    tells what copying it would have accepted (the tokens the round emitted are
+    the main model's: `record`'s `unused`), so a match needs no round of its own
+    to be judged. While plain decoding wins, two one-token draft rounds probe
+    after `probe_every` plain rounds (the first catches the draft up on the
+    skipped tokens and is not timed, the second is); each probe that does not
+    bring the draft back doubles the gap (up to `max_probe_gap`), so a draft
+    that never agrees costs little, and code after prose is still caught.
     A call's first round proposes at most `first_draft` tokens, whatever was
     learnt: the first token waits for the whole round.
     The draft model's cache falls behind while other rounds serve (with lookup
@@ -302,21 +304,26 @@ class Controller:
         self.plain_streak = 0
         self.probe_gap = probe_every
         self.probe_left = 0
-        self.declined = 0  # rounds in a row whose lookup match was not used
-        self.lookup_gap = probe_every
         if not self.fresh:  # a new call's text: what was accepted before is a prior the call soon outweighs
             for acceptance in (self.learnt.draft, *self.learnt.main.lookup):
                 acceptance.weigh(CARRY)
 
     # --- learning -------------------------------------------------------------
-    def record(self, choice: Choice, num_accepted: int, seconds: float | None, catch_up=None):
-        """Learn from a round; `catch_up`: (tokens, seconds) the draft spent catching up in it, not in `seconds`."""
+    def record(self, choice: Choice, num_accepted: int, seconds: float | None, catch_up=None, unused=None):
+        """Learn from a round; `catch_up`: (tokens, seconds) the draft spent catching up in it, not in `seconds`;
+        `unused`: (match, n, m) where the round had a lookup match and used another source: of the n tokens
+        it emitted, the first m are those the match's copy would have proposed. Those tokens are the main
+        model's, so a copy of them would have been accepted: m of n (m < n: and the next rejected) is what
+        the copy's round would have seen, greedy; above temperature 0 a sample of it, with its odds."""
         learnt, main, d = self.learnt, self.learnt.main, self.decay
         source, k = choice.source, choice.num_draft
         if source == DRAFT:
             learnt.draft.record(k, num_accepted)
         elif source == LOOKUP:
             main.lookup[choice.bucket].record(k, num_accepted)
+        if unused is not None:
+            match, emitted, copied = unused
+            main.lookup[bucket_of(match)].record(emitted, copied)
         if catch_up is not None:
             learnt.catch_up.record(*catch_up, d)
         if seconds is not None:  # None: the round's time says nothing about T(k)
@@ -411,14 +418,6 @@ class Controller:
         if lookup is not None:
             options.append((lookup[0], Choice(LOOKUP, lookup[1], bucket)))
         choice = max(options, key=lambda o: (o[0], -o[1].num_draft))[1]
-        if bucket is not None:
-            if choice.source == LOOKUP:
-                self.declined, self.lookup_gap = 0, self.probe_every
-            else:
-                self.declined += 1
-                if self.declined >= self.lookup_gap:
-                    self.declined, self.lookup_gap = 0, min(2 * self.lookup_gap, self.max_probe_gap)
-                    return Choice(LOOKUP, 1, bucket)
         if choice.source == DRAFT:
             self.probe_gap = self.probe_every
         elif (

@@ -74,7 +74,7 @@ class FixedDraft:
             return Choice(LOOKUP, self.num_draft)
         return Choice(DRAFT, self.num_draft) if self.has_draft and self.num_draft > 0 else Choice(PLAIN, 0)
 
-    def record(self, choice: Choice, num_accepted: int, seconds: float | None, catch_up=None):
+    def record(self, choice: Choice, num_accepted: int, seconds: float | None, catch_up=None, unused=None):
         pass
 
 
@@ -175,13 +175,19 @@ def rounds(
             seconds -= caught_up[1]
         elif choice.source == DRAFT and behind > 2:
             seconds = None
-        policy.record(choice, verdict.num_accepted, seconds, caught_up)
-        tokens.extend(verdict.new_tokens)
+        new_tokens, match = verdict.new_tokens, lookup.found if lookup is not None else None
+        unused = (
+            (match, len(new_tokens), lookup.copied(new_tokens))
+            if match is not None and choice.source != LOOKUP
+            else None
+        )
+        policy.record(choice, verdict.num_accepted, seconds, caught_up, unused)
+        tokens.extend(new_tokens)
         if num_draft > 0:
             caches.rollback()
         kv_quantize(caches)
-        num_emitted += len(verdict.new_tokens)
-        yield Round(verdict.new_tokens, choice.source, num_draft, verdict.num_accepted, verified.logprobs)
+        num_emitted += len(new_tokens)
+        yield Round(new_tokens, choice.source, num_draft, verdict.num_accepted, verified.logprobs)
 
 
 def plain_rounds(

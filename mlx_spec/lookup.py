@@ -229,6 +229,11 @@ class LookupSource:
         self.found = index.match()
         return self.found
 
+    def copied(self, new_tokens: list[int]) -> int:
+        """How many of a round's `new_tokens`, in a row, the found match's copy would have proposed."""
+        proposal = self.index.continuation(self.found, len(new_tokens))
+        return next((i for i, (a, b) in enumerate(zip(proposal, new_tokens)) if a != b), len(new_tokens))
+
     def propose(self, num_draft: int, key: mx.array | None = None, history: mx.array | None = None):
         """(draft_tokens (k,) int32, q (k, V) or None when greedy): the match's continuation.
 

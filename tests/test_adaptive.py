@@ -194,17 +194,28 @@ def test_a_draft_that_always_disagrees_ends_up_decoding_plainly():
 
 
 def simulate_sources(c, lookup_alpha, draft_alpha, match_length, costs, num_rounds, seed=0):
-    """Drive a controller with both sources; costs: {source: (A, B)}, T0 = costs[PLAIN][0]. Returns the choices."""
+    """Drive a controller with both sources; costs: {source: (A, B)}, T0 = costs[PLAIN][0]. Returns the choices.
+
+    A round that had a match and used another source tells the controller what the copy would have
+    accepted of the tokens it emitted, as the engine does."""
     rng = np.random.default_rng(seed)
     chosen = []
+
+    def run(alpha, limit):
+        n = 0
+        while n < limit and rng.random() < alpha:
+            n += 1
+        return n
+
     for _ in range(num_rounds):
-        choice = c.choose(Match(10, match_length) if match_length else None)
-        alpha = lookup_alpha if choice.source == LOOKUP else draft_alpha
-        accepted = 0
-        while accepted < choice.num_draft and rng.random() < alpha:
-            accepted += 1
+        match = Match(10, match_length) if match_length else None
+        choice = c.choose(match)
+        accepted = run(lookup_alpha if choice.source == LOOKUP else draft_alpha, choice.num_draft)
+        unused = None
+        if match is not None and choice.source != LOOKUP:
+            unused = (match, accepted + 1, run(lookup_alpha, accepted + 1))
         a, b = costs[choice.source]
-        c.record(choice, accepted, a + b * choice.num_draft)
+        c.record(choice, accepted, a + b * choice.num_draft, unused=unused)
         chosen.append(choice)
     return chosen
 
@@ -310,9 +321,24 @@ def test_falls_back_to_the_draft_model_when_lookup_keeps_failing():
     chosen = simulate_sources(c, 0.0, 0.8, 2, COSTS, 200)
     late = chosen[50:]
     assert sum(ch.source == DRAFT for ch in late) > 0.85 * len(late)
-    lookups = [ch for ch in late if ch.source == LOOKUP]
-    assert lookups and all(ch.num_draft == 1 for ch in lookups)  # one-token probes, rarer and rarer
-    assert len(lookups) < 8
+    assert sum(ch.source == LOOKUP for ch in chosen) < 5  # the drafting rounds show the copy failing
+
+
+def test_a_match_is_judged_by_the_rounds_that_did_not_use_it():
+    """What the draft's rounds emitted tells whether a copy would have been accepted, without a round of it:
+    where every copy would have been, the controller copies after few rounds; where none would have been,
+    it never tries one. Without those observations a doubtful match keeps to its prior."""
+    for lookup_alpha, copies in ((1.0, True), (0.0, False)):
+        c = Controller(max_draft=8, max_lookup=16, cost_ratio=0.35)
+        chosen = simulate_sources(c, lookup_alpha, 0.8, 1, COSTS, 40)  # one-token matches: prior 0.2
+        assert any(ch.source == LOOKUP for ch in chosen) == copies
+        if copies:
+            first = next(i for i, ch in enumerate(chosen) if ch.source == LOOKUP)
+            assert first < 10 and all(ch.source == LOOKUP for ch in chosen[first:])
+            assert chosen[-1].num_draft == 16
+    c = Controller(max_draft=8, max_lookup=16, cost_ratio=0.35)
+    simulate_sources(c, 0.0, 0.8, 0, COSTS, 40)  # no match: nothing learnt of copies
+    assert c.choose(Match(10, 1)).source == DRAFT
 
 
 def test_falls_back_to_plain_decoding_when_lookup_keeps_failing_and_there_is_no_draft():

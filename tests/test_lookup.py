@@ -1,5 +1,7 @@
 """Prompt lookup: the n-gram index alone, then drafting from the conversation inside the engine."""
 
+import importlib
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ from test_accept import CRITICAL, chi_squared
 from tiny import make_model, perturbed, reference, repetitive, spec, toy_tokenizer
 
 from mlx_spec import GenerationStats, make_prompt_cache, speculative_generate_step, stream_generate
-from mlx_spec.lookup import MAX_MATCH, Match, NgramIndex, index_for
+from mlx_spec.lookup import MAX_MATCH, LookupSource, Match, NgramIndex, index_for
 
 # --- the index ------------------------------------------------------------------------------------
 
@@ -146,6 +148,14 @@ def test_the_index_lives_with_its_caches():
     assert index_for(cache).tokens == [1, 2, 3]
 
 
+def test_a_round_that_did_not_copy_counts_the_tokens_a_copy_would_have_proposed():
+    cache = make_prompt_cache(make_model("llama", layers=1))
+    cache.tokens.extend([1, 2, 3, 4, 5, 1, 2])
+    source = LookupSource(cache, 100, greedy=True)
+    assert source.match() == Match(start=2, length=2)  # the copy: 3, 4, 5, 1, 2, 3, ...
+    assert [source.copied(t) for t in ([3, 4, 9], [3, 4, 5], [7], [3, 4, 5, 1, 2, 3])] == [2, 3, 0, 6]
+
+
 # --- inside the engine ----------------------------------------------------------------------------
 
 
@@ -248,6 +258,34 @@ def test_statistics_by_source_add_up(copier):
     assert sources.count(None) == stats.num_rounds == sum(stats.rounds_by_source.values())
     assert stats.generation_tokens == len(sources) == 150
     assert "from the conversation" in stats.summary()
+
+
+def test_rounds_that_use_another_source_report_what_the_copy_would_have_accepted(copier, monkeypatch):
+    """Each round that had a match and did not copy tells the policy how many of the tokens it emitted the
+    copy would have proposed in a row; the copier's text repeats, so some would have been, some not."""
+    generate = importlib.import_module("mlx_spec.generate")  # the module, not the function of its name
+    main, draft = copier
+    rounds, make = [], generate._policy
+
+    def spying(*args):
+        policy = make(*args)
+        record = policy.record
+
+        def spied(choice, num_accepted, seconds, catch_up=None, unused=None):
+            rounds.append((choice, num_accepted, unused))
+            record(choice, num_accepted, seconds, catch_up, unused)
+
+        policy.record = spied
+        return policy
+
+    monkeypatch.setattr(generate, "_policy", spying)
+    assert spec(PROMPT, main, draft, max_tokens=150) == reference(main, PROMPT, 150)
+    reported = [(choice, accepted, unused) for choice, accepted, unused in rounds if unused is not None]
+    assert reported and all(choice.source != "lookup" for choice, _, _ in reported)
+    assert all(
+        isinstance(match, Match) and n == accepted + 1 and 0 <= m <= n for _, accepted, (match, n, m) in reported
+    )
+    assert any(m == n for _, _, (_, n, m) in reported) and any(m < n for _, _, (_, n, m) in reported)
 
 
 def test_lookup_off_with_no_draft_is_plain_decoding(copier):

@@ -100,9 +100,9 @@ def test_lookup_replays_exactly_over_a_text_that_repeats_its_prompt():
     policy = Controller(max_draft=0, has_draft=False)
     chosen = []
     record = policy.record
-    policy.record = lambda choice, accepted, seconds, catch_up: (
+    policy.record = lambda choice, accepted, seconds, catch_up, unused: (
         chosen.append((choice, accepted)),
-        record(choice, accepted, seconds, catch_up),
+        record(choice, accepted, seconds, catch_up, unused),
     )
     rate = replay.replay(policy, trace, COSTS["round_seconds"], 0.0, noise=0.0, lookup_seconds=lookup_seconds)
     copied = sum(accepted for choice, accepted in chosen if choice.source == LOOKUP)
