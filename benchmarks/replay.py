@@ -47,7 +47,7 @@ import numpy as np
 from mlx_spec.adaptive import DRAFT, LOOKUP, PLAIN, Choice, Controller, Learnt
 from mlx_spec.bench import ALL_PROMPTS
 from mlx_spec.cache import SLACK
-from mlx_spec.lookup import NgramIndex
+from mlx_spec.lookup import NgramIndex, agreeing
 from mlx_spec.options import AUTO_MAX_LOOKUP as MAX_LOOKUP
 
 
@@ -86,9 +86,7 @@ def replay(
         choice = choice._replace(num_draft=k, source=choice.source if k > 0 else PLAIN)
         accepted = 0
         if choice.source == LOOKUP:
-            proposal = index.continuation(match, k)
-            while accepted < k and proposal[accepted] == text[t + accepted]:
-                accepted += 1
+            accepted = agreeing(index.continuation(match, k), text[t : t + k])
         while (
             choice.source == DRAFT
             and accepted < k
@@ -105,12 +103,7 @@ def replay(
         unused = None
         if match is not None and choice.source != LOOKUP:  # what a copy would have accepted of the emitted tokens
             emitted = text[t : t + accepted + 1]
-            proposal = index.continuation(match, len(emitted))
-            unused = (
-                match,
-                len(emitted),
-                next((i for i, (a, b) in enumerate(zip(proposal, emitted)) if a != b), len(emitted)),
-            )
+            unused = (match, len(emitted), agreeing(index.continuation(match, len(emitted)), emitted))
         policy.record(
             choice,
             accepted,

@@ -197,6 +197,11 @@ class NgramIndex:
         return out
 
 
+def agreeing(proposal: list[int], tokens: list[int]) -> int:
+    """How many of `tokens`, from the first on, equal `proposal`'s."""
+    return next((i for i, (a, b) in enumerate(zip(proposal, tokens)) if a != b), min(len(proposal), len(tokens)))
+
+
 _INDEXES: dict[int, NgramIndex] = {}
 
 
@@ -231,8 +236,7 @@ class LookupSource:
 
     def copied(self, new_tokens: list[int]) -> int:
         """How many of a round's `new_tokens`, in a row, the found match's copy would have proposed."""
-        proposal = self.index.continuation(self.found, len(new_tokens))
-        return next((i for i, (a, b) in enumerate(zip(proposal, new_tokens)) if a != b), len(new_tokens))
+        return agreeing(self.index.continuation(self.found, len(new_tokens)), new_tokens)
 
     def propose(self, num_draft: int, key: mx.array | None = None, history: mx.array | None = None):
         """(draft_tokens (k,) int32, q (k, V) or None when greedy): the match's continuation.

@@ -9,6 +9,7 @@ from test_accept import CRITICAL, chi_squared
 from tiny import make_model, perturbed, reference, repetitive, spec, toy_tokenizer
 
 from mlx_spec import GenerationStats, make_prompt_cache, speculative_generate_step, stream_generate
+from mlx_spec.adaptive import kept_apart
 from mlx_spec.lookup import MAX_MATCH, LookupSource, Match, NgramIndex, index_for
 
 # --- the index ------------------------------------------------------------------------------------
@@ -262,9 +263,10 @@ def test_statistics_by_source_add_up(copier):
 
 def test_rounds_that_use_another_source_report_what_the_copy_would_have_accepted(copier, monkeypatch):
     """Each round that had a match and did not copy tells the policy how many of the tokens it emitted the
-    copy would have proposed in a row; the copier's text repeats, so some would have been, some not."""
+    copy would have proposed in a row: checked against the copy and the text, round by round."""
     generate = importlib.import_module("mlx_spec.generate")  # the module, not the function of its name
     main, draft = copier
+    cache = make_prompt_cache(main, draft)
     rounds, make = [], generate._policy
 
     def spying(*args):
@@ -272,20 +274,26 @@ def test_rounds_that_use_another_source_report_what_the_copy_would_have_accepted
         record = policy.record
 
         def spied(choice, num_accepted, seconds, catch_up=None, unused=None):
-            rounds.append((choice, num_accepted, unused))
+            if unused is not None:  # the copy as proposed now, and where the round's tokens will go
+                match, n, _ = unused
+                rounds.append(
+                    (choice, num_accepted, unused, index_for(cache).continuation(match, n), len(cache.tokens))
+                )
             record(choice, num_accepted, seconds, catch_up, unused)
 
         policy.record = spied
         return policy
 
     monkeypatch.setattr(generate, "_policy", spying)
-    assert spec(PROMPT, main, draft, max_tokens=150) == reference(main, PROMPT, 150)
-    reported = [(choice, accepted, unused) for choice, accepted, unused in rounds if unused is not None]
-    assert reported and all(choice.source != "lookup" for choice, _, _ in reported)
-    assert all(
-        isinstance(match, Match) and n == accepted + 1 and 0 <= m <= n for _, accepted, (match, n, m) in reported
-    )
-    assert any(m == n for _, _, (_, n, m) in reported) and any(m < n for _, _, (_, n, m) in reported)
+    with kept_apart("test: unused copies"):  # learnt from nothing before, whatever ran earlier in this process
+        out = spec(PROMPT, main, draft, max_tokens=150, prompt_cache=cache)
+    assert out == reference(main, PROMPT, 150)
+    text = PROMPT + out
+    assert rounds and all(choice.source != "lookup" for choice, *_ in rounds)
+    for _, accepted, (match, n, m), proposal, at in rounds:
+        assert isinstance(match, Match) and n == accepted + 1 and len(proposal) == n
+        emitted = text[at : at + n]
+        assert proposal[:m] == emitted[:m] and (m == n or proposal[m] != emitted[m])
 
 
 def test_lookup_off_with_no_draft_is_plain_decoding(copier):
