@@ -175,12 +175,9 @@ def rounds(
             seconds -= caught_up[1]
         elif choice.source == DRAFT and behind > 2:
             seconds = None
-        new_tokens, match = verdict.new_tokens, lookup.found if lookup is not None else None
-        unused = (
-            (match, len(new_tokens), lookup.copied(new_tokens))
-            if match is not None and choice.source != LOOKUP
-            else None
-        )
+        new_tokens, unused = verdict.new_tokens, None
+        if lookup is not None and lookup.found is not None and choice.source != LOOKUP:  # what a copy would have done
+            unused = (lookup.found, len(new_tokens), lookup.copied(new_tokens))
         policy.record(choice, verdict.num_accepted, seconds, caught_up, unused)
         tokens.extend(new_tokens)
         if num_draft > 0:
