@@ -398,6 +398,14 @@ class Controller:
             return choice._replace(num_draft=self.first_draft)
         return choice
 
+    def keeps_plain(self, match=None, behind: int = 1, left: int | None = None) -> bool:
+        """Whether `choose` would decode plainly now; learns and changes nothing (a plain round asks it
+        whether to queue the next step before its own token is read)."""
+        probing = self.probe_left, self.probe_gap
+        plain = self.choose(match, behind, left).source == PLAIN
+        self.probe_left, self.probe_gap = probing
+        return plain
+
     def _choose(self, match, behind: int, left: int | None) -> Choice:
         bucket = None if match is None or self.max_lookup == 0 else bucket_of(match)
         lookup = None if bucket is None else self.best(LOOKUP, self.max_lookup, bucket)  # (tokens per second, k)

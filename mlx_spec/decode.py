@@ -74,6 +74,9 @@ class FixedDraft:
             return Choice(LOOKUP, self.num_draft)
         return Choice(DRAFT, self.num_draft) if self.has_draft and self.num_draft > 0 else Choice(PLAIN, 0)
 
+    def keeps_plain(self, match: Match | None = None, behind: int = 1, left: int | None = None) -> bool:
+        return self.choose(match).source == PLAIN
+
     def record(self, choice: Choice, num_accepted: int, seconds: float | None, catch_up=None, unused=None):
         pass
 
@@ -151,21 +154,39 @@ def rounds(
     num_emitted, draft_key, accept_key = 0, None, None
     lookup, draft = sources.get(LOOKUP), sources.get(DRAFT)
     check = functools.partial(verify, model, caches, params, logits_processors)
+    ahead = None  # a plain step queued behind a plain round before its token was read: the next round
     while num_emitted < max_tokens:
         start, tokens = time.perf_counter(), caches.tokens
-        # 1) choose: source and length, from the conversation's match and what was learnt
-        behind = draft.num_behind() if draft is not None else 1
-        choice = policy.choose(lookup.match() if lookup is not None else None, behind, max_tokens - num_emitted)
-        num_draft = min(choice.num_draft, max_tokens - num_emitted - 1, max_draft(len(tokens) - 1))
-        choice = choice._replace(num_draft=num_draft, source=choice.source if num_draft > 0 else PLAIN)
-        if key is not None:
-            key, draft_key, accept_key = mx.random.split(key, 3)
-        history = mx.array(tokens[history_start:], mx.int32) if logits_processors else None
-        # 2) propose, 3) verify and accept in one lazy graph, 4) one host read
-        draft_tokens, draft_probs = mx.zeros((0,), mx.int32), None
-        if choice.source != PLAIN:
-            draft_tokens, draft_probs = sources[choice.source].propose(num_draft, draft_key, history)
-        verified = check(mx.array(tokens[-1:]), draft_tokens, draft_probs, history, accept_key)
+        found = lookup.match() if lookup is not None else None
+        behind, left = draft.num_behind() if draft is not None else 1, max_tokens - num_emitted
+        if ahead is not None:  # queued: this round decodes plainly, whatever the policy would choose
+            choice, verified, ahead = Choice(PLAIN, 0), ahead, None
+            queue = policy.keeps_plain(found, behind, left)  # then the policy's choice now says whether to queue
+        else:
+            # 1) choose: source and length, from the conversation's match and what was learnt
+            choice = policy.choose(found, behind, left)
+            num_draft = min(choice.num_draft, left - 1, max_draft(len(tokens) - 1))
+            choice = choice._replace(num_draft=num_draft, source=choice.source if num_draft > 0 else PLAIN)
+            if key is not None:
+                key, draft_key, accept_key = mx.random.split(key, 3)
+            history = mx.array(tokens[history_start:], mx.int32) if logits_processors else None
+            # 2) propose, 3) verify and accept in one lazy graph
+            draft_tokens, draft_probs = mx.zeros((0,), mx.int32), None
+            if choice.source != PLAIN:
+                draft_tokens, draft_probs = sources[choice.source].propose(choice.num_draft, draft_key, history)
+            verified = check(mx.array(tokens[-1:]), draft_tokens, draft_probs, history, accept_key)
+            queue = choice.source == PLAIN
+        if queue and left > 1:
+            # a plain round queues the next step before its token is read, as plain_rounds does: building it
+            # keeps the device busy. That round decodes plainly too (a copy or a draft waits one token).
+            mx.async_eval(verified.readout)
+            kv_quantize(caches)  # as after every step of mlx-lm's generate_step
+            if key is not None:
+                key, _, accept_key = mx.random.split(key, 3)
+            history = None if history is None else mx.concatenate([history, verified.next_token[None]])
+            ahead = check(verified.next_token[None], mx.zeros((0,), mx.int32), None, history, accept_key)
+            mx.async_eval(ahead.logprobs, ahead.readout)
+        # 4) one host read
         verdict = Verdict.read(host, verified)
         # 5) learn, extend the conversation, roll back the rejected positions
         # A draft that sat out other rounds caught up on them in this round: in chunks, timed apart (it
@@ -176,15 +197,15 @@ def rounds(
         elif choice.source == DRAFT and behind > 2:
             seconds = None
         new_tokens, unused = verdict.new_tokens, None
-        if lookup is not None and lookup.found is not None and choice.source != LOOKUP:  # what a copy would have done
-            unused = (lookup.found, len(new_tokens), lookup.copied(new_tokens))
+        if found is not None and choice.source != LOOKUP:  # what a copy would have done
+            unused = (found, len(new_tokens), lookup.copied(new_tokens))
         policy.record(choice, verdict.num_accepted, seconds, caught_up, unused)
         tokens.extend(new_tokens)
-        if num_draft > 0:
+        if choice.num_draft > 0:
             caches.rollback()
         kv_quantize(caches)
         num_emitted += len(new_tokens)
-        yield Round(new_tokens, choice.source, num_draft, verdict.num_accepted, verified.logprobs)
+        yield Round(new_tokens, choice.source, choice.num_draft, verdict.num_accepted, verified.logprobs)
 
 
 def plain_rounds(

@@ -145,6 +145,22 @@ def test_probes_back_off_while_plain_decoding_keeps_winning():
     assert probes[0] == 4 and gaps[:3] == [8, 16, 16]
 
 
+def test_asking_whether_plain_decoding_goes_on_changes_nothing():
+    """A queued plain round asks `keeps_plain`: the answer is `choose`'s, and asking neither starts a probe
+    nor moves the probes' schedule."""
+    c = DraftController(probe_every=4, max_probe_gap=16, cost_ratio=1.0)
+    record(c, 3, 0, 4.0)
+    chosen = []
+    for _ in range(40):
+        answers = {c.keeps_plain() for _ in range(3)}
+        k = c.choose().num_draft
+        assert answers == {k == 0}
+        chosen.append(k)
+        record(c, k, 0, 1.0 if k == 0 else 2.0 + 1.0 * k)
+    probes = [i for i, k in enumerate(chosen) if k > 0 and (i == 0 or chosen[i - 1] == 0)]
+    assert probes[:3] == [4, 14, 32]  # as without asking (the test above): gaps of 8 and 16
+
+
 def test_falls_to_plain_decoding_when_the_draft_is_as_slow_as_the_main_model():
     chosen = simulate(DraftController(cost_ratio=1.0), lambda r: 0.6, 1.0, 1.0, 200)
     late = chosen[50:]

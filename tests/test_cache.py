@@ -280,3 +280,47 @@ def test_reuse_prefix_leaves_a_rotating_cache_that_cannot_go_back_unchanged(pair
     tokens = list(cache.tokens)
     assert reuse_prefix(cache, prompt + [9]) is None
     assert cache.tokens == tokens and tokens == prompt + generated
+
+
+class Scripted:
+    """A policy that plays `script` in a loop (plain rounds as 0, draft lengths as k): each entry is either
+    chosen, or, plain, the answer to whether a queued plain round may queue the next one."""
+
+    def __init__(self, script):
+        from mlx_spec.adaptive import DRAFT, PLAIN, Choice
+
+        self.choices = [Choice(DRAFT, k) if k else Choice(PLAIN, 0) for k in script]
+        self.next, self.chosen, self.asked, self.played = 0, 0, 0, []
+
+    def choose(self, match=None, behind=1, left=None):
+        self.chosen += 1
+        self.next += 1
+        return self.choices[(self.next - 1) % len(self.choices)]
+
+    def keeps_plain(self, match=None, behind=1, left=None):
+        self.asked += 1
+        plain = self.choices[self.next % len(self.choices)].num_draft == 0
+        self.next += plain
+        return plain
+
+    def record(self, choice, num_accepted, seconds, catch_up=None, unused=None):
+        self.played.append(choice.num_draft)
+
+
+@pytest.mark.parametrize("max_kv_size", [None, 16])
+def test_a_plain_round_queues_the_next_step_and_the_policy_takes_over_after_it(pair, max_kv_size, monkeypatch):
+    """A plain round queues a plain step before its token is read: the next round is that step, whatever
+    the policy would choose; the policy then decides again. Output and caches stay the main model's."""
+    import importlib
+
+    main, draft = pair
+    policy = Scripted([0, 0, 0, 3, 0, 2])
+    monkeypatch.setattr(importlib.import_module("mlx_spec.generate"), "_policy", lambda *args: policy)
+    prompt = [(7 * i + 3) % 90 + 3 for i in range(12)]
+    cache = make_prompt_cache(main, draft, max_kv_size=max_kv_size)
+    got = spec(prompt, main, draft, max_tokens=80, prompt_cache=cache, prompt_lookup=False)
+    assert got == reference(main, prompt, 80, max_kv_size=max_kv_size)
+    check_consistent(cache)
+    # chosen plain, then queued: plain, plain and one more, since the draft's 3 waits for the queued round
+    assert policy.played[:8] == [0, 0, 0, 0, 3, 0, 0, 2]
+    assert policy.chosen + policy.asked == len(policy.played)  # each round asks once: chosen, or queued
