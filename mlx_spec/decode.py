@@ -4,8 +4,10 @@ Each round the policy picks a source of draft tokens (the conversation, the
 draft model, or none) and a length; both sources share one interface,
 `propose(num_draft, key, history) -> (draft_tokens, q)`. Plain decoding with no
 source at all runs in `plain_rounds`, which builds and schedules each step
-before the previous token is read, as mlx-lm's generate_step does. Prefill of
-the prompt also lives here, since it fills the same pair of caches.
+before the previous token is read, as mlx-lm's generate_step does; a plain
+round of `rounds` queues the next step so too, while the policy keeps to plain
+decoding. Prefill of the prompt also lives here, since it fills the same pair
+of caches.
 """
 
 import functools

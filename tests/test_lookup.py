@@ -200,15 +200,21 @@ def test_greedy_is_exact_with_every_cache_kind(arch, options, with_draft):
     draft = perturbed(main, 0.01) if with_draft else None
     kw = dict(options)
     if kw.get("logits_processors"):
-        kw["logits_processors"] = make_logits_processors(repetition_penalty=1.5)
+        kw["logits_processors"] = make_logits_processors(repetition_penalty=1.2)  # 1.5: no copy is accepted
     prompt = [(7 * i + 3) % 90 + 3 for i in range(20)]
     expected = reference(main, prompt, 160, **kw)
     stats = GenerationStats()
     cache = make_prompt_cache(main, draft, max_kv_size=kw.get("max_kv_size"))
-    assert spec(prompt, main, draft, max_tokens=160, stats=stats, prompt_cache=cache, **kw) == expected
+    # a fixed length copies wherever the conversation has a match, whatever a round costs on tiny models
+    got = spec(prompt, main, draft, num_draft_tokens=4, max_tokens=160, stats=stats, prompt_cache=cache, **kw)
+    assert got == expected
     assert stats.lookup_accepted_tokens > 0
     if "max_kv_size" in kw:
         assert len(cache.tokens) > 10 * kw["max_kv_size"]  # long after the wrap
+    # auto: on tiny models mostly plain rounds, each queued behind the one before
+    stats = GenerationStats()
+    assert spec(prompt, main, draft, max_tokens=160, stats=stats, **kw) == expected
+    assert stats.rounds_by_source["plain"] > 0
 
 
 def test_the_draft_reads_the_prompt_when_a_round_first_drafts(copier):
