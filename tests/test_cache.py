@@ -324,3 +324,26 @@ def test_a_plain_round_queues_the_next_step_and_the_policy_takes_over_after_it(p
     # chosen plain, then queued: plain, plain and one more, since the draft's 3 waits for the queued round
     assert policy.played[:8] == [0, 0, 0, 0, 3, 0, 0, 2]
     assert policy.chosen + policy.asked == len(policy.played)  # each round asks once: chosen, or queued
+
+
+@pytest.mark.parametrize("max_kv_size", [None, 16])
+def test_stopping_with_a_plain_step_queued_then_continuing_equals_a_fresh_run(pair, max_kv_size, monkeypatch):
+    """The caller stops while a plain round has the next step queued: the caches drop it, and the next call
+    over them answers as a fresh run does."""
+    import importlib
+
+    main, draft = pair
+    monkeypatch.setattr(importlib.import_module("mlx_spec.generate"), "_policy", lambda *args: Scripted([0]))
+    prompt = [1, 5, 9, 22, 3]
+    cache = make_prompt_cache(main, draft, max_kv_size=max_kv_size)
+    steps = speculative_generate_step(prompt, main, draft, max_tokens=100, prompt_cache=cache)
+    first = [next(steps)[0] for _ in range(21)]
+    steps.close()
+    assert first == reference(main, prompt, 21, max_kv_size=max_kv_size)
+    assert cache.tokens == prompt + first
+    check_consistent(cache)
+    turn = [30, 31, 32]
+    cont = spec(turn, main, draft, max_tokens=30, prompt_cache=cache)
+    fresh = make_prompt_cache(main, draft, max_kv_size=max_kv_size)
+    spec(prompt, main, draft, max_tokens=21, prompt_cache=fresh)
+    assert cont == spec(turn, main, draft, max_tokens=30, prompt_cache=fresh)

@@ -109,11 +109,32 @@ def long_message(models):
     return find_message(models, [], short=False, start=200)[0]
 
 
+# `mlx-spec chat` whose replies come 2 ms a token slower, as a real model's would: the tiny pair writes a
+# thousand tokens faster than a busy machine's test reads the first, which Ctrl-C must land after
+SLOW_CHAT = """
+import sys, time
+from contextlib import closing
+import mlx_spec.chat
+from mlx_spec.cli import main
+
+generate = mlx_spec.chat.stream_generate
+
+def slower(*args, **kwargs):
+    with closing(generate(*args, **kwargs)) as responses:
+        for response in responses:
+            time.sleep(0.002)
+            yield response
+
+mlx_spec.chat.stream_generate = slower
+sys.exit(main())
+"""
+
+
 def spawn_chat(folders, max_tokens: int):
     """`mlx-spec chat` on the tiny pair in a pseudo-terminal, at its first prompt."""
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
     env["TERM"] = "dumb"  # the line editor without escape sequences
-    args = ["-m", "mlx_spec.cli", "chat", "--model", folders["main"], "--draft-model", folders["draft"]]
+    args = ["-c", SLOW_CHAT, "chat", "--model", folders["main"], "--draft-model", folders["draft"]]
     child = pexpect.spawn(
         sys.executable,
         args + ["--max-tokens", str(max_tokens)],
@@ -156,7 +177,7 @@ def test_chat_in_a_terminal(folders, models, long_message):
     child.expect_exact("new conversation")
 
     # Ctrl-C in the middle of a long reply keeps what was shown and returns to the prompt. The rest of the
-    # reply may fit in the terminal's buffers: one that outruns the Ctrl-C (a busy machine) is asked again.
+    # reply fits in the terminal's buffers: one that still outruns the Ctrl-C is asked again.
     for _ in range(3):
         child.sendline(long_message)
         child.expect(echoed(long_message))
