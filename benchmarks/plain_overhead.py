@@ -6,10 +6,10 @@
 On a model whose layers are tiny (the default pair's main architecture, 28
 layers, hidden size 256), a step costs mostly the building and dispatching of
 its graph, which is where a decoding loop's own overhead shows. Three loops,
-interleaved: mlx-lm's generate_step; mlx_spec with no draft (each step
-scheduled before the previous token is read, as mlx-lm does); and mlx_spec
-with a draft that never drafts (k = 0 every round: one step at a time, each
-built only after the previous token was read). Prints ms per token.
+interleaved: mlx-lm's generate_step; mlx_spec with no draft; and mlx_spec
+with a draft that never drafts (k = 0 every round). Both of mlx_spec's queue
+each step before the previous token is read, as mlx-lm does; the second also
+asks its policy each round. Prints ms per token.
 """
 
 import argparse
@@ -55,7 +55,7 @@ def main(argv=None):
     def no_draft():
         return list(speculative_generate_step(prompt, model, None, max_tokens=args.tokens, prompt_lookup=False))
 
-    def one_at_a_time():
+    def never_drafts():
         policy = generate_module._policy
         generate_module._policy = lambda *_: FixedDraft(0)
         try:
@@ -66,7 +66,7 @@ def main(argv=None):
     loops = {
         "mlx-lm generate_step": mlx_lm,
         "mlx_spec, no draft": no_draft,
-        "mlx_spec, k = 0 rounds (not scheduled ahead)": one_at_a_time,
+        "mlx_spec, a draft that never drafts (k = 0 rounds)": never_drafts,
     }
     times = {name: [] for name in loops}
     for rep in range(args.repetitions + 1):  # the first pass warms up

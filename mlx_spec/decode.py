@@ -2,12 +2,11 @@
 
 Each round the policy picks a source of draft tokens (the conversation, the
 draft model, or none) and a length; both sources share one interface,
-`propose(num_draft, key, history) -> (draft_tokens, q)`. Plain decoding with no
-source at all runs in `plain_rounds`, which builds and schedules each step
-before the previous token is read, as mlx-lm's generate_step does; a plain
-round of `rounds` queues the next step so too, while the policy keeps to plain
-decoding. Prefill of the prompt also lives here, since it fills the same pair
-of caches.
+`propose(num_draft, key, history) -> (draft_tokens, q)`. A plain round (no
+source, or none chosen) queues the next step before its own token is read, as
+mlx-lm's generate_step does, while the policy keeps to plain decoding: with no
+source at all, every step. Prefill of the prompt also lives here, since it
+fills the same pair of caches.
 """
 
 import functools
@@ -163,7 +162,7 @@ def rounds(
         behind, left = draft.num_behind() if draft is not None else 1, max_tokens - num_emitted
         if ahead is not None:  # queued: this round decodes plainly, whatever the policy would choose
             choice, verified, ahead = Choice(PLAIN, 0), ahead, None
-            queue = policy.keeps_plain(found, behind, left)  # then the policy's choice now says whether to queue
+            queue = policy.keeps_plain(found, behind, left)  # and queues the next if the policy would
         else:
             # 1) choose: source and length, from the conversation's match and what was learnt
             choice = policy.choose(found, behind, left)
@@ -179,8 +178,8 @@ def rounds(
             verified = check(mx.array(tokens[-1:]), draft_tokens, draft_probs, history, accept_key)
             queue = choice.source == PLAIN
         if queue and left > 1:
-            # a plain round queues the next step before its token is read, as plain_rounds does: building it
-            # keeps the device busy. That round decodes plainly too (a copy or a draft waits one token).
+            # a plain round queues the next step before its token is read: building it keeps the device busy.
+            # That round decodes plainly too (a copy or a draft waits one token).
             mx.async_eval(verified.readout)
             kv_quantize(caches)  # as after every step of mlx-lm's generate_step
             if key is not None:
@@ -208,40 +207,3 @@ def rounds(
         kv_quantize(caches)
         num_emitted += len(new_tokens)
         yield Round(new_tokens, choice.source, choice.num_draft, verdict.num_accepted, verified.logprobs)
-
-
-def plain_rounds(
-    model,
-    caches: CachePair,
-    max_tokens: int,
-    params: SamplingParams,
-    key: mx.array | None,
-    kv_quantize: Callable,
-    host: HostReads,
-    logits_processors=None,
-    history_start: int = 0,
-) -> Iterator[Round]:
-    """Plain decoding, as mlx-lm's generate_step: each step is built and queued behind the previous one
-    before that one's token is read, so building a graph never leaves the device idle."""
-    tokens, no_draft = caches.tokens, mx.zeros((0,), mx.int32)
-    check = functools.partial(verify, model, caches, params, logits_processors)
-    history = mx.array(tokens[history_start:], mx.int32) if logits_processors else None
-    accept_key = None
-    if key is not None:
-        key, _, accept_key = mx.random.split(key, 3)
-    step = check(mx.array(tokens[-1:]), no_draft, None, history, accept_key)
-    for num_emitted in range(1, max_tokens + 1):
-        mx.async_eval(step.readout)  # first in the queue: reading it does not wait for the next step
-        kv_quantize(caches)  # as after every step of mlx-lm's generate_step
-        ahead = None
-        if num_emitted < max_tokens:
-            if key is not None:
-                key, _, accept_key = mx.random.split(key, 3)
-            history = None if history is None else mx.concatenate([history, step.next_token[None]])
-            ahead = check(step.next_token[None], no_draft, None, history, accept_key)
-            mx.async_eval(ahead.logprobs, ahead.readout)
-        new_token = Verdict.read(host, step).next_token
-        tokens.append(new_token)
-        kv_quantize(caches)
-        yield Round([new_token], PLAIN, 0, 0, step.logprobs)
-        step = ahead

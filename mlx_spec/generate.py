@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizer
 
 from .adaptive import DRAFT, LOOKUP, Controller, learnt_for
 from .cache import CachePair, SlackRotatingCache
-from .decode import FixedDraft, HostReads, plain_rounds, prefill, rounds
+from .decode import FixedDraft, HostReads, prefill, rounds
 from .draft import DraftModel, DraftSource
 from .load import check_draft, output_size
 from .lookup import LookupSource
@@ -190,25 +190,20 @@ def speculative_generate_step(
                 prefill, draft_model, caches.draft, caches=caches, kv_quantize=kv_quantize, chunk=opts.prefill_step_size
             )
             sources[DRAFT] = DraftSource(draft, caches, params, catch_up, logits_processors)
-        if sources:
-            steps = rounds(
-                model,
-                sources,
-                caches,
-                policy,
-                opts.token_limit,
-                params,
-                key,
-                opts.max_draft,
-                kv_quantize,
-                host,
-                logits_processors,
-                history_start=num_before,
-            )
-        else:
-            steps = plain_rounds(
-                model, caches, opts.token_limit, params, key, kv_quantize, host, logits_processors, num_before
-            )
+        steps = rounds(
+            model,
+            sources,
+            caches,
+            policy,
+            opts.token_limit,
+            params,
+            key,
+            opts.max_draft,
+            kv_quantize,
+            host,
+            logits_processors,
+            history_start=num_before,
+        )
         for round_ in steps:
             stats.record_round(round_.num_draft, round_.num_accepted, round_.source)
             stats.host_syncs = host.count

@@ -110,9 +110,9 @@ def test_sampled_from_draft_flags_match_acceptance(pair):
 
 
 @pytest.mark.parametrize("temp", [0.0, 0.8])
-def test_no_draft_scheduled_ahead_equals_plain_rounds(pair, temp, monkeypatch):
-    """Plain decoding with no draft builds each step before the previous token is read; with a draft that
-    never drafts (k = 0 every round) it does not. Both draw the same keys: the same tokens."""
+def test_a_draft_that_never_drafts_decodes_as_no_draft(pair, temp, monkeypatch):
+    """With no draft, and with a draft that never drafts (k = 0 every round), each step is queued before
+    the previous token is read, with the same keys: the same tokens."""
     from mlx_spec.decode import FixedDraft
 
     generate_module = importlib.import_module("mlx_spec.generate")  # the package's `generate` is the function
