@@ -144,10 +144,10 @@ def rounds(
     logits_processors=None,
     history_start: int = 0,
 ) -> Iterator[Round]:
-    """Speculative rounds until `max_tokens` tokens were emitted; caches.tokens grows as rounds finish.
+    """Rounds until `max_tokens` tokens were emitted; caches.tokens grows as rounds finish.
 
     On entry every token but the last is in the main cache. `sources` maps
-    DRAFT and LOOKUP to those available; `policy` chooses each round's source
+    DRAFT and LOOKUP to those available (none: plain decoding); `policy` chooses each round's source
     and length from the lookup's match and learns from its outcome;
     `max_draft(offset)` bounds the draft length of a round starting at main
     cache offset `offset`.
