@@ -155,6 +155,7 @@ def rounds(
     num_emitted, draft_key, accept_key = 0, None, None
     lookup, draft = sources.get(LOOKUP), sources.get(DRAFT)
     check = functools.partial(verify, model, caches, params, logits_processors)
+    no_draft = mx.zeros((0,), mx.int32)
     ahead = None  # a plain step queued behind a plain round before its token was read: the next round
     while num_emitted < max_tokens:
         start, tokens = time.perf_counter(), caches.tokens
@@ -172,7 +173,7 @@ def rounds(
                 key, draft_key, accept_key = mx.random.split(key, 3)
             history = mx.array(tokens[history_start:], mx.int32) if logits_processors else None
             # 2) propose, 3) verify and accept in one lazy graph
-            draft_tokens, draft_probs = mx.zeros((0,), mx.int32), None
+            draft_tokens, draft_probs = no_draft, None
             if choice.source != PLAIN:
                 draft_tokens, draft_probs = sources[choice.source].propose(choice.num_draft, draft_key, history)
             verified = check(mx.array(tokens[-1:]), draft_tokens, draft_probs, history, accept_key)
@@ -185,7 +186,7 @@ def rounds(
             if key is not None:
                 key, _, accept_key = mx.random.split(key, 3)
             history = None if history is None else mx.concatenate([history, verified.next_token[None]])
-            ahead = check(verified.next_token[None], mx.zeros((0,), mx.int32), None, history, accept_key)
+            ahead = check(verified.next_token[None], no_draft, None, history, accept_key)
             mx.async_eval(ahead.logprobs, ahead.readout)
         # 4) one host read
         verdict = Verdict.read(host, verified)
