@@ -16,6 +16,10 @@ from typing import NamedTuple
 PLAIN, DRAFT, LOOKUP = "plain", "draft", "lookup"
 SLOPE_PRIOR = 2.0  # weight of the prior slope in a cost line's fit
 OUTLIER = 1.5  # a round's seconds count at most this times what its kind of round was expected to take
+# A plain round waits for a step queued behind the one before it: when that round found its token ready
+# (the pipeline's jitter), this one waits for two steps. So a plain round is an outlier only beyond
+# OUTLIER times two steps: clamped at one, their mean came out up to a fifth low on this CPU.
+PLAIN_STEPS = 2
 LENGTH_PRIOR = 1.0  # rounds' worth of the cost line in the cost of a round length seen before
 LENGTH_DECAY = 0.9  # per round of that length: the cost of a length follows the context as it grows
 MAX_POSITIONS = 32  # positions whose acceptance is tracked (the longest round drafts SLACK tokens)
@@ -257,7 +261,7 @@ class Controller:
     main model's), the lookup slope on T0 * VERIFY_SLOPE; until a plain round
     was seen, T0 = A. A length already tried costs what its rounds took (the
     line prices the others: see CostLine). A round slower than 1.5x its
-    expectation counts as 1.5x.
+    expectation counts as 1.5x (a plain round: 1.5x two steps, see PLAIN_STEPS).
     Choice: the source and k with the largest E(k) / T(k), lookup only where the
     conversation has a match. A round that had a match and used another source
     tells what copying it would have accepted (the tokens the round emitted are
@@ -328,7 +332,8 @@ class Controller:
             learnt.catch_up.record(*catch_up, d)
         if seconds is not None:  # None: the round's time says nothing about T(k)
             if self._cost_seen(source):  # one slow round must not rule for long
-                seconds = min(seconds, OUTLIER * self.round_seconds(source, k))
+                steps = PLAIN_STEPS if source == PLAIN else 1
+                seconds = min(seconds, OUTLIER * steps * self.round_seconds(source, k))
             if source == PLAIN:
                 main.plain.record(1.0, seconds, d)
             else:

@@ -94,6 +94,16 @@ def test_one_slow_round_neither_tilts_the_line_far_nor_counts_in_full():
     assert b == pytest.approx(0.4, rel=0.05)  # one length seen: the prior slope T0 * cost_ratio
 
 
+def test_plain_rounds_that_wait_for_two_steps_or_none_are_learnt_at_their_mean():
+    # queued plain steps: a round that finds its token ready leaves the next one waiting for two steps
+    c = DraftController()
+    for seconds in (0.5, 0.5, 0.1, 0.9) * 20:
+        record(c, 0, 0, seconds)
+    assert c.plain_seconds() == pytest.approx(0.5, rel=0.03)
+    record(c, 0, 0, 10.0)  # beyond two steps: an outlier, it counts as 1.5 x two steps
+    assert c.plain_seconds() == pytest.approx(0.5 + (1.5 - 0.5) * 0.05, rel=0.03)
+
+
 def test_a_round_without_a_time_teaches_acceptance_only():
     c = DraftController()
     for k in (3, 5):
