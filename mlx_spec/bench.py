@@ -236,8 +236,11 @@ def _run_mlx_lm(main, draft, prompt, max_tokens, temp, num_draft, seed):
     return drafted, accepted, rounds, first
 
 
-def run_once(variant, num_draft, main, draft, prompt, max_tokens, temp, rep, prompt_name, lookup=True) -> Run:
-    """One run; `lookup`: whether the OURS variant (the default engine) copies from the conversation."""
+def run_once(
+    variant, num_draft, main, draft, prompt, max_tokens, temp, rep, prompt_name, lookup=True, fresh=False
+) -> Run:
+    """One run; `lookup`: whether the OURS variant (the default engine) copies from the conversation;
+    `fresh`: the adaptive controller starts from nothing learnt, as in a new process."""
     mx.reset_peak_memory()
     start = time.perf_counter()
     looked_up = (0, 0)
@@ -248,7 +251,8 @@ def run_once(variant, num_draft, main, draft, prompt, max_tokens, temp, rep, pro
     else:
         with_draft = variant in (OURS, OURS_DRAFT_ONLY)
         with_lookup = variant == OURS_LOOKUP or (variant == OURS and lookup)
-        with kept_apart((variant, num_draft, with_lookup)):  # each variant learns as if in a process of its own
+        store = (variant, num_draft, with_lookup) + ((prompt_name, temp, rep) if fresh else ())
+        with kept_apart(store):  # each variant learns as if in a process of its own; `fresh`: each run
             counts = _run_ours(
                 main, draft if with_draft else None, prompt, max_tokens, temp, num_draft, rep, with_lookup
             )
@@ -332,6 +336,7 @@ class Config:
     peer: bool = True
     ours_plain: bool = True
     lookup: bool = True  # mlx_spec copies from the conversation; adds the lookup-only and draft-only variants
+    fresh: bool = False  # each run's adaptive controller starts from nothing learnt (short replies in a new process)
 
 
 def variants(cfg: Config, has_draft: bool):
@@ -372,7 +377,9 @@ def run_benchmark(main, draft, tokenizer, cfg: Config, progress: Callable[[str],
         for temp in cfg.temps:
             for name, prompt in encoded.items():
                 for variant, k in plan:
-                    run = run_once(variant, k, main, draft, prompt, cfg.max_tokens, temp, rep, name, cfg.lookup)
+                    run = run_once(
+                        variant, k, main, draft, prompt, cfg.max_tokens, temp, rep, name, cfg.lookup, cfg.fresh
+                    )
                     runs.append(run)
                     progress(
                         f"[{len(runs)}/{total}] {name} temp={temp} {variant}"
@@ -487,6 +494,12 @@ def add_arguments(p):
         action="store_true",
         help="mlx_spec drafts with the draft model only (no copying from the conversation, no lookup-only variant)",
     )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="each run of auto starts from nothing learnt, as the first reply of a new process "
+        "(by default each variant learns across prompts and repetitions, as a server would)",
+    )
     p.add_argument("--quick", action="store_true", help="one prompt, 32 tokens, k = 2, 4 and auto: minutes on a CPU")
     p.add_argument("--preset", help=f"run a published configuration: {', '.join(PRESETS)}")
     p.add_argument("--out", default="benchmarks/out", help="folder for the JSON, markdown and PNG results")
@@ -515,6 +528,7 @@ def config_from_args(args) -> Config:
         peer=not args.no_peer,
         ours_plain=not args.no_plain,
         lookup=not args.no_prompt_lookup,
+        fresh=args.fresh,
     )
     if args.quick:
         cfg.prompts = (

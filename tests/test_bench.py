@@ -99,6 +99,26 @@ def test_without_prompt_lookup_the_engine_drafts_with_the_draft_model_only(tmp_p
     assert all(r["lookup_draft_tokens"] == 0 for r in runs)
 
 
+@pytest.mark.parametrize("fresh", [False, True])
+def test_fresh_runs_start_from_nothing_learnt(tmp_path, folders, monkeypatch, fresh):
+    from mlx_spec import adaptive
+
+    started = []  # per controller: whether it started with nothing learnt
+    init = adaptive.Controller.__init__
+
+    def watched(controller, *args, **kwargs):
+        init(controller, *args, **kwargs)
+        started.append(controller.fresh)
+
+    monkeypatch.setattr(adaptive.Controller, "__init__", watched)
+    main, draft = folders
+    a = args_for(tmp_path, model=main, draft_model=draft, prompt=["w5 w6 w7", "quicksort"], max_tokens=8)
+    a.draft_lengths, a.no_peer, a.no_plain, a.repetitions, a.fresh = "auto", True, True, 2, fresh
+    assert bench.run(a, progress=lambda s: None) == 0
+    assert len(started) == 3 + 2 * 2 * 3  # warm-up and 2 reps x 2 prompts of lookup only, auto, draft only auto
+    assert all(started) == fresh and all(started[:3])  # else each variant learns on from its warm-up
+
+
 def test_default_workloads_put_the_repeats_first():
     assert list(bench.ALL_PROMPTS)[:3] == ["rename", "extract", "chat-rewrite"]
     assert set(bench.PROMPTS) < set(bench.ALL_PROMPTS)
