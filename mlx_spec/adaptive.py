@@ -30,6 +30,10 @@ MAX_POSITIONS = 32  # positions whose acceptance is tracked (the longest round d
 MATCH_BUCKETS = (1, 2, 3, 4, 8)
 REALIGNED_SURE = 5
 LOOKUP_PRIORS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.8, 0.15)  # prior acceptance of each bucket (tuned with replay.py)
+# The draft's prior acceptance, worth 4 rounds. Erring high is cheap: a round that drafted too far sees
+# its rejection at once, while one that drafted too little was all accepted and never sees how much
+# further it could have gone (replay, 128 tokens, fresh: quicksort 0.92 of the best k at 0.8, 0.99 here).
+DRAFT_PRIOR = 0.85
 VERIFY_SLOPE = 0.1  # prior cost of one more verified row, in plain steps (a lookup round's slope; 0.09 on this CPU)
 CATCH_UP_PRIOR = 0.05  # prior seconds per token the draft catches up on, in draft steps (a batched forward)
 CARRY = 0.3  # weight of acceptance learnt in earlier calls, at a call's start
@@ -212,7 +216,7 @@ class Learnt:
 
     main: MainFacts = field(default_factory=MainFacts)
     draft_cost: CostLine = field(default_factory=CostLine)
-    draft: RelativeAcceptance = field(default_factory=lambda: RelativeAcceptance(0.8))
+    draft: RelativeAcceptance = field(default_factory=lambda: RelativeAcceptance(DRAFT_PRIOR))
     catch_up: Ratio = field(default_factory=Ratio)  # the draft's seconds per token caught up on
     num_rounds: int = 0
 

@@ -11,6 +11,7 @@ from mlx_spec.adaptive import (
     _LEARNT,
     CARRY,
     DRAFT,
+    DRAFT_PRIOR,
     LAZY,
     LENGTH_DECAY,
     LENGTH_PRIOR,
@@ -129,11 +130,11 @@ def test_one_bad_first_round_does_not_stop_drafting():
     c = DraftController()
     record(c, 3, 0, 1.9)
     record(c, 0, 0, 1.0)
-    # prior acceptance 0.8 over 4 rounds: after one miss the pooled rate is 3.2 / 5, and a1 that times
-    # position 1's rate relative to it, which leans on 1 with RELATIVE_PRIOR rounds: still about 0.55
-    pooled, w = 3.2 / 5, RELATIVE_PRIOR
-    assert c.learnt.draft.rates(1)[0] == pytest.approx(pooled * (0 + w * pooled) / (0.8 + w * pooled))
-    assert c.choose() == Choice(DRAFT, 1)  # E(1) = 1.43 tokens for T(1) = 1.3 plain steps: keep drafting
+    # prior acceptance 0.85 over 4 rounds: after one miss the pooled rate is 3.4 / 5, and a1 that times
+    # position 1's rate relative to it, which leans on 1 with RELATIVE_PRIOR rounds: still about 0.59
+    pooled, w = 4 * DRAFT_PRIOR / 5, RELATIVE_PRIOR
+    assert c.learnt.draft.rates(1)[0] == pytest.approx(pooled * (0 + w * pooled) / (DRAFT_PRIOR + w * pooled))
+    assert c.choose() == Choice(DRAFT, 2)  # E(2) = 2.0 tokens for T(2) = 1.6 plain steps: keep drafting
     dear = DraftController()
     record(dear, 3, 0, 3.0)
     record(dear, 0, 0, 1.0)
