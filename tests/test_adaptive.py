@@ -207,7 +207,10 @@ def test_greedy_stays_exact_with_adaptive_drafting(arch):
 
 def test_a_draft_that_always_disagrees_ends_up_decoding_plainly():
     main = make_model("qwen2", layers=4, seed=0)
-    stranger = make_model("qwen2", layers=4, seed=5)  # unrelated weights
+    # unrelated weights: it never agrees. Twice the layers: on tiny models host work dominates, and where
+    # a draft round was timed at about a plain step, the ~4 % floor of its expected acceptance made drafting
+    # look worth it (one CI run drafted in 51 rounds of 120, one of them 10 tokens: most likely so)
+    stranger = make_model("qwen2", layers=8, seed=5)
     stats = GenerationStats()
     prompt = [1, 5, 9, 22, 3]
     assert spec(prompt, main, stranger, max_tokens=120, stats=stats, prompt_lookup=False) == reference(
