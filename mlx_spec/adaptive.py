@@ -34,6 +34,10 @@ LOOKUP_PRIORS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.8, 0.15)  # prior acceptance of each
 # its rejection at once, while one that drafted too little was all accepted and never sees how much
 # further it could have gone (replay, 128 tokens, fresh: quicksort 0.92 of the best k at 0.8, 0.99 here).
 DRAFT_PRIOR = 0.85
+# A draft token costs a step of the draft model: its line's slope is at least this share of the prior (the
+# draft's bytes over the main model's, times T0). Else a draft round timed at or below a plain step floored
+# the line flat at T0, and every length looked as cheap as one (a never-agreeing draft then drafted 10).
+MIN_DRAFT_SLOPE = 0.5
 VERIFY_SLOPE = 0.1  # prior cost of one more verified row, in plain steps (a lookup round's slope; 0.09 on this CPU)
 CATCH_UP_PRIOR = 0.05  # prior seconds per token the draft catches up on, in draft steps (a batched forward)
 CARRY = 0.3  # weight of acceptance learnt in earlier calls, at a call's start
@@ -148,7 +152,9 @@ class CostLine:
     far. A verify pass over k+1 rows is not a line in k (a BLAS or GPU kernel
     works in blocks of rows: on this CPU 16 rows cost less than 9), so a length
     seen before is expected to cost what it cost, the line worth LENGTH_PRIOR of
-    its rounds; the line alone prices lengths never tried.
+    its rounds; the line alone prices lengths never tried. No length is expected
+    to cost less than `floor + min_slope * k` (a plain step, and a draft step per
+    draft token), whatever its rounds measured.
     """
 
     def __init__(self, decay: float = 0.95):
@@ -165,20 +171,21 @@ class CostLine:
         k = float(k)
         self.sums = [s * self.decay + x for s, x in zip(self.sums, (1.0, k, k * k, seconds, k * seconds))]
 
-    def seconds(self, k: int, slope_prior: float, floor: float = 0.0) -> float:
+    def seconds(self, k: int, slope_prior: float, floor: float = 0.0, min_slope: float = 0.0) -> float:
         """T(k): what rounds of k took, leaning on the line (see `line`) worth LENGTH_PRIOR rounds."""
-        a, b = self.line(slope_prior, floor)
+        a, b = self.line(slope_prior, floor, min_slope)
         seen = self.by_length.get(k)
-        return a + b * k if seen is None else seen.value(a + b * k, LENGTH_PRIOR)
+        return a + b * k if seen is None else max(seen.value(a + b * k, LENGTH_PRIOR), floor + min_slope * k)
 
-    def line(self, slope_prior: float, floor: float = 0.0) -> tuple[float, float]:
-        """(A, B), given the prior slope B0; A at least `floor`, the line still through the mean round."""
+    def line(self, slope_prior: float, floor: float = 0.0, min_slope: float = 0.0) -> tuple[float, float]:
+        """(A, B), given the prior slope B0; A at least `floor`, the line still through the mean round where
+        a slope of at least `min_slope` allows."""
         w, wk, wkk, wt, wkt = self.sums
         mean_k, mean_t = wk / w, wt / w
         lam = SLOPE_PRIOR
-        b = max((w * (wkt + lam * slope_prior) - wk * wt) / (w * (wkk + lam) - wk * wk), 0.0)
+        b = max((w * (wkt + lam * slope_prior) - wk * wt) / (w * (wkk + lam) - wk * wk), min_slope)
         if mean_t - b * mean_k < floor:  # too steep for what the rounds cost on average
-            b = max((mean_t - floor) / mean_k, 0.0)
+            b = max((mean_t - floor) / mean_k, min_slope)
         return max(mean_t - b * mean_k, floor), b
 
 
@@ -369,13 +376,15 @@ class Controller:
         if source == PLAIN or k == 0:
             return t0
         learnt = self.learnt
-        line, prior = (
-            (learnt.draft_cost, self.cost_ratio) if source == DRAFT else (learnt.main.lookup_cost, VERIFY_SLOPE)
+        line, prior, min_share = (
+            (learnt.draft_cost, self.cost_ratio, MIN_DRAFT_SLOPE)
+            if source == DRAFT
+            else (learnt.main.lookup_cost, VERIFY_SLOPE, 0.0)  # rows of a verify pass may come almost free
         )
         if not line.seen:
             return t0 + prior * t0 * k
         floor = t0 if learnt.main.plain.seen else 0.0  # the line's: no verify beats a plain step
-        return line.seconds(k, prior * t0, floor)
+        return line.seconds(k, prior * t0, floor, min_share * prior * t0)
 
     # --- deciding -------------------------------------------------------------
     def best(self, source: str, max_k: int, bucket: int = 0) -> tuple[float, int]:

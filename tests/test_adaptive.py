@@ -16,6 +16,7 @@ from mlx_spec.adaptive import (
     LENGTH_DECAY,
     LENGTH_PRIOR,
     LOOKUP,
+    MIN_DRAFT_SLOPE,
     PLAIN,
     RELATIVE_PRIOR,
     VERIFY_SLOPE,
@@ -256,9 +257,9 @@ COSTS = {PLAIN: (1.0, 0.0), DRAFT: (1.1, 0.35), LOOKUP: (1.05, 0.05)}
 def test_a_call_starts_with_a_short_round_whatever_was_learnt():
     """The first token waits for the first round: a call starts with at most 3 draft tokens, even where
     the pair has learnt that 8 pay, and goes on at the learnt length."""
-    learnt = Learnt()
-    simulate_sources(Controller(learnt, max_draft=8), 0.0, 0.98, 0, {**COSTS, DRAFT: (1.0, 0.05)}, 60)
-    c = Controller(learnt, max_draft=8)
+    learnt = Learnt()  # a draft of a twentieth of the main model's bytes, its steps as cheap
+    simulate_sources(Controller(learnt, max_draft=8, cost_ratio=0.05), 0.0, 0.98, 0, {**COSTS, DRAFT: (1.0, 0.05)}, 60)
+    c = Controller(learnt, max_draft=8, cost_ratio=0.05)
     first = c.choose()
     c.record(first, first.num_draft, 1.2)
     assert first == Choice(DRAFT, 3) and c.choose() == Choice(DRAFT, 8)
@@ -277,16 +278,31 @@ def test_a_cost_line_through_the_origin_does_not_make_plain_rounds_free():
     assert c.choose().source in (DRAFT, PLAIN)
 
 
-@pytest.mark.parametrize("source, prior", [(LOOKUP, 0.1), (DRAFT, 0.3)])
+@pytest.mark.parametrize("source, prior", [(LOOKUP, 0.1), (DRAFT, 0.02)])
 def test_no_round_is_expected_to_cost_less_than_a_plain_step(source, prior):
     """Rounds timed only at one long length leave the slope to its prior; where that prior is steeper than
-    the rounds, the line's intercept fell below a plain step (to 0 here) and made short rounds look free."""
+    the rounds, the line's intercept fell below a plain step (to 0 here) and made short rounds look free.
+    (A draft's slope stays above MIN_DRAFT_SLOPE of its prior: 0.01 of T0 here, the rounds' 0.0125 above it.)"""
     c = Controller(max_draft=16, max_lookup=16, cost_ratio=prior)
     c.record(Choice(PLAIN, 0), 0, 1.0)
     for _ in range(20):
         c.record(Choice(source, 16), 16, 1.2)
     assert c.round_seconds(source, 1) == pytest.approx(1.0 + 0.2 / 16)
     assert c.round_seconds(source, 16) == pytest.approx(1.2)
+
+
+def test_draft_rounds_timed_at_a_plain_step_do_not_make_every_length_as_cheap_as_one():
+    """On tiny models host work dominates: draft rounds of any length were timed below a plain step. The
+    lengths tried cost what they took, less than a plain step; the floor flattened the line at T0 for the
+    others; and a draft that never agrees drafted 2 tokens a round for ever on its floor of expected
+    acceptance (about 0.04). A round costs at least a plain step and MIN_DRAFT_SLOPE of the prior slope
+    per draft token."""
+    c = DraftController(cost_ratio=0.3)
+    chosen = simulate(c, lambda r: 0.0, 1.0, 0.0, 120, seconds=lambda k: 1.0 if k == 0 else 0.95)
+    assert c.plain_seconds() == pytest.approx(1.0)
+    for k in range(1, 11):
+        assert c.round_seconds(DRAFT, k) == pytest.approx(1.0 + MIN_DRAFT_SLOPE * 0.3 * k)
+    assert chosen[-60:].count(0) > 50 and max(chosen[-60:]) == 1  # plain, but for the probes
 
 
 def test_a_length_already_tried_costs_what_its_rounds_took():
