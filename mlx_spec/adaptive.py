@@ -270,9 +270,9 @@ class Controller:
     apart (a verify pass over k+1 tokens is not a plain step plus k cheap rows);
     the drafting slope leans on B0 = T0 * cost_ratio (the draft's bytes over the
     main model's) and stays above MIN_DRAFT_SLOPE of it, the lookup slope leans
-    on T0 * VERIFY_SLOPE; until a plain round
-    was seen, T0 = A. A length already tried costs what its rounds took (the
-    line prices the others: see CostLine). A round slower than 1.5x its
+    on T0 * VERIFY_SLOPE; until a plain round was seen, T0 = A. A length
+    already tried costs what its rounds took (the line prices the others: see
+    CostLine). A round slower than 1.5x its
     expectation counts as 1.5x (a plain round: 1.5x two steps, see PLAIN_STEPS).
     Choice: the source and k with the largest E(k) / T(k), lookup only where the
     conversation has a match. A round that had a match and used another source
