@@ -390,6 +390,7 @@ def run_benchmark(main, draft, tokenizer, cfg: Config, progress: Callable[[str],
         "cost_ratio": cost,
         "runs": [dict(asdict(r), tps=r.tps) for r in runs],
         "summary": summarize(runs, cost),
+        "comparisons": compare(runs),
     }
 
 
@@ -444,6 +445,64 @@ def summarize(runs: list[Run], cost: dict[str, float]) -> list[dict]:
             row["predicted_with_verify"] = predicted_speedup(row["tokens_per_round"], k, c, verify)[1]
             row["engine_efficiency"] = row["speedup"] / row["predicted_with_verify"]
         rows.append(row)
+    return rows
+
+
+BEST_FIXED = "best fixed k"
+# The ratios the benchmark is read for: (name, numerator, denominator), each a (variant, k) or BEST_FIXED
+COMPARISONS = (
+    ("lookup only / main alone", (OURS_LOOKUP, "auto"), (MAIN_ALONE, None)),
+    ("hybrid / draft only", (OURS, "auto"), (OURS_DRAFT_ONLY, "auto")),
+    ("auto / best fixed k", (OURS, "auto"), BEST_FIXED),
+)
+
+
+def compare(runs: list[Run]) -> list[dict]:
+    """The COMPARISONS as paired ratios: each repetition's run over the same repetition's run of the other
+    variant (interleaved, both met the same drift of the machine). A row per temp and prompt (the median of
+    its pairs), then per temp over all prompts (the geometric mean of every pair). A prompt's best fixed k
+    is the one of the highest median tok/s."""
+    cases: dict = {}  # (temp, prompt) -> (variant, k) -> rep -> tok/s
+    for r in runs:
+        cases.setdefault((r.temp, r.prompt), {}).setdefault((r.variant, r.num_draft), {})[r.rep] = r.tps
+    rows = []
+    for name, top, bottom in COMPARISONS:
+        pooled: dict[float, list[list[float]]] = {}  # temp -> each prompt's ratios
+        for (temp, prompt), measured in cases.items():
+            label, against = name, bottom
+            if bottom == BEST_FIXED:
+                fixed = [key for key in measured if key[0] == OURS and key[1] != "auto"]
+                if not fixed:
+                    continue
+                against = max(fixed, key=lambda key: statistics.median(measured[key].values()))
+                label = f"{name} (k={against[1]})"
+            num, den = measured.get(top, {}), measured.get(against, {})
+            ratios = [num[rep] / den[rep] for rep in num if rep in den]
+            if ratios:
+                pooled.setdefault(temp, []).append(ratios)
+                rows.append(
+                    dict(
+                        comparison=label,
+                        temp=temp,
+                        prompt=prompt,
+                        ratios=ratios,
+                        value=statistics.median(ratios),
+                        statistic="median",
+                    )
+                )
+        for temp, groups in pooled.items():
+            if len(groups) > 1:
+                every = [x for ratios in groups for x in ratios]
+                rows.append(
+                    dict(
+                        comparison=name,
+                        temp=temp,
+                        prompt="all prompts",
+                        ratios=every,
+                        value=statistics.geometric_mean(every),
+                        statistic="geometric mean",
+                    )
+                )
     return rows
 
 

@@ -53,6 +53,13 @@ def markdown(result: dict) -> str:
             f"| {_best(best)} | {_best(best_peer)} "
             f"| {_fmt(best and best_peer and best['tps'] / best_peer['tps'])}{'x' if best and best_peer else ''} |"
         )
+    if result.get("comparisons"):
+        out += ["", "| comparison (paired runs) | temp | prompt | ratio | by repetition |", "|---|---|---|---|---|"]
+        for c in result["comparisons"]:
+            ratios = ", ".join(f"{x:.2f}" for x in c["ratios"])
+            how = c["statistic"] if c["statistic"] == "median" else f"{c['statistic']} of {len(c['ratios'])}"
+            shown = ratios if c["statistic"] == "median" else ""
+            out.append(f"| {c['comparison']} | {c['temp']} | {c['prompt']} | {c['value']:.2f} ({how}) | {shown} |")
     return "\n".join(out)
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from tiny_folders import write_tiny_pair
 
-from mlx_spec import bench
+from mlx_spec import bench, bench_report
 
 
 def args_for(tmp_path, **over):
@@ -46,6 +46,36 @@ def test_predicted_speedup_formula():
     assert predicted == pytest.approx(1.75 / 1.5, abs=1e-6)
     assert bench.predicted_speedup(3.0, 2, 0.0)[1] == pytest.approx(3.0, abs=1e-4)  # everything accepted, free draft
     assert bench.predicted_speedup(1.75, 2, 0.25, verify_ratio=1.5)[1] == pytest.approx(1.75 / 2.0, abs=1e-6)
+
+
+def test_comparisons_pair_each_repetition_with_the_same_repetition_of_the_other_variant():
+    def run(prompt, variant, k, rep, seconds):
+        return bench.Run(
+            prompt, variant, k, 0.0, rep, tokens=12, seconds=seconds, time_to_first_token=0.1, prompt_tokens=5
+        )
+
+    runs = []
+    for prompt, drift in (("a", (1.0, 2.0, 4.0)), ("b", (1.0, 1.0, 1.0))):  # the machine slows down on "a"
+        for rep, slow in enumerate(drift):
+            runs += [
+                run(prompt, bench.MAIN_ALONE, None, rep, 12 * slow),
+                run(prompt, bench.OURS_LOOKUP, "auto", rep, 10 * slow),
+                run(prompt, bench.OURS, 1, rep, 6 * slow),
+                run(prompt, bench.OURS, 2, rep, (5 if prompt == "a" else 8) * slow),
+                run(prompt, bench.OURS, "auto", rep, 6 * slow),
+            ]
+    runs.append(run("b", bench.OURS_DRAFT_ONLY, "auto", 0, 3.0))  # one repetition only: one pair
+    rows = {(c["comparison"], c["prompt"]): c for c in bench.compare(runs)}
+    assert rows["lookup only / main alone", "a"]["ratios"] == pytest.approx([1.2, 1.2, 1.2])
+    assert rows["lookup only / main alone", "all prompts"]["value"] == pytest.approx(1.2)
+    assert rows["auto / best fixed k (k=2)", "a"]["value"] == pytest.approx(5 / 6)
+    assert rows["auto / best fixed k (k=1)", "b"]["value"] == pytest.approx(1.0)
+    assert rows["auto / best fixed k", "all prompts"]["value"] == pytest.approx((5 / 6) ** 0.5)
+    assert rows["hybrid / draft only", "b"]["ratios"] == pytest.approx([0.5])
+    assert ("hybrid / draft only", "a") not in rows and ("hybrid / draft only", "all prompts") not in rows
+    table = bench_report.markdown({"summary": [], "comparisons": bench.compare(runs)})
+    assert "| auto / best fixed k (k=2) | 0.0 | a | 0.83 (median) | 0.83, 0.83, 0.83 |" in table
+    assert "| lookup only / main alone | 0.0 | all prompts | 1.20 (geometric mean of 6) |  |" in table
 
 
 def test_benchmark_runs_every_variant_and_writes_results(tmp_path, folders, capsys):
@@ -87,6 +117,12 @@ def test_benchmark_runs_every_variant_and_writes_results(tmp_path, folders, caps
             assert r["draft_share"] == 0
     out = capsys.readouterr().out
     assert "| temp | prompt | variant |" in out and "mlx_spec / mlx-lm" in out
+    assert {c["comparison"].split(" (")[0] for c in result["comparisons"]} == {
+        "lookup only / main alone",
+        "hybrid / draft only",
+        "auto / best fixed k",
+    }
+    assert "| comparison (paired runs) |" in out
 
 
 def test_without_prompt_lookup_the_engine_drafts_with_the_draft_model_only(tmp_path, folders):
