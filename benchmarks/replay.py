@@ -5,6 +5,7 @@
   python3 benchmarks/replay.py replay traces.json                                 # seconds
   python3 benchmarks/replay.py replay benchmarks/traces_lookup.json --carry       # learning across prompts
   python3 benchmarks/replay.py replay benchmarks/traces_lookup.json --carry --traces story@0,quicksort@0
+  python3 benchmarks/replay.py replay benchmarks/traces_lookup.json --noise 0.15  # a shared machine's round costs
 
 `record` generates each benchmark prompt once per temperature (`--samples N`
 texts at temperature > 0) with the default pair and stores, for every
@@ -318,7 +319,7 @@ def _nbytes(model) -> int:
     return sum(w.nbytes for _, w in tree_flatten(model.parameters()))
 
 
-def print_table(traces: dict, seeds: int, carry: bool = False):
+def print_table(traces: dict, seeds: int, carry: bool = False, noise: float = 0.03):
     """Fixed k and auto with the draft model only, then auto with prompt lookup (hybrid) and lookup alone."""
     max_draft = len(traces["costs"]["round_seconds"]) - 1
     ratio = traces["cost_ratio"]
@@ -327,7 +328,7 @@ def print_table(traces: dict, seeds: int, carry: bool = False):
         "lookup only": lambda learnt: Controller(learnt, max_draft=0, has_draft=False),
     }
     draft_only = lambda learnt: Controller(learnt, max_draft=max_draft, max_lookup=0, cost_ratio=ratio)  # noqa: E731
-    rows = replay_table(traces, draft_only, seeds, variants=variants, carry=carry)
+    rows = replay_table(traces, draft_only, seeds, noise, variants=variants, carry=carry)
     ks = list(rows[0]["fixed"])
     print(
         "| trace | "
@@ -371,6 +372,12 @@ def main(argv=None) -> int:
         "--carry", action="store_true", help="each variant learns across the traces in order, as in one process"
     )
     rep.add_argument(
+        "--noise",
+        type=float,
+        default=0.03,
+        help="relative noise of each round's cost (default 0.03; a shared machine's rounds vary by 0.15-0.3)",
+    )
+    rep.add_argument(
         "--traces",
         type=lambda s: s.split(","),
         metavar="NAMES",
@@ -384,6 +391,9 @@ def main(argv=None) -> int:
             json.dump(result, f)
         print(f"wrote {args.out}", file=sys.stderr)
         return 0
+    if args.noise < 0:
+        print(f"error: --noise must be >= 0, got {args.noise}", file=sys.stderr)
+        return 2
     try:
         with open(args.traces) as f:
             traces = json.load(f)
@@ -402,7 +412,7 @@ def main(argv=None) -> int:
                 if key in trace:
                     trace[key] = trace[key][: args.max_tokens]
     if "costs" in traces:
-        print_table(traces, args.seeds, args.carry)
+        print_table(traces, args.seeds, args.carry, args.noise)
     if any("exact_match" in t for t in traces["traces"].values()):
         print("\nAcceptance at temp > 0, rejection sampling vs exact match (mlx-lm), accepted / drafted:\n")
         print("\n".join(acceptance_table(traces)))

@@ -89,6 +89,16 @@ def test_replay_command_prints_the_table_and_refuses_a_missing_file(tmp_path, ca
     assert replay.main(["replay", str(path), "--traces", "code@0,story@0"]) == 2
     assert "no trace story@0; the file has code@0, prose@0.7, prose@0.7#2" in capsys.readouterr().err
 
+    # --noise: each round's cost varies by that much; without noise every seed replays the same
+    def code_row(*options):
+        assert replay.main(["replay", str(path), "--traces", "code@0", *options]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| code@0 |"))
+
+    assert code_row("--seeds", "1", "--noise", "0") == code_row("--seeds", "3", "--noise", "0")
+    assert code_row("--seeds", "1", "--noise", "0.3") != code_row("--seeds", "3", "--noise", "0.3")
+    assert replay.main(["replay", str(path), "--noise", "-0.1"]) == 2
+    assert "--noise must be >= 0, got -0.1" in capsys.readouterr().err
+
 
 def test_lookup_replays_exactly_over_a_text_that_repeats_its_prompt():
     """Greedy traces with their tokens replay prompt lookup: the copy of the prompt is accepted, and costs
