@@ -480,30 +480,17 @@ def compare(runs: list[Run]) -> list[dict]:
             ratios = [num[rep] / den[rep] for rep in num if rep in den]
             if ratios:
                 pooled.setdefault(temp, []).append(ratios)
-                rows.append(
-                    dict(
-                        comparison=label,
-                        temp=temp,
-                        prompt=prompt,
-                        ratios=ratios,
-                        value=statistics.median(ratios),
-                        statistic="median",
-                    )
-                )
+                rows.append(_comparison(label, temp, prompt, ratios))
         for temp, groups in pooled.items():
             if len(groups) > 1:
-                every = [x for ratios in groups for x in ratios]
-                rows.append(
-                    dict(
-                        comparison=name,
-                        temp=temp,
-                        prompt="all prompts",
-                        ratios=every,
-                        value=statistics.geometric_mean(every),
-                        statistic="geometric mean",
-                    )
-                )
+                rows.append(_comparison(name, temp, "all prompts", [x for g in groups for x in g], pooled=True))
     return rows
+
+
+def _comparison(name: str, temp: float, prompt: str, ratios: list[float], pooled: bool = False) -> dict:
+    value = statistics.geometric_mean(ratios) if pooled else statistics.median(ratios)
+    statistic = "geometric mean" if pooled else "median"
+    return dict(comparison=name, temp=temp, prompt=prompt, ratios=ratios, value=value, statistic=statistic)
 
 
 def parse_draft_lengths(text: str) -> list:
