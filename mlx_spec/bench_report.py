@@ -56,9 +56,9 @@ def markdown(result: dict) -> str:
     if result.get("comparisons"):
         out += ["", "| comparison (paired runs) | temp | prompt | ratio | by repetition |", "|---|---|---|---|---|"]
         for c in result["comparisons"]:
-            ratios = ", ".join(f"{x:.2f}" for x in c["ratios"])
-            how = c["statistic"] if c["statistic"] == "median" else f"{c['statistic']} of {len(c['ratios'])}"
-            shown = ratios if c["statistic"] == "median" else ""
+            pooled = c["statistic"] != "median"  # over all prompts: too many pairs to list
+            how = f"{c['statistic']} of {len(c['ratios'])}" if pooled else c["statistic"]
+            shown = "" if pooled else ", ".join(f"{x:.2f}" for x in c["ratios"])
             out.append(f"| {c['comparison']} | {c['temp']} | {c['prompt']} | {c['value']:.2f} ({how}) | {shown} |")
     return "\n".join(out)
 
