@@ -143,10 +143,15 @@ def rounds(
     host: HostReads,
     logits_processors=None,
     history_start: int = 0,
+    pending: int = 1,
+    plain_first: bool = False,
 ) -> Iterator[Round]:
     """Rounds until `max_tokens` tokens were emitted; caches.tokens grows as rounds finish.
 
-    On entry every token but the last is in the main cache. `sources` maps
+    On entry every token but the last `pending` is in the main cache. With
+    `plain_first`, or more than one pending, the first round decodes plainly,
+    not asking the policy: a pass over the rest of the prompt that gives the
+    first token. `sources` maps
     DRAFT and LOOKUP to those available (none: plain decoding); `policy` chooses each round's source
     and length from the lookup's match and learns from its outcome;
     `max_draft(offset)` bounds the draft length of a round starting at main
@@ -157,6 +162,7 @@ def rounds(
     check = functools.partial(verify, model, caches, params, logits_processors)
     no_draft = mx.zeros((0,), mx.int32)
     ahead = None  # a plain step queued behind a plain round before its token was read: the next round
+    plain_first = plain_first or pending > 1
     while num_emitted < max_tokens:
         start, tokens = time.perf_counter(), caches.tokens
         found = lookup.match() if lookup is not None else None
@@ -166,7 +172,7 @@ def rounds(
             queue = policy.keeps_plain(found, behind, left)  # and queues the next if the policy would
         else:
             # 1) choose: source and length, from the conversation's match and what was learnt
-            choice = policy.choose(found, behind, left)
+            choice = Choice(PLAIN, 0) if plain_first else policy.choose(found, behind, left)
             num_draft = min(choice.num_draft, left - 1, max_draft(len(tokens) - 1))
             choice = choice._replace(num_draft=num_draft, source=choice.source if num_draft > 0 else PLAIN)
             if key is not None:
@@ -176,8 +182,8 @@ def rounds(
             draft_tokens, draft_probs = no_draft, None
             if choice.source != PLAIN:
                 draft_tokens, draft_probs = sources[choice.source].propose(choice.num_draft, draft_key, history)
-            verified = check(mx.array(tokens[-1:]), draft_tokens, draft_probs, history, accept_key)
-            queue = choice.source == PLAIN
+            verified = check(mx.array(tokens[-pending:]), draft_tokens, draft_probs, history, accept_key)
+            queue = choice.source == PLAIN and (not plain_first or policy.keeps_plain(found, behind, left))
         if queue and left > 1:
             # a plain round queues the next step before its token is read: building it keeps the device busy.
             # That round decodes plainly too (a copy or a draft waits one token).
@@ -201,7 +207,9 @@ def rounds(
         new_tokens, unused = verdict.new_tokens, None
         if found is not None and choice.source != LOOKUP:  # what a copy would have done
             unused = (found, len(new_tokens), lookup.copied(new_tokens))
-        policy.record(choice, verdict.num_accepted, seconds, caught_up, unused)
+        if not plain_first:  # the policy's first round is still to come (and a pass over the prompt's rest
+            policy.record(choice, verdict.num_accepted, seconds, caught_up, unused)  # tells nothing of a round)
+        plain_first, pending = False, 1
         tokens.extend(new_tokens)
         if choice.num_draft > 0:
             caches.rollback()

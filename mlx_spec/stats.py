@@ -10,9 +10,9 @@ import mlx.core as mx
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0  # tokens prefilled for this call (new tokens only, with a reused cache)
-    prompt_time: float = 0.0
+    prompt_time: float = 0.0  # to the first token, as mlx-lm counts it (the prompt's rest may go in with it)
     generation_tokens: int = 0  # tokens yielded
-    generation_time: float = 0.0  # from the end of the prompt to the last token
+    generation_time: float = 0.0  # from the first token to the last
     time_to_first_token: float = 0.0
     total_draft_tokens: int = 0  # drafted by every source
     accepted_draft_tokens: int = 0

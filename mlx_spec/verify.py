@@ -14,14 +14,15 @@ def score(
     history: mx.array | None = None,
     logits_processors=None,
 ) -> tuple[mx.array, mx.array | None]:
-    """One main forward over [last, d_1..d_k]: k+1 positions (`last_token`: (1,) int32).
+    """One main forward over [last, d_1..d_k]: k+1 positions (`last_token`: (1,) int32, or the prompt's
+    last few tokens, of which only the last is scored).
 
     Returns (logprobs, main_probs): the main model's log-probabilities after
     logits processors, (k+1, V), in the model's dtype as plain decoding computes
     them; and, for rejection sampling, p, the distributions to sample from (else None).
     """
     inputs = mx.concatenate([last_token, draft_tokens])
-    logits = main_model(inputs[None], cache=main_cache)[0]
+    logits = main_model(inputs[None], cache=main_cache)[0, -(draft_tokens.size + 1) :]
     logits = process(logits, history, draft_tokens, logits_processors)
     logprobs = log_probs(logits)
     if params.greedy or params.exact_match:

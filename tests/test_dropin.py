@@ -15,7 +15,7 @@ from mlx_lm.models.cache import save_prompt_cache as mlx_lm_save_prompt_cache
 from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from test_accept import CRITICAL, chi_squared
-from test_sampling import next_dist
+from test_sampling import next_dist, second_acceptance
 from tiny import make_model, perturbed, reference, spec, toy_tokenizer
 from tiny_folders import write_tiny_pair
 
@@ -204,11 +204,12 @@ def small_pair():
 
 
 def first_tokens(main, draft, sampler, runs, **kwargs):
-    """First two tokens and the draft tokens accepted in the first round, over `runs` seeds (k = 1)."""
+    """First two tokens and the draft tokens accepted, over `runs` seeds (k = 1). The first round reads the
+    prompt and gives the first token; the second drafts the second token; a third, if any, is plain."""
     firsts, seconds, accepted = [], [], 0
     for seed in range(runs):
         stats = GenerationStats()
-        out = spec(PROMPT, main, draft, num_draft_tokens=1, max_tokens=2, sampler=sampler, seed=seed, stats=stats)
+        out = spec(PROMPT, main, draft, num_draft_tokens=1, max_tokens=3, sampler=sampler, seed=seed, stats=stats)
         firsts.append(out[0])
         seconds.append(out[1])
         accepted += stats.accepted_draft_tokens
@@ -230,8 +231,7 @@ def test_make_sampler_gives_mlx_lms_distribution_with_rejection_sampling(small_p
     firsts, seconds, accepted = first_tokens(main, draft, make(**shape), runs)
     check_follows(firsts, p1)
     check_follows(seconds, p2)
-    q1 = next_dist(draft, PROMPT, **shape)
-    theory = np.minimum(p1, q1).sum()
+    theory = second_acceptance(main, draft, PROMPT, lambda p, q: np.minimum(p, q).sum(), **shape)
     assert abs(accepted / runs - theory) < 4 * np.sqrt(theory * (1 - theory) / runs)
 
 
@@ -243,8 +243,8 @@ def test_any_random_sampler_keeps_its_distribution_with_exact_match(small_pair):
     firsts, seconds, accepted = first_tokens(main, draft, lambda lp: mx.random.categorical(lp / 0.8), runs)
     check_follows(firsts, p1)
     check_follows(seconds, p2)
-    q1 = next_dist(draft, PROMPT, temp=0.8)
-    theory = (p1 * q1).sum()  # exact match accepts where two independent draws agree
+    # exact match accepts where two independent draws agree
+    theory = second_acceptance(main, draft, PROMPT, lambda p, q: (p * q).sum(), temp=0.8)
     assert abs(accepted / runs - theory) < 4 * np.sqrt(theory * (1 - theory) / runs)
 
 

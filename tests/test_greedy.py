@@ -7,6 +7,7 @@ from mlx_lm.generate import generate_step
 from tiny import first_layers, make_model, perturbed, quantized, reference, spec
 
 from mlx_spec import GenerationStats, speculative_generate_step
+from mlx_spec.generate import MAX_FOLDED
 
 PROMPTS = [[1, 5, 9, 22, 3], [7], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52], [90, 2, 90, 2]]
 
@@ -49,6 +50,33 @@ def test_no_draft_is_plain_decoding(llama):
             llama, prompt, 30
         )
         assert stats.num_rounds == 30 and stats.total_draft_tokens == 0
+
+
+@pytest.mark.parametrize("length", [5, MAX_FOLDED, MAX_FOLDED + 1, 100])
+def test_a_short_prompt_gives_the_first_token_in_the_pass_that_reads_it(llama, monkeypatch, length):
+    """The prompt's last prefill step, if short, goes in with the first round: its pass gives the first
+    token, before the draft model runs, and the call makes one pass fewer than mlx-lm's decoding."""
+    passes = []  # (model, tokens it read)
+    forward = type(llama).__call__
+
+    def counted(self, inputs, *args, **kwargs):
+        passes.append(("main" if self is llama else "draft", inputs.shape[1]))
+        return forward(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(type(llama), "__call__", counted)
+    prompt = [(7 * i) % 80 + 3 for i in range(length)]
+    folded = length <= MAX_FOLDED
+    draft = perturbed(llama, 0.005)
+    steps = speculative_generate_step(prompt, llama, draft, num_draft_tokens=2, max_tokens=12, prompt_lookup=False)
+    first = next(steps)[0]
+    main_passes = [n for model, n in passes if model == "main"]
+    assert main_passes == ([length] if folded else [length - 1, 3])
+    assert ("draft" in dict(passes)) is not folded
+    expected = reference(llama, prompt, 12)
+    assert [first] + [t for t, _, _ in steps] == expected
+    passes.clear()
+    assert spec(prompt, llama, None, max_tokens=12, prompt_lookup=False) == expected
+    assert len(passes) == 12 + (not folded)  # plain decoding: a pass per token, the prompt read with the first
 
 
 def top2_gap(model, tokens):

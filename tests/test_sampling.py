@@ -69,19 +69,28 @@ def test_first_two_tokens_follow_the_main_distribution(pair, shape):
         assert stat < CRITICAL.get(dof, 3 * dof + 10), (np.bincount(tokens, minlength=VOCAB), p * runs)
 
 
+def second_acceptance(main, draft, prompt, rule, **shape):
+    """The odds that the second token's draft is accepted: `rule(p, q)` after each first token x ~ p1
+    (a sampled call's first round decodes plainly)."""
+    p1 = next_dist(main, prompt, **shape)
+    return sum(
+        p1[x] * rule(next_dist(main, prompt + [x], **shape), next_dist(draft, prompt + [x], **shape))
+        for x in range(len(p1))
+        if p1[x] > 0
+    )
+
+
 def test_acceptance_rate_is_sum_of_min_p_q(pair):
     main, draft = pair
-    p = next_dist(main, PROMPT, temp=1.0)
-    q = next_dist(draft, PROMPT, temp=1.0)
     runs = 1000
     accepted = 0
     for seed in range(runs):
         stats = GenerationStats()
-        spec(PROMPT, main, draft, num_draft_tokens=1, max_tokens=2, seed=seed, temp=1.0, stats=stats)
-        assert stats.total_draft_tokens == 1  # one draft token, in the first round
+        spec(PROMPT, main, draft, num_draft_tokens=1, max_tokens=3, seed=seed, temp=1.0, stats=stats)
+        assert stats.total_draft_tokens == 1  # one draft token, in the second round: the first decodes plainly
         accepted += stats.accepted_draft_tokens
-    theory = np.minimum(p, q).sum()
-    exact_match = (p * q).sum()
+    theory = second_acceptance(main, draft, PROMPT, lambda p, q: np.minimum(p, q).sum(), temp=1.0)
+    exact_match = second_acceptance(main, draft, PROMPT, lambda p, q: (p * q).sum(), temp=1.0)
     sigma = np.sqrt(theory * (1 - theory) / runs)
     assert abs(accepted / runs - theory) < 4 * sigma, (accepted / runs, theory)
     assert theory - exact_match > 8 * sigma  # far above "accept only if main's own sample equals the draft"
