@@ -100,6 +100,31 @@ def test_replay_command_prints_the_table_and_refuses_a_missing_file(tmp_path, ca
     assert replay.main(["replay", str(path), "--noise", "-0.1"]) == 2
     assert "--noise must be >= 0, got -0.1" in capsys.readouterr().err
 
+    # --shifts: one row per trace, the mean over its starts; the acceptance table is the traces' own
+    assert replay.main(["replay", str(path), "--seeds", "1", "--shifts", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| code@0 |" in out and "+1" not in out and "| prose@0.7 | 2 |" in out
+    assert replay.main(["replay", str(path), "--shifts", "0"]) == 2
+    assert "--shifts 0: it must be >= 1" in capsys.readouterr().err
+    assert replay.main(["replay", str(path), "--shifts", "2", "--carry"]) == 2
+    assert "learnt from its own copies" in capsys.readouterr().err
+
+
+def test_shifted_traces_start_later_and_merge_into_one_row_per_trace():
+    trace = dict(agree=[True, False, True, True], tokens=[1, 2, 3, 10, 11, 12, 13], num_prompt=3)
+    copies = replay.shifted({"t@0": trace}, 3)
+    assert list(copies) == ["t@0", "t@0+1", "t@0+2"]
+    assert copies["t@0+2"] == dict(agree=[True, True], tokens=trace["tokens"], num_prompt=5)
+    rows = [
+        dict(trace="t@0", fixed={0: 1.0, 1: 2.0}, auto=1.5, variants={"hybrid": 1.0}),
+        dict(trace="t@0+1", fixed={0: 1.0, 1: 4.0}, auto=2.5, variants={"hybrid": 3.0}),
+    ]
+    assert replay.merged(rows) == [
+        dict(
+            trace="t@0", fixed={0: 1.0, 1: 3.0}, best_k=1, auto=2.0, auto_over_best=2.0 / 3.0, variants={"hybrid": 2.0}
+        )
+    ]
+
 
 def test_lookup_replays_exactly_over_a_text_that_repeats_its_prompt():
     """Greedy traces with their tokens replay prompt lookup: the copy of the prompt is accepted, and costs
