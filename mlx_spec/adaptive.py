@@ -22,6 +22,11 @@ OUTLIER = 1.5  # a round's seconds count at most this times what its kind of rou
 PLAIN_STEPS = 2
 LENGTH_PRIOR = 1.0  # rounds' worth of the cost line in the cost of a round length seen before
 LENGTH_DECAY = 0.9  # per round of that length: the cost of a length follows the context as it grows
+# A draft length never tried is priced at this share of the line, so that one near the best gets a round of
+# its own: a line through the lengths tried may overprice one between them (quicksort's 8-row verify costs
+# 10 % more than 7 rows, 9 rows 30 %: auto went from 6 to 8 and never tried 7; replay from 8 starts, auto /
+# best k +0.9 %). Not for copies, up to 16 long, where trying each costs more rounds than it finds.
+UNTRIED = 0.95
 MAX_POSITIONS = 32  # positions whose acceptance is tracked (the longest round drafts SLACK tokens)
 # Exact lookup matches are bucketed by length (1, 2, 3, 4-7, 8+ tokens): a longer match is a surer copy.
 # A copy realigned after a swapped token (lookup.Match.realigned) has two buckets of its own, the last: where
@@ -152,13 +157,13 @@ class CostLine:
     far. A verify pass over k+1 rows is not a line in k (a BLAS or GPU kernel
     works in blocks of rows: on this CPU 16 rows cost less than 9), so a length
     seen before is expected to cost what it cost, the line worth LENGTH_PRIOR of
-    its rounds; the line alone prices lengths never tried. No length is expected
-    to cost less than `floor + min_slope * k` (a plain step, and a draft step per
-    draft token), whatever its rounds measured.
+    its rounds; the line prices lengths never tried, times `untried`. No length is
+    expected to cost less than `floor + min_slope * k` (a plain step, and a draft
+    step per draft token), whatever its rounds measured.
     """
 
-    def __init__(self, decay: float = 0.95):
-        self.decay = decay
+    def __init__(self, decay: float = 0.95, untried: float = 1.0):
+        self.decay, self.untried = decay, untried
         self.sums = [0.0] * 5  # decayed sums of w, w k, w k^2, w t, w k t
         self.by_length: dict[int, Ratio] = {}  # k -> seconds per round of k drafts
 
@@ -175,7 +180,8 @@ class CostLine:
         """T(k): what rounds of k took, leaning on the line (see `line`) worth LENGTH_PRIOR rounds."""
         a, b = self.line(slope_prior, floor, min_slope)
         seen = self.by_length.get(k)
-        return a + b * k if seen is None else max(seen.value(a + b * k, LENGTH_PRIOR), floor + min_slope * k)
+        estimate = self.untried * (a + b * k) if seen is None else seen.value(a + b * k, LENGTH_PRIOR)
+        return max(estimate, floor + min_slope * k)
 
     def line(self, slope_prior: float, floor: float = 0.0, min_slope: float = 0.0) -> tuple[float, float]:
         """(A, B), given the prior slope B0; A at least `floor`, the line still through the mean round where
@@ -222,7 +228,7 @@ class Learnt:
     """What the controller knows of one (main, draft) pair; it carries over to the next call."""
 
     main: MainFacts = field(default_factory=MainFacts)
-    draft_cost: CostLine = field(default_factory=CostLine)
+    draft_cost: CostLine = field(default_factory=lambda: CostLine(untried=UNTRIED))
     draft: RelativeAcceptance = field(default_factory=lambda: RelativeAcceptance(DRAFT_PRIOR))
     catch_up: Ratio = field(default_factory=Ratio)  # the draft's seconds per token caught up on
     num_rounds: int = 0

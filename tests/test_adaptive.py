@@ -19,6 +19,7 @@ from mlx_spec.adaptive import (
     MIN_DRAFT_SLOPE,
     PLAIN,
     RELATIVE_PRIOR,
+    UNTRIED,
     VERIFY_SLOPE,
     Choice,
     Controller,
@@ -42,9 +43,9 @@ def record(c, k, accepted, seconds):
 
 
 def line(c):
-    """(T0, A, B) of the drafting cost line."""
-    b = c.round_seconds(DRAFT, 2) - c.round_seconds(DRAFT, 1)
-    return c.plain_seconds(), c.round_seconds(DRAFT, 1) - b, b
+    """(T0, A, B) of the drafting cost line (which prices a length never tried at UNTRIED of it)."""
+    t1, t2 = (c.round_seconds(DRAFT, k) / (1.0 if k in c.learnt.draft_cost.by_length else UNTRIED) for k in (1, 2))
+    return c.plain_seconds(), t1 - (t2 - t1), t2 - t1
 
 
 def formula(alpha, k, a, b):
@@ -287,7 +288,10 @@ def test_no_round_is_expected_to_cost_less_than_a_plain_step(source, prior):
     c.record(Choice(PLAIN, 0), 0, 1.0)
     for _ in range(20):
         c.record(Choice(source, 16), 16, 1.2)
-    assert c.round_seconds(source, 1) == pytest.approx(1.0 + 0.2 / 16)
+    on_line = 1.0 + 0.2 / 16
+    if source == DRAFT:  # a draft length never tried: UNTRIED of the line, but a draft step above a plain one
+        on_line = max(UNTRIED * on_line, 1.0 + MIN_DRAFT_SLOPE * prior)
+    assert c.round_seconds(source, 1) == pytest.approx(on_line) and on_line > 1.0
     assert c.round_seconds(source, 16) == pytest.approx(1.2)
 
 
@@ -323,6 +327,24 @@ def test_a_length_already_tried_costs_what_its_rounds_took():
     assert c.round_seconds(LOOKUP, 15) < c.round_seconds(LOOKUP, 8) - 0.4  # what no line can say
     assert c.round_seconds(LOOKUP, 12) == pytest.approx(a + b * 12)  # never tried: the line's
     assert c.choose(Match(10, 8)) == Choice(LOOKUP, 15, 4)
+
+
+def test_a_draft_length_never_tried_gets_a_round_where_the_line_overprices_it():
+    """A verify pass is not a line in k: here 7 drafts cost 10 % more than 6, and 8 drafts 30 % more (a
+    block of 8 rows, then 9). Tried at 6 and 8, the line prices 7 above what it costs; priced at UNTRIED of
+    the line, 7 gets a round, and then wins at what it took."""
+    seconds = {0: 1.0, 6: 3.38, 7: 3.73, 8: 4.39}
+    c = DraftController(max_draft=8, cost_ratio=0.3)
+    record(c, 0, 0, 1.0)
+    for _ in range(4):
+        for k in (6, 8):
+            record(c, k, k, seconds[k])
+    t0, a, b = line(c)
+    assert a + 7 * b > seconds[7] + 0.05  # the line overprices 7
+    assert c.round_seconds(DRAFT, 7) == pytest.approx(UNTRIED * (a + 7 * b))
+    assert c.choose() == Choice(DRAFT, 7)
+    record(c, 7, 7, seconds[7])
+    assert c.round_seconds(DRAFT, 7) < a + 7 * b and c.choose() == Choice(DRAFT, 7)
 
 
 def test_stores_kept_apart_learn_apart():
