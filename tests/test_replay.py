@@ -43,7 +43,7 @@ def test_carried_over_the_auto_policy_starts_each_trace_from_what_the_traces_bef
     fresh = {r["trace"]: r["auto"] for r in replay.replay_table(traces, make, seeds=2)}
     carried = {r["trace"]: r["auto"] for r in replay.replay_table(traces, make, seeds=2, carry=True)}
     assert carried["always"] == fresh["always"]  # the first trace: nothing learnt before it either way
-    assert carried["never"] < 0.9 * fresh["never"]  # it drafts on, trusting the first trace's acceptance
+    assert carried["never"] < 0.95 * fresh["never"]  # it drafts on, trusting the first trace's acceptance
 
 
 def test_temperature_traces_accept_with_their_probability():
