@@ -178,7 +178,7 @@ def speculative_generate_step(
                 opts.prefill_step_size,
                 lambda done, start=start: progress(max(0, start + done - num_before), len(tokens)),
             )
-        if draft_model is not None and not plain_first and not _draft_waits(opts, caches):  # else its first round
+        if draft_model is not None and not _draft_waits(opts, caches, plain_first):
             prefill(
                 draft_model,
                 caches.draft,
@@ -256,11 +256,11 @@ def _folded(num_left: int, num_known: int, opts: GenerationOptions, caches: Cach
     return tail if tail <= MAX_FOLDED and not quantizes and not rotating else 1
 
 
-def _draft_waits(opts: GenerationOptions, caches: CachePair) -> bool:
-    """Whether the draft model reads the prompt only when a round first drafts, which a reply copied from
-    the conversation may never need (lookup on). A rotating cache reads it now: once generation runs, it
-    takes a few tokens at a time."""
-    return opts.prompt_lookup and not any(isinstance(c, ROTATING) for c in caches.draft)
+def _draft_waits(opts: GenerationOptions, caches: CachePair, plain_first: bool) -> bool:
+    """Whether the draft model reads the prompt only when a round first drafts: a reply copied from the
+    conversation may never need it (lookup on), and a first token decoded plainly need not wait for it.
+    A rotating cache reads it now: once generation runs, it takes a few tokens at a time."""
+    return (opts.prompt_lookup or plain_first) and not any(isinstance(c, ROTATING) for c in caches.draft)
 
 
 def _policy(opts: GenerationOptions, model, draft_model):
