@@ -149,9 +149,9 @@ def rounds(
     """Rounds until `max_tokens` tokens were emitted; caches.tokens grows as rounds finish.
 
     On entry every token but the last `pending` is in the main cache. With
-    `plain_first`, or more than one pending, the first round decodes plainly,
-    not asking the policy: a pass over the rest of the prompt that gives the
-    first token. `sources` maps
+    `plain_first` (needed where more than one is pending) the first round
+    decodes plainly, not asking the policy: a pass over the rest of the prompt
+    that gives the first token. `sources` maps
     DRAFT and LOOKUP to those available (none: plain decoding); `policy` chooses each round's source
     and length from the lookup's match and learns from its outcome;
     `max_draft(offset)` bounds the draft length of a round starting at main
@@ -162,7 +162,6 @@ def rounds(
     check = functools.partial(verify, model, caches, params, logits_processors)
     no_draft = mx.zeros((0,), mx.int32)
     ahead = None  # a plain step queued behind a plain round before its token was read: the next round
-    plain_first = plain_first or pending > 1
     while num_emitted < max_tokens:
         start, tokens = time.perf_counter(), caches.tokens
         found = lookup.match() if lookup is not None else None
