@@ -27,11 +27,9 @@ round less its draft steps). A round
 with k drafts starting at position t accepts the run of agreeing positions
 from t on (at temp > 0, each with its acceptance probability), which is what
 the engine does when the draft and main model see the same accepted prefix.
-The first round goes as in the engine: a short prompt's pass gives the first
-token (the prompt is not timed), and above temperature 0 a long prompt's first
-token takes a plain step; the draft then reads the prompt with its first
-drafting round. Else the draft reads it as in the engine too: before the first
-round without lookup, as the catching up of the first drafting round with it.
+The first round goes as in the engine with the recorded pair: the prompt's
+pass gives the first token (the prompt is not timed), and the draft reads the
+prompt with its first drafting round.
 Controller changes can thus be tried on every prompt in seconds instead of
 hours; the benchmark then confirms them (benchmarks/RESULTS.md). For traces
 above temperature 0 it also prints the acceptance rate (accepted / drafted) of
@@ -52,7 +50,6 @@ import numpy as np
 from mlx_spec.adaptive import DRAFT, LOOKUP, PLAIN, Choice, Controller, Learnt
 from mlx_spec.bench import ALL_PROMPTS
 from mlx_spec.cache import SLACK
-from mlx_spec.generate import MAX_FOLDED
 from mlx_spec.lookup import NgramIndex, agreeing
 from mlx_spec.options import AUTO_MAX_LOOKUP as MAX_LOOKUP
 
@@ -79,17 +76,12 @@ def replay(
         index = NgramIndex()
         index.extend(trace["tokens"][: trace["num_prompt"]])
     n, t, seconds, behind = len(positions), 0, 0.0, 1
-    if "num_prompt" in trace and (trace["num_prompt"] <= MAX_FOLDED or not greedy):
-        # as in the engine, the first round decodes plainly: a short prompt's pass gives the first token (the
-        # prompt is not timed here), a long one's first token takes a plain step; the draft reads them later
-        t, seconds, behind = 1, 0.0 if trace["num_prompt"] <= MAX_FOLDED else round_seconds[0], trace["num_prompt"] + 1
+    if "num_prompt" in trace:
+        # as in the engine with the pair the traces come from (its output layer is cut to the last row): the
+        # prompt's pass gives the first token (the prompt is not timed here), the draft reads them later
+        t, behind = 1, trace["num_prompt"] + 1
         if index is not None:
             index.extend(text[:1])
-    elif policy.max_draft > 0 and "num_prompt" in trace:  # the draft reads the prompt, as in the engine:
-        if getattr(policy, "max_lookup", 0) > 0:  # with lookup, when a round first drafts
-            behind = trace["num_prompt"]
-        else:  # without, before the first round
-            seconds = catch_up_seconds * (trace["num_prompt"] - 1)
     while t < n:
         match = index.match() if index is not None else None
         choice = policy.choose(match, behind, n - t)

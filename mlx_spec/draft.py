@@ -7,9 +7,7 @@ import mlx.core as mx
 
 from .cache import SLACK, CachePair
 from .sampling import SamplingParams, filtered_scores, fit_vocab, log_probs, process
-
-# Model types whose logits are exactly `head(model.model(inputs))`, so the head can be cut.
-SHORTLIST_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
+from .verify import output_layer
 
 
 class DraftModel:
@@ -25,12 +23,10 @@ class DraftModel:
     def __init__(self, model, vocab_size: int, shortlist: int | None = None):
         self.model, self.vocab_size = model, vocab_size
         self.head = None
-        if shortlist and type(model).__module__.rsplit(".", 1)[-1] in SHORTLIST_TYPES:
-            layer = getattr(model, "lm_head", None)
-            layer = model.model.embed_tokens if layer is None else layer
-            if layer.weight.shape[0] > shortlist and getattr(layer, "bias", None) is None:
-                self.head = layer
-                self.shortlist = shortlist
+        layer = output_layer(model) if shortlist else None
+        if layer is not None and layer.weight.shape[0] > shortlist and getattr(layer, "bias", None) is None:
+            self.head = layer
+            self.shortlist = shortlist
 
     def __call__(self, inputs: mx.array, cache: list) -> mx.array:
         if self.head is None:

@@ -24,11 +24,13 @@ from .options import GenerationOptions
 from .prompt_cache import pair_for_call
 from .sampling import LogitsProcessor, Sampler
 from .stats import GenerationStats
+from .verify import output_layer
 
 _DEFAULT = GenerationOptions()
 ROTATING = (RotatingKVCache, SlackRotatingCache)
-# Prompt tokens, at most, read with the first round rather than before it. The pass saved is a decoding
-# step; the output layer over each of them costs 1/150 of one on this CPU, less on an Apple GPU.
+# Prompt tokens, at most, read with the first round rather than before it where the model's output layer
+# cannot be cut to the last row (verify.output_layer): the pass saved is a decoding step; the output layer
+# over each of them costs 1/150 of one on this CPU, less on an Apple GPU.
 MAX_FOLDED = 64
 
 
@@ -160,11 +162,13 @@ def speculative_generate_step(
         stats.start()
         stats.prompt_tokens = num_known - offset
         progress(0, len(tokens))
-        # The last token of the previous call goes in alone, as mlx-lm's decoding step fed it (a rotating
-        # cache attends differently to a token fed with others), then the prompt in steps. The last step
-        # goes in with the first round, if short: the pass that reads it gives the first token.
+        # The prompt goes in in steps, after the last token of the previous call: with it, or alone into a
+        # rotating cache (as mlx-lm's decoding step fed it: a rotating cache attends differently to a token
+        # fed with others). The last step goes in with the first round: the pass that reads it gives the
+        # first token (see _folded).
+        rotating = any(isinstance(c, ROTATING) for c in caches.main)
         first = offset + 1 if num_before == offset + 1 else offset
-        pending = _folded(num_known - first, num_known, opts, caches)
+        pending = _folded(num_known - first, num_known, opts, rotating, output_layer(model) is not None)
         # A sampled call's first round decodes plainly in any case: its random draws then do not depend on
         # how much of the prompt a cache held (a seed repeats its answer).
         plain_first = pending > 1 or not params.greedy
@@ -243,17 +247,16 @@ def _token_list(prompt) -> list[int]:
     return prompt
 
 
-def _folded(num_left: int, num_known: int, opts: GenerationOptions, caches: CachePair) -> int:
+def _folded(num_left: int, num_known: int, opts: GenerationOptions, rotating: bool, cut: bool) -> int:
     """How many of the last `num_left` of `num_known` tokens the first round reads: the prefill's last step
-    and the last token, where they are at most MAX_FOLDED (the pass saved costs more than the output layer
-    over them: logits are needed at the last only). Else the last token only, as mlx-lm feeds it alone:
-    into a rotating cache, which attends differently to a token fed with others, and where mlx-lm
-    quantizes the cache before the last token goes in."""
+    and the last token, where the model's output layer is `cut` to the last row, or they are at most
+    MAX_FOLDED (the pass saved costs more than the output layer over them). Else the last token only, as
+    mlx-lm feeds it alone: into a rotating cache, which attends differently to a token fed with others, and
+    where mlx-lm quantizes the cache before the last token goes in."""
     tail = (num_left - 2) % opts.prefill_step_size + 2 if num_left > 1 else 1
     quantized_at = max(opts.quantized_kv_start, 1)  # the cache length at which quantization starts
     quantizes = opts.kv_bits is not None and num_known - tail < quantized_at <= num_known - 1
-    rotating = any(isinstance(c, ROTATING) for c in caches.main)
-    return tail if tail <= MAX_FOLDED and not quantizes and not rotating else 1
+    return tail if (cut or tail <= MAX_FOLDED) and not quantizes and not rotating else 1
 
 
 def _draft_waits(opts: GenerationOptions, caches: CachePair, plain_first: bool) -> bool:

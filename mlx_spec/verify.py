@@ -4,6 +4,29 @@ import mlx.core as mx
 
 from .sampling import SamplingParams, filtered_scores, log_probs, process
 
+# Model types whose logits are exactly an output layer over `model.model(inputs)` (mlx-lm's Model.__call__).
+HEADED_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
+
+
+def output_layer(model):
+    """The layer that maps `model.model`'s output to `model`'s logits (`lm_head`, or the embedding where they
+    are tied), for HEADED_TYPES; else None."""
+    if type(model).__module__.rsplit(".", 1)[-1] not in HEADED_TYPES or not hasattr(model, "model"):
+        return None
+    layer = getattr(model, "lm_head", None)
+    return model.model.embed_tokens if layer is None else layer
+
+
+def last_logits(model, inputs: mx.array, cache: list, rows: int) -> mx.array:
+    """Logits (1, rows, V) at the last `rows` positions of a forward over `inputs` (1, L). Where the output
+    layer can be cut from the model (`output_layer`), it runs over those rows only: a prompt's last step
+    read with the first round then costs what reading it costs, not an output layer at each of its rows."""
+    layer = output_layer(model) if rows < inputs.shape[1] else None
+    if layer is None:
+        return model(inputs, cache=cache)[:, -rows:]
+    hidden = model.model(inputs, cache=cache)[:, -rows:]
+    return layer.as_linear(hidden) if hasattr(layer, "as_linear") else layer(hidden)
+
 
 def score(
     main_model,
@@ -22,7 +45,7 @@ def score(
     them; and, for rejection sampling, p, the distributions to sample from (else None).
     """
     inputs = mx.concatenate([last_token, draft_tokens])
-    logits = main_model(inputs[None], cache=main_cache)[0, -(draft_tokens.size + 1) :]
+    logits = last_logits(main_model, inputs[None], main_cache, draft_tokens.size + 1)[0]
     logits = process(logits, history, draft_tokens, logits_processors)
     logprobs = log_probs(logits)
     if params.greedy or params.exact_match:

@@ -6,7 +6,7 @@ import pytest
 from mlx_lm.generate import generate_step
 from tiny import first_layers, make_model, perturbed, quantized, reference, spec
 
-from mlx_spec import GenerationStats, speculative_generate_step
+from mlx_spec import GenerationStats, speculative_generate_step, verify
 from mlx_spec.generate import MAX_FOLDED
 
 PROMPTS = [[1, 5, 9, 22, 3], [7], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52], [90, 2, 90, 2]]
@@ -52,25 +52,37 @@ def test_no_draft_is_plain_decoding(llama):
         assert stats.num_rounds == 30 and stats.total_draft_tokens == 0
 
 
-@pytest.mark.parametrize("length", [5, MAX_FOLDED, MAX_FOLDED + 1, 100])
-def test_a_short_prompt_gives_the_first_token_in_the_pass_that_reads_it(llama, monkeypatch, length):
-    """The prompt's last prefill step, if short, goes in with the first round: its pass gives the first
-    token, before the draft model runs, and the call makes one pass fewer than mlx-lm's decoding."""
-    passes = []  # (model, tokens it read)
-    forward = type(llama).__call__
+@pytest.mark.parametrize("cut", [True, False])
+@pytest.mark.parametrize("length", [5, MAX_FOLDED, MAX_FOLDED + 1, 300])
+def test_the_prompts_last_step_gives_the_first_token_in_the_pass_that_reads_it(llama, monkeypatch, length, cut):
+    """The prompt's last prefill step goes in with the first round: its pass gives the first token, before the
+    draft model runs, and the call makes one pass fewer than mlx-lm's decoding. Where the output layer is cut
+    from the model, it runs over the last row only, whatever the step's length; where it cannot be (a model
+    type not known to be a body and an output layer), the step goes in with the first round only if short."""
+    if not cut:
+        monkeypatch.setattr(verify, "HEADED_TYPES", ())
+    passes, head_rows = [], []  # (model, tokens it read); rows the main model's output layer computed
+    body, head = type(llama.model).__call__, type(llama.lm_head).__call__
 
     def counted(self, inputs, *args, **kwargs):
-        passes.append(("main" if self is llama else "draft", inputs.shape[1]))
-        return forward(self, inputs, *args, **kwargs)
+        passes.append(("main" if self is llama.model else "draft", inputs.shape[1]))
+        return body(self, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(type(llama), "__call__", counted)
+    def headed(self, x):
+        if self is llama.lm_head:
+            head_rows.append(x.shape[1])
+        return head(self, x)
+
+    monkeypatch.setattr(type(llama.model), "__call__", counted)
+    monkeypatch.setattr(type(llama.lm_head), "__call__", headed)
     prompt = [(7 * i) % 80 + 3 for i in range(length)]
-    folded = length <= MAX_FOLDED
+    folded = cut or length <= MAX_FOLDED
     draft = perturbed(llama, 0.005)
     steps = speculative_generate_step(prompt, llama, draft, num_draft_tokens=2, max_tokens=12, prompt_lookup=False)
     first = next(steps)[0]
     main_passes = [n for model, n in passes if model == "main"]
     assert main_passes == ([length] if folded else [length - 1, 3])
+    assert head_rows == ([1] if cut else [length] if folded else [length - 1, 3])
     assert ("draft" in dict(passes)) is not folded
     expected = reference(llama, prompt, 12)
     assert [first] + [t for t, _, _ in steps] == expected

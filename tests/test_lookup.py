@@ -8,7 +8,7 @@ import pytest
 from test_accept import CRITICAL, chi_squared
 from tiny import make_model, perturbed, reference, repetitive, spec, toy_tokenizer
 
-from mlx_spec import GenerationStats, make_prompt_cache, speculative_generate_step, stream_generate
+from mlx_spec import GenerationStats, make_prompt_cache, speculative_generate_step, stream_generate, verify
 from mlx_spec.adaptive import kept_apart
 from mlx_spec.lookup import MAX_MATCH, LookupSource, Match, NgramIndex, index_for
 
@@ -217,12 +217,16 @@ def test_greedy_is_exact_with_every_cache_kind(arch, options, with_draft):
     assert stats.rounds_by_source["plain"] > 0
 
 
-def test_the_draft_reads_the_prompt_when_a_round_first_drafts(copier):
+@pytest.mark.parametrize("cut", [True, False])
+def test_the_draft_reads_the_prompt_when_a_round_first_drafts(copier, monkeypatch, cut):
     """With lookup on, the first token does not wait for the draft to read the prompt: a one-token reply
-    leaves the draft cache empty. Lookup off, the draft reads it before the first round, as before."""
+    leaves the draft cache empty. Lookup off, neither where the prompt's pass gives the first token (the
+    output layer cut to its last row); else the draft reads it before the first round, as before."""
     main, draft = copier
+    if not cut:
+        monkeypatch.setattr(verify, "HEADED_TYPES", ())
     prompt = [(7 * i + 3) % 90 + 3 for i in range(200)]
-    for lookup, read in ((True, 0), (False, len(prompt) - 1)):
+    for lookup, read in ((True, 0), (False, 0 if cut else len(prompt) - 1)):
         cache = make_prompt_cache(main, draft)
         assert spec(prompt, main, draft, max_tokens=1, prompt_cache=cache, prompt_lookup=lookup) == reference(
             main, prompt, 1
