@@ -167,7 +167,7 @@ def speculative_generate_step(
         # fed with others). The last step goes in with the first round: the pass that reads it gives the
         # first token (see _folded).
         rotating = any(isinstance(c, ROTATING) for c in caches.main)
-        first = offset + 1 if num_before == offset + 1 else offset
+        first = offset + 1 if num_before == offset + 1 and rotating else offset
         pending = _folded(num_known - first, num_known, opts, rotating, output_layer(model) is not None)
         # A sampled call's first round decodes plainly in any case: its random draws then do not depend on
         # how much of the prompt a cache held (a seed repeats its answer).

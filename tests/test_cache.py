@@ -150,6 +150,28 @@ def test_cache_reuse_across_turns_equals_one_long_prompt(pair):
     check_consistent(cache)
 
 
+def test_the_next_call_reads_the_last_token_before_with_its_prompt(pair, monkeypatch):
+    """The reply's last token, not yet in the caches, goes in with the next call's prompt: one main pass
+    reads both and gives the next call's first token (mlx-lm feeds that token in a pass of its own)."""
+    main, draft = pair
+    cache = make_prompt_cache(main, draft)
+    turn1 = spec([2, 3, 4], main, draft, num_draft_tokens=2, max_tokens=15, prompt_cache=cache)
+    passes = []
+    body = type(main.model).__call__
+
+    def counted(self, inputs, *args, **kwargs):
+        if self is main.model:
+            passes.append(inputs.shape[1])
+        return body(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(type(main.model), "__call__", counted)
+    steps = speculative_generate_step([50, 51], main, draft, num_draft_tokens=2, max_tokens=15, prompt_cache=cache)
+    first = next(steps)[0]
+    assert passes == [3]
+    assert [first] + [t for t, _, _ in steps] == reference(main, [2, 3, 4] + turn1 + [50, 51], 15)
+    check_consistent(cache)
+
+
 def test_cache_kinds_after_a_rotating_run(pair):
     main, draft = pair
     cache = make_prompt_cache(main, draft, max_kv_size=16)

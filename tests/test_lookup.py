@@ -211,10 +211,11 @@ def test_greedy_is_exact_with_every_cache_kind(arch, options, with_draft):
     assert stats.lookup_accepted_tokens > 0
     if "max_kv_size" in kw:
         assert len(cache.tokens) > 10 * kw["max_kv_size"]  # long after the wrap
-    # auto: on tiny models mostly plain rounds, each queued behind the one before
+    # auto: copies, and between them plain rounds (each queued behind the one before) or drafts; which of
+    # them, the timing of rounds on tiny models decides (the sliding-window model copies nearly all of it)
     stats = GenerationStats()
     assert spec(prompt, main, draft, max_tokens=160, stats=stats, **kw) == expected
-    assert stats.rounds_by_source["plain"] > 0
+    assert stats.rounds_by_source["lookup"] > 0 and len(stats.rounds_by_source) > 1
 
 
 @pytest.mark.parametrize("cut", [True, False])
