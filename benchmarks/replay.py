@@ -30,6 +30,10 @@ the engine does when the draft and main model see the same accepted prefix.
 The first round goes as in the engine with the recorded pair: the prompt's
 pass gives the first token (the prompt is not timed), and the draft reads the
 prompt with its first drafting round.
+Beside them, for greedy traces, the hindsight bound: the rate of the fastest
+rounds chosen knowing the text (`hindsight`), with the draft model only and
+with lookup too. No controller can beat it; what is left between a controller
+and it is what better choices could still win with these costs.
 Controller changes can thus be tried on every prompt in seconds instead of
 hours; the benchmark then confirms them (benchmarks/RESULTS.md). For traces
 above temperature 0 it also prints the acceptance rate (accepted / drafted) of
@@ -120,6 +124,57 @@ def replay(
             index.extend(text[t : t + accepted + 1])
         t += accepted + 1
     return n / seconds * round_seconds[0]
+
+
+def hindsight(
+    trace: dict, round_seconds: list[float], catch_up_seconds: float, lookup_seconds: list[float] | None = None
+) -> float:
+    """Tokens per second, as `replay` counts them (no noise), of the fastest rounds over a greedy `trace`
+    chosen knowing its text: how many drafts agree from each position, and what a copy there would get.
+
+    An upper bound for any controller with these sources and costs. The fastest schedule is found by
+    dynamic programming over (position, tokens the draft lacks), keeping per position only the states no
+    other beats on both time and backlog. The lookup's match is taken at every position, as if a round
+    started there (a real schedule asks at its rounds' starts only, and the copy cursor may differ).
+    """
+    agree, n = trace["agree"], len(trace["agree"])
+    run = [0] * (n + 1)  # drafts that agree in a row from each position
+    for t in range(n - 1, -1, -1):
+        run[t] = run[t + 1] + 1 if agree[t] else 0
+    t0, behind0 = (1, trace["num_prompt"] + 1) if "num_prompt" in trace else (0, 1)  # as `replay` starts
+    copies = [(0, 0)] * n  # per position: (tokens a copy proposes there, of which agree in a row)
+    if lookup_seconds is not None and "tokens" in trace:
+        text, index = trace["tokens"][trace["num_prompt"] :], NgramIndex()
+        index.extend(trace["tokens"][: trace["num_prompt"] + t0])
+        for t in range(t0, n):
+            match = index.match()
+            if match is not None:
+                proposal = index.continuation(match, len(lookup_seconds) - 1)
+                copies[t] = (len(proposal), agreeing(proposal, text[t:]))
+            index.extend(text[t : t + 1])
+    states: list[dict[int, float]] = [{} for _ in range(n + 1)]  # position -> {behind: seconds}
+    states[t0][behind0] = 0.0
+
+    def reach(t: int, behind: int, seconds: float):
+        if seconds < states[t].get(behind, math.inf):
+            states[t][behind] = seconds
+
+    for t in range(t0, n):
+        front, least = {}, math.inf
+        for behind, seconds in sorted(states[t].items()):  # more backlog only if it saves time
+            if seconds < least:
+                front[behind], least = seconds, seconds
+        for behind, seconds in front.items():
+            reach(t + 1, behind + 1, seconds + round_seconds[0])
+            catch_up = catch_up_seconds * (behind - 1) if behind > 2 else 0.0
+            for k in range(1, min(len(round_seconds) - 1, n - t - 1) + 1):
+                accepted = min(run[t], k)
+                reach(t + accepted + 1, 1 + (accepted == k), seconds + round_seconds[k] + catch_up)
+            proposed, copied = copies[t]
+            for k in range(1, min(proposed, n - t - 1) + 1):
+                accepted = min(copied, k)
+                reach(t + accepted + 1, behind + accepted + 1, seconds + lookup_seconds[k])
+    return n / min(states[n].values()) * round_seconds[0]
 
 
 class Fixed:
@@ -218,6 +273,9 @@ def replay_table(
         auto = statistics.mean(rates["auto"][name])
         row = dict(trace=name, fixed=fixed, best_k=best, auto=auto, auto_over_best=auto / fixed[best])
         row["variants"] = {v: statistics.mean(rates[v][name]) for v in variants or {}}
+        if "agree" in trace:  # what rounds chosen knowing the text would reach: draft only, and with lookup
+            args = (trace, costs["round_seconds"], costs["catch_up_seconds"])
+            row["bound"] = dict(draft=hindsight(*args), hybrid=hindsight(*args, looked_up))
         rows.append(row)
     return rows
 
@@ -354,9 +412,12 @@ def merged(rows: list[dict]) -> list[dict]:
         best = max(fixed, key=fixed.get)
         auto = statistics.mean(r["auto"] for r in group)
         variants = {v: statistics.mean(r["variants"][v] for r in group) for v in group[0]["variants"]}
-        out.append(
-            dict(trace=name, fixed=fixed, best_k=best, auto=auto, auto_over_best=auto / fixed[best], variants=variants)
+        row = dict(
+            trace=name, fixed=fixed, best_k=best, auto=auto, auto_over_best=auto / fixed[best], variants=variants
         )
+        if "bound" in group[0]:
+            row["bound"] = {v: statistics.mean(r["bound"][v] for r in group) for v in group[0]["bound"]}
+        out.append(row)
     return out
 
 
@@ -375,23 +436,33 @@ def print_table(traces: dict, seeds: int, carry: bool = False, noise: float = 0.
     print(
         "| trace | "
         + " | ".join(f"k={k}" for k in ks)
-        + " | auto | auto / best fixed | hybrid (lookup + draft) | lookup only |"
+        + " | auto | auto / best fixed | hybrid (lookup + draft) | lookup only | bound: draft only | bound: hybrid |"
     )
-    print("|---" * (len(ks) + 5) + "|")
+    print("|---" * (len(ks) + 7) + "|")
     for r in rows:
+        bound = r.get("bound")
         print(
             f"| {r['trace']} | "
             + " | ".join(f"{r['fixed'][k]:.3f}" for k in ks)
             + f" | {r['auto']:.3f} | {r['auto_over_best']:.3f} (best k={r['best_k']}) "
-            + f"| {r['variants']['hybrid']:.3f} | {r['variants']['lookup only']:.3f} |"
+            + f"| {r['variants']['hybrid']:.3f} | {r['variants']['lookup only']:.3f} "
+            + (f"| {bound['draft']:.3f} | {bound['hybrid']:.3f} |" if bound else "| | |")
         )
-    geo = math.exp(statistics.mean(math.log(r["auto_over_best"]) for r in rows))
+    geo = geometric_mean([r["auto_over_best"] for r in rows])
     print(f"\nauto / best fixed: geometric mean {geo:.3f}, worst {min(r['auto_over_best'] for r in rows):.3f}")
     hybrid = [r["variants"]["hybrid"] / r["auto"] for r in rows]
-    geo_hybrid = math.exp(statistics.mean(map(math.log, hybrid)))
     worst_lookup = min(r["variants"]["lookup only"] for r in rows)
-    print(f"hybrid / auto (draft only): geometric mean {geo_hybrid:.3f}, worst {min(hybrid):.3f}")
+    print(f"hybrid / auto (draft only): geometric mean {geometric_mean(hybrid):.3f}, worst {min(hybrid):.3f}")
     print(f"lookup only / plain: worst {worst_lookup:.3f}")
+    bounded = [r for r in rows if "bound" in r]
+    if bounded:  # how much of what knowing the text would reach each controller gets
+        draft = geometric_mean([r["auto"] / r["bound"]["draft"] for r in bounded])
+        both = geometric_mean([r["variants"]["hybrid"] / r["bound"]["hybrid"] for r in bounded])
+        print(f"of the hindsight bound: auto (draft only) {draft:.3f}, hybrid {both:.3f} (geometric means)")
+
+
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(statistics.mean(map(math.log, values)))
 
 
 # --- command line ----------------------------------------------------------------------------

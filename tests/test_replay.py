@@ -76,6 +76,8 @@ def test_replay_command_prints_the_table_and_refuses_a_missing_file(tmp_path, ca
     assert replay.main(["replay", str(path), "--seeds", "1"]) == 0
     out = capsys.readouterr().out
     assert "| code@0 |" in out and "| prose@0.7 |" in out and "| prose@0.7#2 |" in out
+    assert "of the hindsight bound: auto (draft only) " in out  # greedy traces only: prose has none
+    assert next(line for line in out.splitlines() if line.startswith("| prose@0.7 |")).endswith("| | |")
     row = next(line for line in out.splitlines() if line.startswith("| prose@0.7 | 2 |"))  # both samples pooled
     assert "| 0.700 vs 0.400 (1.75x) |" in row
     assert replay.main(["replay", str(tmp_path / "nope.json")]) == 2
@@ -164,3 +166,36 @@ def test_the_draft_reads_the_prompt_as_in_the_engine(num_prompt):
     policy.choose = lambda match, b, left: (behind.append(b), choose(match, b, left))[1]
     replay.replay(policy, trace, costs, 0.01, noise=0.0, lookup_seconds=[0.5] * 17)
     assert behind[0] == len(prompt) + 1
+
+
+def test_the_hindsight_bound_is_the_fastest_schedule_of_rounds():
+    # 5 tokens that all agree, rounds of 0, 1, 2 drafts at 1.0, 1.5, 1.6 s: a round of 2 and one of 1 (the
+    # last position is left for its own main token), 3.1 s; two plain rounds instead of the last cost 3.6
+    assert replay.hindsight(dict(agree=[True] * 5), [1.0, 1.5, 1.6], 0.0) == pytest.approx(5 / 3.1)
+    # knowing where the draft fails: each round drafts just the tokens that agree, 2 then 1 (3.1 s per 5
+    # tokens), where any fixed length drafts in vain or stops short
+    trace = dict(agree=[True, True, False, True, False] * 12)
+    costs = [1.0, 1.5, 1.6, 3.0]
+    assert replay.hindsight(trace, costs, 0.0) == pytest.approx(60 / (12 * 3.1))
+    assert replay.hindsight(trace, costs, 0.0) > max(
+        replay.replay(replay.Fixed(k), trace, costs, 0.0, noise=0.0) for k in range(4)
+    )
+
+
+def test_the_hindsight_bound_is_above_every_controller_and_copies_what_repeats():
+    prompt = list(range(100, 160))
+    text = list(range(300, 340)) + prompt[5:45] + list(range(400, 440))  # new, copied, new again
+    agree = [i % 5 != 4 for i in range(40)] + [False] * 40 + [i % 3 != 2 for i in range(40)]
+    trace = dict(agree=agree, tokens=prompt + text, num_prompt=len(prompt))
+    costs, lookup_seconds = COSTS["round_seconds"], [0.5 + 0.02 * k for k in range(17)]
+    draft_only = replay.hindsight(trace, costs, 0.01)
+    hybrid = replay.hindsight(trace, costs, 0.01, lookup_seconds)
+    assert hybrid > 1.2 * draft_only  # the copy's 40 tokens in a few rounds, where the draft never agrees
+    controllers = [
+        Controller(max_draft=4, cost_ratio=0.3),
+        Controller(max_draft=4, max_lookup=0, cost_ratio=0.3),
+        Controller(max_draft=0, has_draft=False),
+    ]
+    for policy in controllers:
+        assert replay.replay(policy, trace, costs, 0.01, noise=0.0, lookup_seconds=lookup_seconds) < hybrid
+    assert max(replay.replay(replay.Fixed(k), trace, costs, 0.01, noise=0.0) for k in range(5)) < draft_only
