@@ -275,7 +275,8 @@ def replay_table(
         row["variants"] = {v: statistics.mean(rates[v][name]) for v in variants or {}}
         if "agree" in trace:  # what rounds chosen knowing the text would reach: draft only, and with lookup
             args = (trace, costs["round_seconds"], costs["catch_up_seconds"])
-            row["bound"] = dict(draft=hindsight(*args), hybrid=hindsight(*args, looked_up))
+            lookup_only = hindsight(trace, costs["round_seconds"][:1], 0.0, looked_up)  # no draft lengths
+            row["bound"] = dict(draft=hindsight(*args), hybrid=hindsight(*args, looked_up), lookup=lookup_only)
         rows.append(row)
     return rows
 
@@ -436,9 +437,10 @@ def print_table(traces: dict, seeds: int, carry: bool = False, noise: float = 0.
     print(
         "| trace | "
         + " | ".join(f"k={k}" for k in ks)
-        + " | auto | auto / best fixed | hybrid (lookup + draft) | lookup only | bound: draft only | bound: hybrid |"
+        + " | auto | auto / best fixed | hybrid (lookup + draft) | lookup only "
+        + "| bound: draft only | bound: hybrid | bound: lookup only |"
     )
-    print("|---" * (len(ks) + 7) + "|")
+    print("|---" * (len(ks) + 8) + "|")
     for r in rows:
         bound = r.get("bound")
         print(
@@ -446,7 +448,7 @@ def print_table(traces: dict, seeds: int, carry: bool = False, noise: float = 0.
             + " | ".join(f"{r['fixed'][k]:.3f}" for k in ks)
             + f" | {r['auto']:.3f} | {r['auto_over_best']:.3f} (best k={r['best_k']}) "
             + f"| {r['variants']['hybrid']:.3f} | {r['variants']['lookup only']:.3f} "
-            + (f"| {bound['draft']:.3f} | {bound['hybrid']:.3f} |" if bound else "| | |")
+            + (f"| {bound['draft']:.3f} | {bound['hybrid']:.3f} | {bound['lookup']:.3f} |" if bound else "| | | |")
         )
     geo = geometric_mean([r["auto_over_best"] for r in rows])
     print(f"\nauto / best fixed: geometric mean {geo:.3f}, worst {min(r['auto_over_best'] for r in rows):.3f}")
@@ -458,7 +460,11 @@ def print_table(traces: dict, seeds: int, carry: bool = False, noise: float = 0.
     if bounded:  # how much of what knowing the text would reach each controller gets
         draft = geometric_mean([r["auto"] / r["bound"]["draft"] for r in bounded])
         both = geometric_mean([r["variants"]["hybrid"] / r["bound"]["hybrid"] for r in bounded])
-        print(f"of the hindsight bound: auto (draft only) {draft:.3f}, hybrid {both:.3f} (geometric means)")
+        copy = geometric_mean([r["variants"]["lookup only"] / r["bound"]["lookup"] for r in bounded])
+        print(
+            f"of the hindsight bound: auto (draft only) {draft:.3f}, hybrid {both:.3f}, lookup only {copy:.3f} "
+            "(geometric means)"
+        )
 
 
 def geometric_mean(values: list[float]) -> float:

@@ -77,7 +77,7 @@ def test_replay_command_prints_the_table_and_refuses_a_missing_file(tmp_path, ca
     out = capsys.readouterr().out
     assert "| code@0 |" in out and "| prose@0.7 |" in out and "| prose@0.7#2 |" in out
     assert "of the hindsight bound: auto (draft only) " in out  # greedy traces only: prose has none
-    assert next(line for line in out.splitlines() if line.startswith("| prose@0.7 |")).endswith("| | |")
+    assert next(line for line in out.splitlines() if line.startswith("| prose@0.7 |")).endswith("| | | |")
     row = next(line for line in out.splitlines() if line.startswith("| prose@0.7 | 2 |"))  # both samples pooled
     assert "| 0.700 vs 0.400 (1.75x) |" in row
     assert replay.main(["replay", str(tmp_path / "nope.json")]) == 2
@@ -191,6 +191,8 @@ def test_the_hindsight_bound_is_above_every_controller_and_copies_what_repeats()
     draft_only = replay.hindsight(trace, costs, 0.01)
     hybrid = replay.hindsight(trace, costs, 0.01, lookup_seconds)
     assert hybrid > 1.2 * draft_only  # the copy's 40 tokens in a few rounds, where the draft never agrees
+    lookup_only = replay.hindsight(trace, costs[:1], 0.0, lookup_seconds)  # no draft lengths: copies and plain
+    assert draft_only < hybrid and lookup_only < hybrid
     controllers = [
         Controller(max_draft=4, cost_ratio=0.3),
         Controller(max_draft=4, max_lookup=0, cost_ratio=0.3),
@@ -198,4 +200,5 @@ def test_the_hindsight_bound_is_above_every_controller_and_copies_what_repeats()
     ]
     for policy in controllers:
         assert replay.replay(policy, trace, costs, 0.01, noise=0.0, lookup_seconds=lookup_seconds) < hybrid
+    assert replay.replay(controllers[2], trace, costs, 0.01, noise=0.0, lookup_seconds=lookup_seconds) < lookup_only
     assert max(replay.replay(replay.Fixed(k), trace, costs, 0.01, noise=0.0) for k in range(5)) < draft_only
