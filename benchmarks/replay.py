@@ -31,9 +31,9 @@ The first round goes as in the engine with the recorded pair: the prompt's
 pass gives the first token (the prompt is not timed), and the draft reads the
 prompt with its first drafting round.
 Beside them, for greedy traces, the hindsight bound: the rate of the fastest
-rounds chosen knowing the text (`hindsight`), with the draft model only and
-with lookup too. No controller can beat it; what is left between a controller
-and it is what better choices could still win with these costs.
+rounds chosen knowing the text (`hindsight`), with the draft model only, with
+lookup only, and with both. No controller can beat it; what is left between a
+controller and it is what better choices could still win with these costs.
 Controller changes can thus be tried on every prompt in seconds instead of
 hours; the benchmark then confirms them (benchmarks/RESULTS.md). For traces
 above temperature 0 it also prints the acceptance rate (accepted / drafted) of

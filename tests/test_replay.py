@@ -200,5 +200,6 @@ def test_the_hindsight_bound_is_above_every_controller_and_copies_what_repeats()
     ]
     for policy in controllers:
         assert replay.replay(policy, trace, costs, 0.01, noise=0.0, lookup_seconds=lookup_seconds) < hybrid
-    assert replay.replay(controllers[2], trace, costs, 0.01, noise=0.0, lookup_seconds=lookup_seconds) < lookup_only
+    copying = Controller(max_draft=0, has_draft=False)
+    assert replay.replay(copying, trace, costs, 0.01, noise=0.0, lookup_seconds=lookup_seconds) < lookup_only
     assert max(replay.replay(replay.Fixed(k), trace, costs, 0.01, noise=0.0) for k in range(5)) < draft_only
