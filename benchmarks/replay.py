@@ -450,25 +450,23 @@ def print_table(traces: dict, seeds: int, carry: bool = False, noise: float = 0.
             + f"| {r['variants']['hybrid']:.3f} | {r['variants']['lookup only']:.3f} "
             + (f"| {bound['draft']:.3f} | {bound['hybrid']:.3f} | {bound['lookup']:.3f} |" if bound else "| | | |")
         )
-    geo = geometric_mean([r["auto_over_best"] for r in rows])
+    geo = statistics.geometric_mean([r["auto_over_best"] for r in rows])
     print(f"\nauto / best fixed: geometric mean {geo:.3f}, worst {min(r['auto_over_best'] for r in rows):.3f}")
     hybrid = [r["variants"]["hybrid"] / r["auto"] for r in rows]
     worst_lookup = min(r["variants"]["lookup only"] for r in rows)
-    print(f"hybrid / auto (draft only): geometric mean {geometric_mean(hybrid):.3f}, worst {min(hybrid):.3f}")
+    print(
+        f"hybrid / auto (draft only): geometric mean {statistics.geometric_mean(hybrid):.3f}, worst {min(hybrid):.3f}"
+    )
     print(f"lookup only / plain: worst {worst_lookup:.3f}")
     bounded = [r for r in rows if "bound" in r]
     if bounded:  # how much of what knowing the text would reach each controller gets
-        draft = geometric_mean([r["auto"] / r["bound"]["draft"] for r in bounded])
-        both = geometric_mean([r["variants"]["hybrid"] / r["bound"]["hybrid"] for r in bounded])
-        copy = geometric_mean([r["variants"]["lookup only"] / r["bound"]["lookup"] for r in bounded])
+        draft = statistics.geometric_mean([r["auto"] / r["bound"]["draft"] for r in bounded])
+        both = statistics.geometric_mean([r["variants"]["hybrid"] / r["bound"]["hybrid"] for r in bounded])
+        copy = statistics.geometric_mean([r["variants"]["lookup only"] / r["bound"]["lookup"] for r in bounded])
         print(
             f"of the hindsight bound: auto (draft only) {draft:.3f}, hybrid {both:.3f}, lookup only {copy:.3f} "
             "(geometric means)"
         )
-
-
-def geometric_mean(values: list[float]) -> float:
-    return math.exp(statistics.mean(map(math.log, values)))
 
 
 # --- command line ----------------------------------------------------------------------------
