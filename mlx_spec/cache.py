@@ -1,9 +1,11 @@
-"""The pair of KV caches (main, draft) and their rollback, for every cache kind.
+"""The pair of caches (main, draft) and their rollback, for every cache kind.
 
 Rollback moves offsets. Standard and quantized caches trim natively; rotating
 (sliding-window) caches become `SlackRotatingCache`s after the prompt, which
 keep SLACK spare slots beyond their window so that a rejected round never
-overwrites an entry that is still needed after the rollback.
+overwrites an entry that is still needed after the rollback. Recurrent layers
+go back to a state kept before the forward (`recurrent.py`); the tokens after
+it are read again by the next forward.
 """
 
 import hashlib
@@ -14,10 +16,17 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import (
+    ChunkedKVCache,
+    ConcatenateKVCache,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+)
 from mlx_lm.models.cache import make_prompt_cache as _mlx_lm_make_cache
 
 from .load import output_size
+from .recurrent import RecurrentCache, adopt, leaves, map_leaves
 
 SLACK = 32  # spare slots of a rotating cache: the most tokens one round may write is SLACK + 1
 KEEP = 4  # tokens mlx-lm's rotating cache keeps at the start for max_kv_size
@@ -197,14 +206,35 @@ def _window_mask(positions: np.ndarray, offset: int, num_queries: int, keep: int
     return mx.array(visible)
 
 
-def _can_trim_to(cache, length: int) -> bool:
+def _reachable(cache, length: int) -> int | None:
+    """The largest length <= `length` that `cache` can be cut back to, None if none."""
+    if cache.offset <= length:
+        return cache.offset
+    if isinstance(cache, RecurrentCache):
+        return cache.reachable(length)
     if isinstance(cache, SlackRotatingCache):
-        return cache.can_trim_to(length)
-    return not isinstance(cache, RotatingKVCache) or cache.is_trimmable()
+        return length if cache.can_trim_to(length) else None
+    if isinstance(cache, ChunkedKVCache):
+        return length if length >= cache.start_position else None
+    if isinstance(cache, RotatingKVCache) and not cache.is_trimmable():
+        return None
+    return length if rolls_back(cache) and length >= 0 else None
 
 
-def _offset(layers: list[Any]) -> int:
-    return layers[0].offset if layers else 0
+def cut_length(layers: list[Any], length: int) -> int | None:
+    """The largest length <= `length` that every layer can be cut back to (a recurrent layer only to a state it
+    kept), None if there is none."""
+    reach = [_reachable(c, length) for c in leaves(layers)]
+    if None in reach:
+        return None
+    cut = min(reach, default=length)
+    return cut if all(_reachable(c, cut) == cut for c in leaves(layers)) else None
+
+
+def pair_offset(layers: list[Any]) -> int:
+    """The number of tokens a model's caches hold (its layers all read the same tokens)."""
+    """The number of tokens a model's caches hold (every layer reads the same tokens)."""
+    return leaves(layers)[0].offset if layers else 0
 
 
 UNKNOWN = -1  # in CachePair.tokens: a token a cache holds that mlx_spec never saw (a cache filled by mlx-lm)
@@ -218,33 +248,36 @@ class CachePair:
     the main cache holds the first `main_offset` of them, the draft cache those
     from `draft_start` to `draft_offset`. The last token is never in a cache
     yet: it is the input of the next forward pass. `models` names the models the
-    caches belong to (see `fingerprint`), where known.
+    caches belong to (see `fingerprint`), where known. A cache whose recurrent
+    layers could only go back to an earlier state holds fewer: the tokens after
+    it are read by the next forward.
     """
 
     main: list[Any]
     draft: list[Any] | None
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # the conversation; the caches hold a prefix of it
     draft_start: int = 0  # the token the draft cache's first entry stands for (a draft cache begun late)
     models: dict[str, str | None] | None = None  # {"main": fingerprint, "draft": fingerprint or None}
 
     @property
     def main_offset(self) -> int:
-        return _offset(self.main)
+        return pair_offset(self.main)
 
     @property
     def draft_offset(self) -> int:
         """The number of tokens the draft cache has seen, counted from the start of the conversation."""
-        return _offset(self.draft) + self.draft_start if self.draft is not None else 0
+        return pair_offset(self.draft) + self.draft_start if self.draft is not None else 0
 
     def rollback(self) -> bool:
-        """Trim both caches to all tokens but the last. False (nothing changed) if impossible."""
+        """Trim both caches to at most all tokens but the last. False (nothing changed) if impossible."""
         length = len(self.tokens) - 1
-        layers = [(c, length) for c in self.main] + [(c, length - self.draft_start) for c in self.draft or []]
-        for cache, keep in layers:
-            if cache.offset > keep and (keep < 0 or not _can_trim_to(cache, keep)):
-                return False
-        for cache, keep in layers:
-            cache.trim(max(0, cache.offset - keep))
+        sides = [(self.main, length), (self.draft or [], length - self.draft_start)]
+        cuts = [cut_length(layers, keep) if keep >= 0 else None for layers, keep in sides]
+        if None in cuts:
+            return False
+        for (layers, _), cut in zip(sides, cuts):
+            for cache in layers:
+                cache.trim(max(0, pair_offset([cache]) - cut))
         return True
 
     def truncate(self, num_tokens: int) -> bool:
@@ -259,9 +292,9 @@ class CachePair:
     def take_over_rotating(self):
         """Replace mlx-lm rotating caches by slack ones (after the prompt is in)."""
         for layers in (self.main, self.draft or []):
-            for i, cache in enumerate(layers):
-                if isinstance(cache, RotatingKVCache):
-                    layers[i] = SlackRotatingCache.from_rotating(cache)
+            layers[:] = map_leaves(
+                layers, lambda c: SlackRotatingCache.from_rotating(c) if isinstance(c, RotatingKVCache) else c
+            )
 
     def quantize(self, kv_bits: int | None, kv_group_size: int, quantized_kv_start: int):
         """Quantize standard caches that reached `quantized_kv_start`, as mlx-lm does."""
@@ -299,17 +332,35 @@ def reuse_prefix(cache: CachePair, tokens: list[int]) -> int | None:
     return num_kept if cache.truncate(num_kept) else None
 
 
-TRIMMABLE = (KVCache, QuantizedKVCache, RotatingKVCache, SlackRotatingCache)
+# Cache kinds a round can roll back: attention caches trim, recurrent ones go back to a kept state.
+ROLLS_BACK = (
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    SlackRotatingCache,
+    ChunkedKVCache,
+    ConcatenateKVCache,
+    RecurrentCache,
+)
+
+
+def rolls_back(cache) -> bool:
+    return isinstance(cache, ROLLS_BACK)
+
+
+def not_rolling_back(layers: list[Any]) -> str | None:
+    """The name of the first cache kind in `layers` (CacheList members too) that cannot be rolled back, if any."""
+    return next((type(c).__name__ for c in leaves(layers) if not rolls_back(c)), None)
 
 
 def model_cache(model, max_kv_size: int | None, role: str) -> list[Any]:
-    layers = _mlx_lm_make_cache(model, max_kv_size=max_kv_size)
-    for cache in layers:
-        if not isinstance(cache, TRIMMABLE):
-            raise ValueError(
-                f"the {role} model uses a {type(cache).__name__} cache, which cannot be "
-                "rolled back; speculative decoding needs attention KV caches"
-            )
+    """mlx-lm's caches for `model`, its ArraysCaches taken over by RecurrentCaches (see recurrent.py)."""
+    layers = adopt(_mlx_lm_make_cache(model, max_kv_size=max_kv_size), 0)
+    if not all(hasattr(c, "offset") for c in leaves(layers)):
+        kind = next(type(c).__name__ for c in leaves(layers) if not hasattr(c, "offset"))
+        raise ValueError(
+            f"the {role} model keeps a {kind} cache, which does not count its tokens: mlx_spec cannot use it"
+        )
     return layers
 
 

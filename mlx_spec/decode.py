@@ -22,6 +22,7 @@ from .cache import SLACK, CachePair, SlackRotatingCache
 from .draft import DraftSource
 from .lookup import MAX_MATCH, LookupSource, Match
 from .options import PREFILL_STEP_SIZE
+from .recurrent import MAX_PENDING, advance
 from .sampling import SamplingParams
 from .verify import score
 
@@ -109,7 +110,9 @@ def prefill(
     if any(isinstance(c, SlackRotatingCache) for c in layers):
         chunk = SLACK + 1  # a continued rotating cache takes few tokens at a time
     for start in range(0, len(tokens), chunk):
-        model(mx.array(tokens[start : start + chunk], mx.int32)[None], cache=layers)
+        inputs = tokens[start : start + chunk]
+        model(mx.array(inputs, mx.int32)[None], cache=layers)
+        advance(layers, len(inputs))
         kv_quantize(caches)
         mx.eval([c.state for c in layers])
         if progress is not None:
@@ -143,13 +146,13 @@ def rounds(
     host: HostReads,
     logits_processors=None,
     history_start: int = 0,
-    pending: int = 1,
     plain_first: bool = False,
 ) -> Iterator[Round]:
     """Rounds until `max_tokens` tokens were emitted; caches.tokens grows as rounds finish.
 
-    On entry every token but the last `pending` is in the main cache. With
-    `plain_first` (needed where more than one is pending) the first round
+    Each round reads the tokens not yet in the main cache (the last one, or
+    more: the prompt's last step, or those a recurrent layer's rollback gave
+    back) and its draft tokens. With `plain_first` the first round
     decodes plainly, not asking the policy: a pass over the rest of the prompt
     that gives the first token. `sources` maps
     DRAFT and LOOKUP to those available (none: plain decoding); `policy` chooses each round's source
@@ -166,13 +169,15 @@ def rounds(
         start, tokens = time.perf_counter(), caches.tokens
         found = lookup.match() if lookup is not None else None
         behind, left = draft.num_behind() if draft is not None else 1, max_tokens - num_emitted
+        pending = len(tokens) - caches.main_offset
         if ahead is not None:  # queued: this round decodes plainly, whatever the policy would choose
             choice, verified, ahead = Choice(PLAIN, 0), ahead, None
             queue = policy.keeps_plain(found, behind, left)  # and queues the next if the policy would
         else:
             # 1) choose: source and length, from the conversation's match and what was learnt
             choice = Choice(PLAIN, 0) if plain_first else policy.choose(found, behind, left)
-            num_draft = min(choice.num_draft, left - 1, max_draft(len(tokens) - 1))
+            room = SLACK + 1 - pending if pending <= MAX_PENDING else 0  # rows a rotating cache takes at once
+            num_draft = min(choice.num_draft, left - 1, max_draft(len(tokens) - 1), room)
             choice = choice._replace(num_draft=num_draft, source=choice.source if num_draft > 0 else PLAIN)
             if key is not None:
                 key, draft_key, accept_key = mx.random.split(key, 3)
@@ -208,7 +213,7 @@ def rounds(
             unused = (found, len(new_tokens), lookup.copied(new_tokens))
         if not plain_first:  # the policy's first round is still to come (and a pass over the prompt's rest
             policy.record(choice, verdict.num_accepted, seconds, caught_up, unused)  # tells nothing of a round)
-        plain_first, pending = False, 1
+        plain_first = False
         tokens.extend(new_tokens)
         if choice.num_draft > 0:
             caches.rollback()

@@ -6,6 +6,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from .cache import SLACK, CachePair
+from .recurrent import advance, mark
 from .sampling import SamplingParams, filtered_scores, fit_vocab, log_probs, process
 from .verify import output_layer
 
@@ -66,10 +67,12 @@ def propose(
     `mx.async_eval` as soon as it is built; nothing here waits for the device.
     """
     inputs = mx.array(pending_tokens, mx.int32)
+    mark(draft_cache)  # recurrent layers keep their state from before the round: a rejection goes back to it
     tokens, probs = [], []
     keys = mx.random.split(key, max(num_draft, 1)) if key is not None else None
     for i in range(num_draft):
         logits = draft(inputs, draft_cache)
+        advance(draft_cache, inputs.size)
         drafted = mx.concatenate(tokens) if tokens else None
         logits = process(logits, _extend(history, drafted), None, logits_processors)
         if params.exact_match:

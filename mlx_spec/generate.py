@@ -15,13 +15,14 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from transformers import PreTrainedTokenizer
 
 from .adaptive import DRAFT, LOOKUP, Controller, learnt_for
-from .cache import CachePair, SlackRotatingCache
+from .cache import CachePair, SlackRotatingCache, not_rolling_back
 from .decode import FixedDraft, HostReads, prefill, rounds
 from .draft import DraftModel, DraftSource
 from .load import check_draft, output_size
 from .lookup import LookupSource
 from .options import GenerationOptions
 from .prompt_cache import pair_for_call
+from .recurrent import leaves, mark
 from .sampling import LogitsProcessor, Sampler
 from .stats import GenerationStats
 from .verify import output_layer
@@ -131,7 +132,6 @@ def speculative_generate_step(
         prompt_lookup=prompt_lookup,
     )
     params = opts.sampling
-    policy = _policy(opts, model, draft_model)
     vocab_size = output_size(model)
     if not all(0 <= t < vocab_size for t in tokens):
         raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {min(tokens)}..{max(tokens)}")
@@ -139,6 +139,14 @@ def speculative_generate_step(
         check_draft(model, draft_model)
     draft = None if draft_model is None else DraftModel(draft_model, vocab_size, opts.draft_vocab_size)
     caches, write_back = pair_for_call(prompt_cache, model, draft_model, opts.max_kv_size)
+    if draft_model is not None and (kind := not_rolling_back(caches.main + caches.draft)):
+        raise ValueError(
+            f"a {kind} cache cannot be rolled back, so its model cannot be drafted for: "
+            "decode without a draft model (draft_model=None)"
+        )
+    if opts.prompt_lookup and not_rolling_back(caches.main):  # the default: such a model decodes plainly
+        opts = opts.replace(prompt_lookup=False)
+    policy = _policy(opts, model, draft_model)
     stats = stats if stats is not None else GenerationStats()
     stats.acceptance_rule = params.acceptance_rule
     seed = opts.seed if opts.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -166,7 +174,7 @@ def speculative_generate_step(
         # rotating cache (as mlx-lm's decoding step fed it: a rotating cache attends differently to a token
         # fed with others). The last step goes in with the first round: the pass that reads it gives the
         # first token (see _folded).
-        rotating = any(isinstance(c, ROTATING) for c in caches.main)
+        rotating = any(isinstance(c, ROTATING) for c in leaves(caches.main))
         first = offset + 1 if num_before == offset + 1 and rotating else offset
         pending = _folded(num_known - first, num_known, opts, rotating, output_layer(model) is not None)
         # A sampled call's first round decodes plainly in any case: its random draws then do not depend on
@@ -192,6 +200,7 @@ def speculative_generate_step(
                 opts.prefill_step_size,
             )
         caches.take_over_rotating()
+        mark(caches.main + (caches.draft or []), prompt=True)  # a request for the same prompt goes back here
         if pending > 1:  # as mlx-lm reports the prompt read but for its last token, which it feeds alone
             progress(len(tokens) - 1, len(tokens))
         host = HostReads()
@@ -216,7 +225,6 @@ def speculative_generate_step(
             host,
             logits_processors,
             history_start=num_before,
-            pending=pending,
             plain_first=plain_first,
         )
         for round_ in steps:
@@ -263,7 +271,7 @@ def _draft_waits(opts: GenerationOptions, caches: CachePair, plain_first: bool) 
     """Whether the draft model reads the prompt only when a round first drafts: a reply copied from the
     conversation may never need it (lookup on), and a first token decoded plainly need not wait for it.
     A rotating cache reads it now: once generation runs, it takes a few tokens at a time."""
-    return (opts.prompt_lookup or plain_first) and not any(isinstance(c, ROTATING) for c in caches.draft)
+    return (opts.prompt_lookup or plain_first) and not any(isinstance(c, ROTATING) for c in leaves(caches.draft))
 
 
 def _policy(opts: GenerationOptions, model, draft_model):

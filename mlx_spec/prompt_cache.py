@@ -16,7 +16,8 @@ import numpy as np
 from mlx.utils import tree_unflatten
 from mlx_lm.models import cache as mlx_lm_cache
 
-from .cache import TRIMMABLE, UNKNOWN, CachePair, SlackRotatingCache, fingerprint, make_prompt_cache, model_cache
+from .cache import UNKNOWN, CachePair, SlackRotatingCache, fingerprint, make_prompt_cache, model_cache, pair_offset
+from .recurrent import adopt, leaves, map_leaves, to_mlx_lm
 
 _SAVED = "mlx_spec"  # metadata keys of a saved cache: what mlx_spec knows beyond mlx-lm's layers
 _SAVED_TOKENS = "mlx_spec_tokens"
@@ -86,7 +87,7 @@ class _Known:
     """What mlx_spec knows of a flat list it used; valid while the list holds these layers at these offsets."""
 
     layers: list[weakref.ref]
-    offsets: list[int]
+    offsets: list  # _signature(layers)
     num_main: int
     tokens: list[int]
     draft_start: int
@@ -101,16 +102,21 @@ def _known_about(layers: list) -> _Known | None:
     known = _known.get(layers[0]) if layers else None
     if known is None or len(known.layers) != len(layers):
         return None
-    if any(ref() is not c for ref, c in zip(known.layers, layers)) or [c.offset for c in layers] != known.offsets:
+    if any(ref() is not c for ref, c in zip(known.layers, layers)) or _signature(layers) != known.offsets:
         return None  # changed outside mlx_spec: its tokens are unknown again
     return known
+
+
+def _signature(layers: list) -> list:
+    """What changes when a cache reads tokens: attention caches' offsets, recurrent states' arrays."""
+    return [getattr(c, "offset", None) or tuple(id(a) for a in getattr(c, "cache", ())) for c in leaves(layers)]
 
 
 def _remember(layers: list, num_main: int, pair: CachePair, kept_draft: list | None):
     if layers:
         _known[layers[0]] = _Known(
             [weakref.ref(c) for c in layers],
-            [c.offset for c in layers],
+            _signature(layers),
             num_main,
             list(pair.tokens),
             pair.draft_start,
@@ -125,11 +131,8 @@ def _pair_from_list(layers: list, model, draft_model):
     if len(layers) < num_main or (draft_model is not None and len(layers) not in (num_main, num_main + num_draft)):
         expected = f"{num_main} (main)" + ("" if draft_model is None else f" or {num_main + num_draft} (main + draft)")
         raise ValueError(f"prompt_cache has {len(layers)} layers, the models {expected}")
-    for c in layers:
-        if not isinstance(c, TRIMMABLE):
-            raise ValueError(f"prompt_cache holds a {type(c).__name__}, which cannot be rolled back")
-    main, draft = list(layers[:num_main]), list(layers[num_main:]) or None
     known = _known_about(layers)
+    main, draft = _adopted(layers[:num_main], known, "main"), _adopted(layers[num_main:], known, "draft") or None
     if known is not None:
         pair = CachePair(main, draft, list(known.tokens), known.draft_start, known.models)
         kept, made_for = known.kept_draft, (known.models or {}).get("draft")
@@ -138,20 +141,37 @@ def _pair_from_list(layers: list, model, draft_model):
         elif draft is None:
             pair.models = {**(known.models or {}), "draft": None}
     else:
-        pair = CachePair(main, draft, [UNKNOWN] * (main[0].offset if main else 0))
+        pair = CachePair(main, draft, [UNKNOWN] * pair_offset(main))
         if draft is not None:
-            pair.draft_start = pair.main_offset - draft[0].offset
+            pair.draft_start = pair.main_offset - pair_offset(draft)
 
     def write_back():
         """Put the layers back in the user's list as mlx-lm's own classes; remember their tokens.
 
         The caller has fed the main layers every token, the last one too (mlx-lm's state after a call).
         """
-        in_list = pair.main + (pair.draft if draft is not None else [])
-        layers[:] = [c.to_rotating() if isinstance(c, SlackRotatingCache) else c for c in in_list]
+        in_list = to_mlx_lm(pair.main + (pair.draft if draft is not None else []))
+        layers[:] = map_leaves(in_list, lambda c: c.to_rotating() if isinstance(c, SlackRotatingCache) else c)
         _remember(layers, num_main, pair, pair.draft if draft is None else None)
 
     return pair, write_back
+
+
+def _adopted(layers: list, known: _Known | None, role: str) -> list:
+    """A list's layers, its ArraysCaches taken over as RecurrentCaches (see recurrent.py) at the list's length."""
+    counted = [c.offset for c in leaves(layers) if hasattr(c, "offset")]
+    if counted:
+        offset = counted[0]
+    elif known is not None:
+        offset = len(known.tokens) if role == "main" else len(known.tokens) - known.draft_start
+    elif all(c.empty() for c in leaves(layers)):
+        offset = 0
+    else:
+        raise ValueError(
+            f"prompt_cache's {role} layers hold recurrent states of unknown length (filled outside mlx_spec): "
+            "make one with make_prompt_cache(model, draft_model)"
+        )
+    return adopt(list(layers), offset)
 
 
 def save_prompt_cache(file_name: str, cache: CachePair | list[Any], metadata: dict[str, str] | None = None):
