@@ -5,6 +5,7 @@ import weakref
 from pathlib import Path
 from typing import NamedTuple
 
+import mlx.nn as nn
 import mlx_lm
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -119,12 +120,21 @@ def tokenizer_of(model):
 
 
 def output_size(model) -> int:
-    """Rows of the model's output layer (its logits' last dimension)."""
-    args = getattr(model, "args", None)
-    size = getattr(args, "vocab_size", None)
-    if size is None:
-        size = model.model.embed_tokens.weight.shape[0]
-    return size
+    """Rows of the model's output layer (its logits' last dimension): its `lm_head`'s, else the vocabulary size
+    of its config or of a multimodal wrapper's text config, else the rows of its largest embedding table."""
+    heads = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "lm_head" and hasattr(m, "weight")]
+    if len(heads) == 1:
+        return heads[0].weight.shape[0]
+    for part in (model, getattr(model, "language_model", None)):
+        args = getattr(part, "args", None)
+        for config in (args, getattr(args, "text_config", None)):
+            size = config.get("vocab_size") if isinstance(config, dict) else getattr(config, "vocab_size", None)
+            if size:
+                return int(size)
+    tables = [m.weight.shape[0] for _, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding))]
+    if not tables:
+        raise ValueError(f"cannot tell the vocabulary size of a {type(model).__module__} model")
+    return max(tables)
 
 
 def check_draft(model, draft_model, tokenizer=None, draft_tokenizer=None):
