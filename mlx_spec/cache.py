@@ -277,7 +277,8 @@ class CachePair:
             return False
         for (layers, _), cut in zip(sides, cuts):
             for cache in layers:
-                cache.trim(max(0, pair_offset([cache]) - cut))
+                if pair_offset([cache]) > cut:
+                    cache.trim(pair_offset([cache]) - cut)
         return True
 
     def truncate(self, num_tokens: int) -> bool:

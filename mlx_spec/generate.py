@@ -23,6 +23,7 @@ from .lookup import LookupSource
 from .options import GenerationOptions
 from .prompt_cache import pair_for_call
 from .recurrent import leaves, mark
+from .recurrent import recurrent as recurrent_layers
 from .sampling import LogitsProcessor, Sampler
 from .stats import GenerationStats
 from .verify import output_layer
@@ -176,7 +177,8 @@ def speculative_generate_step(
         # first token (see _folded).
         rotating = any(isinstance(c, ROTATING) for c in leaves(caches.main))
         first = offset + 1 if num_before == offset + 1 and rotating else offset
-        pending = _folded(num_known - first, num_known, opts, rotating, output_layer(model) is not None)
+        cut, recurrent = output_layer(model) is not None, bool(recurrent_layers(caches.main))
+        pending = _folded(num_known - first, num_known, opts, rotating, cut, recurrent)
         # A sampled call's first round decodes plainly in any case: its random draws then do not depend on
         # how much of the prompt a cache held (a seed repeats its answer).
         plain_first = pending > 1 or not params.greedy
@@ -255,16 +257,20 @@ def _token_list(prompt) -> list[int]:
     return prompt
 
 
-def _folded(num_left: int, num_known: int, opts: GenerationOptions, rotating: bool, cut: bool) -> int:
+def _folded(num_left: int, num_known: int, opts: GenerationOptions, rotating: bool, cut: bool, recurrent: bool) -> int:
     """How many of the last `num_left` of `num_known` tokens the first round reads: the prefill's last step
     and the last token, where the model's output layer is `cut` to the last row, or they are at most
     MAX_FOLDED (the pass saved costs more than the output layer over them). Else the last token only, as
     mlx-lm feeds it alone: into a rotating cache, which attends differently to a token fed with others, and
-    where mlx-lm quantizes the cache before the last token goes in."""
+    where mlx-lm quantizes the cache before the last token goes in; the last two where the model has
+    `recurrent` layers, whose state at the prompt's end is kept without its last token: a request for the same
+    prompt keeps all but that token, and goes back to that state (recurrent.py)."""
     tail = (num_left - 2) % opts.prefill_step_size + 2 if num_left > 1 else 1
     quantized_at = max(opts.quantized_kv_start, 1)  # the cache length at which quantization starts
     quantizes = opts.kv_bits is not None and num_known - tail < quantized_at <= num_known - 1
-    return tail if (cut or tail <= MAX_FOLDED) and not quantizes and not rotating else 1
+    if quantizes or rotating:
+        return 1
+    return tail if cut or tail <= MAX_FOLDED else min(tail, 2 if recurrent else 1)
 
 
 def _draft_waits(opts: GenerationOptions, caches: CachePair, plain_first: bool) -> bool:

@@ -131,7 +131,9 @@ def output_size(model) -> int:
             size = config.get("vocab_size") if isinstance(config, dict) else getattr(config, "vocab_size", None)
             if size:
                 return int(size)
-    tables = [m.weight.shape[0] for _, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding))]
+    tables = [
+        m.weight.shape[0] for _, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding))
+    ]
     if not tables:
         raise ValueError(f"cannot tell the vocabulary size of a {type(model).__module__} model")
     return max(tables)

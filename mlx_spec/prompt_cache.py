@@ -17,7 +17,7 @@ from mlx.utils import tree_unflatten
 from mlx_lm.models import cache as mlx_lm_cache
 
 from .cache import UNKNOWN, CachePair, SlackRotatingCache, fingerprint, make_prompt_cache, model_cache, pair_offset
-from .recurrent import adopt, leaves, map_leaves, to_mlx_lm
+from .recurrent import RecurrentCache, adopt, leaves, map_leaves, to_mlx_lm
 
 _SAVED = "mlx_spec"  # metadata keys of a saved cache: what mlx_spec knows beyond mlx-lm's layers
 _SAVED_TOKENS = "mlx_spec_tokens"
@@ -253,8 +253,9 @@ def _read_layers(file_name: str) -> tuple[list[Any], dict[str, str]]:
 
 
 def _cache_class(name: str, file_name: str):
-    if name == SlackRotatingCache.__name__:
-        return SlackRotatingCache
+    ours = {c.__name__: c for c in (SlackRotatingCache, RecurrentCache)}
+    if name in ours:
+        return ours[name]
     cls = getattr(mlx_lm_cache, name, None)
     if not isinstance(cls, type) or not hasattr(cls, "from_state"):
         raise ValueError(f"{file_name}: unknown cache class {name!r}")
