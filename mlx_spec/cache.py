@@ -233,7 +233,6 @@ def cut_length(layers: list[Any], length: int) -> int | None:
 
 def pair_offset(layers: list[Any]) -> int:
     """The number of tokens a model's caches hold (its layers all read the same tokens)."""
-    """The number of tokens a model's caches hold (every layer reads the same tokens)."""
     return leaves(layers)[0].offset if layers else 0
 
 

@@ -22,8 +22,7 @@ from .load import check_draft, output_size
 from .lookup import LookupSource
 from .options import GenerationOptions
 from .prompt_cache import pair_for_call
-from .recurrent import leaves, mark
-from .recurrent import recurrent as recurrent_layers
+from .recurrent import has_state, leaves, mark
 from .sampling import LogitsProcessor, Sampler
 from .stats import GenerationStats
 from .verify import output_layer
@@ -177,8 +176,8 @@ def speculative_generate_step(
         # first token (see _folded).
         rotating = any(isinstance(c, ROTATING) for c in leaves(caches.main))
         first = offset + 1 if num_before == offset + 1 and rotating else offset
-        cut, recurrent = output_layer(model) is not None, bool(recurrent_layers(caches.main))
-        pending = _folded(num_known - first, num_known, opts, rotating, cut, recurrent)
+        cut = output_layer(model) is not None
+        pending = _folded(num_known - first, num_known, opts, rotating, cut, has_state(caches.main))
         # A sampled call's first round decodes plainly in any case: its random draws then do not depend on
         # how much of the prompt a cache held (a seed repeats its answer).
         plain_first = pending > 1 or not params.greedy

@@ -109,7 +109,7 @@ def _known_about(layers: list) -> _Known | None:
 
 def _signature(layers: list) -> list:
     """What changes when a cache reads tokens: attention caches' offsets, recurrent states' arrays."""
-    return [getattr(c, "offset", None) or tuple(id(a) for a in getattr(c, "cache", ())) for c in leaves(layers)]
+    return [c.offset if hasattr(c, "offset") else tuple(id(a) for a in c.cache) for c in leaves(layers)]
 
 
 def _remember(layers: list, num_main: int, pair: CachePair, kept_draft: list | None):
