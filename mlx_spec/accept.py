@@ -39,6 +39,19 @@ def accept_exact(draft_tokens: mx.array, main_tokens: mx.array) -> tuple[mx.arra
     return num_accepted, mx.take(main_tokens, num_accepted)
 
 
+def accept_coupled(draft_tokens: mx.array, main_scores: mx.array, noise: mx.array) -> tuple[mx.array, mx.array]:
+    """Coupled sampling (a seeded call; see sampling.CoupledDraws).
+
+    draft_tokens: (k,) ids d_1..d_k; main_scores: (k+1, V) the shaped log-probabilities s_1..s_{k+1};
+    noise: (k+1, V) Gumbel noise G_1..G_{k+1} of those positions, the noise the drafts were drawn with.
+    The main model's token at position i is argmax(s_i + G_i), a sample of softmax(s_i); accept the longest
+    prefix where d_i equals it; the next token is the main model's at the first position not accepted.
+    Every emitted token is argmax(s_i + G_i), whatever was drafted: the same seed gives the same text.
+    Returns (num_accepted, next_token) as 0-d int32 arrays.
+    """
+    return accept_exact(draft_tokens, mx.argmax(main_scores + noise, axis=-1).astype(mx.int32))
+
+
 def accept(
     draft_tokens: mx.array,
     draft_probs: mx.array,

@@ -2,7 +2,7 @@
 
 Each round the policy picks a source of draft tokens (the conversation, the
 draft model, or none) and a length; both sources share one interface,
-`propose(num_draft, key, history) -> (draft_tokens, q)`. A plain round (no
+`propose(num_draft, key, history, noise) -> (draft_tokens, q)`. A plain round (no
 source, or none chosen) queues the next step before its own token is read, as
 mlx-lm's generate_step does, while the policy keeps to plain decoding: with no
 source at all, every step. Prefill of the prompt also lives here, since it
@@ -16,14 +16,14 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from .accept import accept, accept_exact, accept_greedy
+from .accept import accept, accept_coupled, accept_exact, accept_greedy
 from .adaptive import DRAFT, LOOKUP, PLAIN, Choice
 from .cache import SLACK, CachePair, SlackRotatingCache
 from .draft import DraftSource
 from .lookup import MAX_MATCH, LookupSource, Match
 from .options import PREFILL_STEP_SIZE
 from .recurrent import MAX_PENDING, advance
-from .sampling import SamplingParams
+from .sampling import CoupledDraws, SamplingParams, filtered_scores
 from .verify import score
 
 FIXED_MIN_MATCH = 3  # a fixed draft length copies from the conversation when its last 3 tokens occurred before
@@ -119,11 +119,16 @@ def prefill(
             progress(min(start + chunk, len(tokens)))
 
 
-def verify(model, caches, params, logits_processors, last, draft_tokens, draft_probs, history, key) -> Verified:
-    """Score [last, d_1..d_k] with the main model and accept, lazily (see verify.score, accept)."""
+def verify(
+    model, caches, params, logits_processors, last, draft_tokens, draft_probs, history, key, noise=None
+) -> Verified:
+    """Score [last, d_1..d_k] with the main model and accept, lazily (see verify.score, accept); with `noise`,
+    the positions' Gumbel noise, by coupled sampling (sampling.CoupledDraws)."""
     logprobs, main_probs = score(model, caches.main, last, draft_tokens, params, history, logits_processors)
     if params.greedy:
         num_accepted, next_token = accept_greedy(draft_tokens, logprobs)
+    elif noise is not None:
+        num_accepted, next_token = accept_coupled(draft_tokens, filtered_scores(logprobs, params), noise)
     elif params.exact_match:  # a sampler of unknown settings: its own token at each position, as mlx-lm
         num_accepted, next_token = accept_exact(draft_tokens, params.sampler(logprobs).reshape(-1).astype(mx.int32))
     else:
@@ -147,6 +152,7 @@ def rounds(
     logits_processors=None,
     history_start: int = 0,
     plain_first: bool = False,
+    draws: CoupledDraws | None = None,
 ) -> Iterator[Round]:
     """Rounds until `max_tokens` tokens were emitted; caches.tokens grows as rounds finish.
 
@@ -158,7 +164,8 @@ def rounds(
     DRAFT and LOOKUP to those available (none: plain decoding); `policy` chooses each round's source
     and length from the lookup's match and learns from its outcome;
     `max_draft(offset)` bounds the draft length of a round starting at main
-    cache offset `offset`.
+    cache offset `offset`. `key` draws the random numbers of rejection sampling; `draws`, those of a
+    seeded call (coupled sampling: each position's noise from the seed and the position alone).
     """
     num_emitted, draft_key, accept_key = 0, None, None
     lookup, draft = sources.get(LOOKUP), sources.get(DRAFT)
@@ -183,10 +190,11 @@ def rounds(
                 key, draft_key, accept_key = mx.random.split(key, 3)
             history = mx.array(tokens[history_start:], mx.int32) if logits_processors else None
             # 2) propose, 3) verify and accept in one lazy graph
+            noise = draws.noise(len(tokens), num_draft + 1) if draws is not None else None
             draft_tokens, draft_probs = no_draft, None
             if choice.source != PLAIN:
-                draft_tokens, draft_probs = sources[choice.source].propose(choice.num_draft, draft_key, history)
-            verified = check(mx.array(tokens[-pending:]), draft_tokens, draft_probs, history, accept_key)
+                draft_tokens, draft_probs = sources[choice.source].propose(choice.num_draft, draft_key, history, noise)
+            verified = check(mx.array(tokens[-pending:]), draft_tokens, draft_probs, history, accept_key, noise)
             queue = choice.source == PLAIN and (not plain_first or policy.keeps_plain(found, behind, left))
         if queue and left > 1:
             # a plain round queues the next step before its token is read: building it keeps the device busy.
@@ -196,7 +204,8 @@ def rounds(
             if key is not None:
                 key, _, accept_key = mx.random.split(key, 3)
             history = None if history is None else mx.concatenate([history, verified.next_token[None]])
-            ahead = check(verified.next_token[None], no_draft, None, history, accept_key)
+            noise = draws.noise(len(tokens) + 1, 1) if draws is not None else None  # the next position's
+            ahead = check(verified.next_token[None], no_draft, None, history, accept_key, noise)
             mx.async_eval(ahead.logprobs, ahead.readout)
         # 4) one host read
         verdict = Verdict.read(host, verified)

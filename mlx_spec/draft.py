@@ -58,12 +58,14 @@ def propose(
     key: mx.array | None,
     history: mx.array | None = None,
     logits_processors=None,
+    noise: mx.array | None = None,
 ) -> tuple[mx.array, mx.array | None]:
     """Feed `pending_tokens` (those not yet in the draft cache) and draft `num_draft` tokens.
 
     Returns draft_tokens (k,) int32 and, for rejection sampling, draft_probs
     (k, V) = q, the distributions the tokens were drawn from (else None); a
-    `params.sampler` of unknown settings draws the tokens itself. Each token is scheduled with
+    `params.sampler` of unknown settings draws the tokens itself; with `noise` ((k, V) Gumbel noise of the
+    positions drafted: coupled sampling, see sampling.CoupledDraws) token i is argmax(s^q_i + noise_i). Each token is scheduled with
     `mx.async_eval` as soon as it is built; nothing here waits for the device.
     """
     inputs = mx.array(pending_tokens, mx.int32)
@@ -79,6 +81,8 @@ def propose(
             token = params.sampler(log_probs(logits)).reshape(-1).astype(mx.int32)
         elif params.greedy:
             token = mx.argmax(logits, axis=-1).astype(mx.int32)
+        elif noise is not None:
+            token = mx.argmax(filtered_scores(log_probs(logits), params) + noise[i], axis=-1).astype(mx.int32)
         else:
             scores = filtered_scores(log_probs(logits), params)
             token = mx.random.categorical(scores, key=keys[i]).astype(mx.int32)
@@ -87,7 +91,7 @@ def propose(
         mx.async_eval(token)  # start this step while the next one is built: no host sync
         inputs = token
     draft_tokens = mx.concatenate(tokens) if tokens else mx.zeros((0,), mx.int32)
-    if params.greedy or params.exact_match:
+    if params.greedy or params.exact_match or noise is not None:
         return draft_tokens, None
     draft_probs = mx.concatenate(probs) if probs else mx.zeros((0, draft.vocab_size))
     return draft_tokens, draft_probs
@@ -117,8 +121,8 @@ class DraftSource:
         """Tokens of the conversation the draft cache has not seen, the last one included."""
         return len(self.caches.tokens) - self.caches.draft_offset
 
-    def propose(self, num_draft: int, key: mx.array | None, history: mx.array | None):
-        """(draft_tokens (k,), q (k, V) or None when greedy): see `propose`.
+    def propose(self, num_draft: int, key: mx.array | None, history: mx.array | None, noise: mx.array | None = None):
+        """(draft_tokens (k,), q (k, V) or None when greedy or coupled): see `propose`.
 
         `caught_up` says afterwards what catching up in chunks took: (tokens, seconds), or None.
         """
@@ -129,7 +133,9 @@ class DraftSource:
             self.catch_up(behind)  # evaluated chunk by chunk: the time is the work's
             self.caught_up = (len(behind), time.perf_counter() - start)
         pending = tokens[caches.draft_offset :]
-        return propose(self.draft, caches.draft, pending, num_draft, self.params, key, history, self.logits_processors)
+        return propose(
+            self.draft, caches.draft, pending, num_draft, self.params, key, history, self.logits_processors, noise
+        )
 
 
 def _extend(history: mx.array | None, drafted: mx.array | None) -> mx.array | None:

@@ -1,7 +1,6 @@
 """The public generation API, mirroring mlx-lm's: speculative_generate_step, stream_generate, generate."""
 
 import functools
-import os
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from .lookup import LookupSource
 from .options import GenerationOptions
 from .prompt_cache import pair_for_call
 from .recurrent import has_state, leaves, mark
-from .sampling import LogitsProcessor, Sampler
+from .sampling import COUPLED, CoupledDraws, LogitsProcessor, Sampler
 from .stats import GenerationStats
 from .verify import output_layer
 
@@ -148,11 +147,16 @@ def speculative_generate_step(
         opts = opts.replace(prompt_lookup=False)
     policy = _policy(opts, model, draft_model)
     stats = stats if stats is not None else GenerationStats()
-    stats.acceptance_rule = params.acceptance_rule
-    seed = opts.seed if opts.seed is not None else int.from_bytes(os.urandom(4), "little")
+    # A seed fixes the text (coupled sampling: the same at any draft length); without one, rejection sampling
+    # draws from MLX's global generator, as mlx-lm's sampling does (mx.random.seed repeats a run of fixed k).
+    coupled = opts.seed is not None and not params.greedy and not params.exact_match
     if params.exact_match and opts.seed is not None:
         mx.random.seed(opts.seed)  # the sampler draws from MLX's global generator
-    key = None if params.greedy or params.exact_match else mx.random.key(seed)
+    draws = CoupledDraws(opts.seed, vocab_size) if coupled else None
+    key = None
+    if not (params.greedy or params.exact_match or coupled):
+        key = mx.random.key(mx.random.randint(0, 2**31 - 1, ()).item())
+    stats.acceptance_rule = COUPLED if coupled else params.acceptance_rule
     kv_quantize = functools.partial(
         CachePair.quantize,
         kv_bits=opts.kv_bits,
@@ -207,7 +211,7 @@ def speculative_generate_step(
         host = HostReads()
         sources = {}
         if opts.prompt_lookup:
-            sources[LOOKUP] = LookupSource(caches, vocab_size, params.greedy or params.exact_match)
+            sources[LOOKUP] = LookupSource(caches, vocab_size, params.greedy or params.exact_match or coupled)
         if draft is not None:
             catch_up = functools.partial(
                 prefill, draft_model, caches.draft, caches=caches, kv_quantize=kv_quantize, chunk=opts.prefill_step_size
@@ -227,6 +231,7 @@ def speculative_generate_step(
             logits_processors,
             history_start=num_before,
             plain_first=plain_first,
+            draws=draws,
         )
         for round_ in steps:
             stats.record_round(round_.num_draft, round_.num_accepted, round_.source)

@@ -222,8 +222,8 @@ class LookupSource:
     length); `propose` copies what followed it. Neither needs device work.
     """
 
-    def __init__(self, caches, vocab_size: int, greedy: bool):
-        self.caches, self.vocab_size, self.greedy = caches, vocab_size, greedy
+    def __init__(self, caches, vocab_size: int, without_q: bool):
+        self.caches, self.vocab_size, self.without_q = caches, vocab_size, without_q  # no rule needs q
         self.index = index_for(caches)
         self.found: Match | None = None
 
@@ -238,14 +238,20 @@ class LookupSource:
         """How many of a round's `new_tokens`, in a row, the found match's copy would have proposed."""
         return agreeing(self.index.continuation(self.found, len(new_tokens)), new_tokens)
 
-    def propose(self, num_draft: int, key: mx.array | None = None, history: mx.array | None = None):
-        """(draft_tokens (k,) int32, q (k, V) or None when greedy): the match's continuation.
+    def propose(
+        self,
+        num_draft: int,
+        key: mx.array | None = None,
+        history: mx.array | None = None,
+        noise: mx.array | None = None,
+    ):
+        """(draft_tokens (k,) int32, q (k, V) or None when no rule needs it): the match's continuation.
 
         q is a point mass on each copied token: rejection sampling then accepts
         x with probability p(x) and on rejection samples from p with x removed,
         so the output keeps the main model's distribution.
         """
         draft_tokens = mx.array(self.index.continuation(self.found, num_draft), mx.int32)
-        if self.greedy:
+        if self.without_q:
             return draft_tokens, None
         return draft_tokens, (mx.arange(self.vocab_size)[None] == draft_tokens[:, None]).astype(mx.float32)

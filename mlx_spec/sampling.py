@@ -5,6 +5,7 @@ log-probabilities, then temperature) shapes p (main) and q (draft), exactly as
 mlx-lm's sampler shapes the distribution that plain decoding samples from.
 """
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import CodeType
@@ -20,6 +21,7 @@ Sampler = Callable[[mx.array], mx.array]  # log-probabilities (n, V) -> tokens (
 GREEDY = "greedy"
 REJECTION_SAMPLING = "rejection sampling"
 EXACT_MATCH = "exact match"
+COUPLED = "coupled sampling"  # a seeded call above temperature 0: see CoupledDraws
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,31 @@ class SamplingParams:
         if self.sampler is not None:
             return EXACT_MATCH
         return GREEDY if self.temp == 0 else REJECTION_SAMPLING
+
+
+@dataclass(frozen=True)
+class CoupledDraws:
+    """The randomness of a seeded sampled call: the same text at any draft length, with or without lookup.
+
+    The token at conversation position t is argmax(s_t + G_t), where s_t are the shaped log-probabilities
+    (`filtered_scores`) and G_t Gumbel noise drawn from (seed, t) alone: a sample of softmax(s_t) (the
+    Gumbel-max trick), so the text follows p exactly and depends on nothing but the seed and the main
+    model. A draft model proposes argmax(s^q_t + G_t) with the same noise, a copy proposes its token, and a
+    draft token is accepted where it equals the main model's: a copied token with probability p(x), as in
+    rejection sampling; a drafted one with that of a coupling without communication (Daliri et al. 2024:
+    at least (1 - TV) / (1 + TV), against rejection sampling's 1 - TV, TV the distance between p and q).
+    """
+
+    seed: int
+    vocab_size: int
+
+    def noise(self, start: int, count: int) -> mx.array:
+        """G_start .. G_{start+count-1}: (count, V) float32."""
+        return mx.stack([mx.random.gumbel((self.vocab_size,), key=self._key(start + i)) for i in range(count)])
+
+    def _key(self, position: int) -> mx.array:
+        digest = hashlib.blake2b(f"{self.seed}:{position}".encode(), digest_size=8).digest()
+        return mx.random.key(int.from_bytes(digest, "little") >> 1)
 
 
 class SamplerWithParams:

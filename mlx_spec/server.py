@@ -51,7 +51,6 @@ from .stats import GenerationStats
 
 log = logging.getLogger("mlx_spec.server")
 
-SEEDED_DRAFT_TOKENS = 2  # draft length of a request with a seed at temperature > 0 (see Server.options)
 SHUTDOWN_GRACE = 3  # seconds answers in flight get to end on Ctrl-C / SIGTERM (a long prefill cannot stop)
 STOPPING = "the server is stopping"
 MAX_RETRY_AFTER = 60  # seconds
@@ -581,10 +580,6 @@ class Server:
                 options = options.replace(**{name: value})
             except ValueError as e:
                 raise APIError(400, f"invalid {param}: {e}", param) from None
-        if options.seed is not None and options.temp > 0 and options.num_draft_tokens == "auto":
-            # "auto" chooses each draft length from measured round times, and with the draft lengths the random
-            # draws change from run to run: a seeded request drafts a fixed length so that it can be repeated.
-            options = options.replace(num_draft_tokens=min(SEEDED_DRAFT_TOKENS, options.auto_max_draft))
         return options
 
     def stops(self, stop) -> list[str]:

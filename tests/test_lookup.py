@@ -152,7 +152,7 @@ def test_the_index_lives_with_its_caches():
 def test_a_round_that_did_not_copy_counts_the_tokens_a_copy_would_have_proposed():
     cache = make_prompt_cache(make_model("llama", layers=1))
     cache.tokens.extend([1, 2, 3, 4, 5, 1, 2])
-    source = LookupSource(cache, 100, greedy=True)
+    source = LookupSource(cache, 100, without_q=True)
     assert source.match() == Match(start=2, length=2)  # the copy: 3, 4, 5, 1, 2, 3, ...
     assert [source.copied(t) for t in ([3, 4, 9], [3, 4, 5], [7], [3, 4, 5, 1, 2, 3])] == [2, 3, 0, 6]
 

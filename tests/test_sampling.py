@@ -49,8 +49,18 @@ def next_dist(model, tokens, **shape):
 SHAPES = [dict(temp=1.0), dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02)]
 
 
+def sampled(prompt, main, draft, rule: str, run: int, **kwargs):
+    """A sampled run: `rule` "coupled" passes seed=run (a seeded call); "rejection" seeds MLX's global
+    generator instead (an unseeded call draws its key from it, and samples by rejection sampling)."""
+    if rule == "coupled":
+        return spec(prompt, main, draft, seed=run, **kwargs)
+    mx.random.seed(run)
+    return spec(prompt, main, draft, **kwargs)
+
+
+@pytest.mark.parametrize("rule", ["rejection", "coupled"])
 @pytest.mark.parametrize("shape", SHAPES + [dict(temp=1.0, draft_vocab_size=6)])
-def test_first_two_tokens_follow_the_main_distribution(pair, shape):
+def test_first_two_tokens_follow_the_main_distribution(pair, shape, rule):
     main, draft = pair
     shape = dict(shape)
     draft_vocab_size = shape.pop("draft_vocab_size", None)  # a shortlisted draft: same distribution
@@ -58,10 +68,21 @@ def test_first_two_tokens_follow_the_main_distribution(pair, shape):
     p2 = sum(p1[x] * next_dist(main, PROMPT + [x], **shape) for x in range(VOCAB) if p1[x] > 0)
     runs = 1000
     firsts, seconds = [], []
-    for seed in range(runs):
-        out = spec(
-            PROMPT, main, draft, num_draft_tokens=3, max_tokens=3, seed=seed, draft_vocab_size=draft_vocab_size, **shape
+    for run in range(runs):
+        stats = GenerationStats()
+        out = sampled(
+            PROMPT,
+            main,
+            draft,
+            rule,
+            run,
+            num_draft_tokens=3,
+            max_tokens=3,
+            draft_vocab_size=draft_vocab_size,
+            stats=stats,
+            **shape,
         )
+        assert stats.acceptance_rule == ("coupled sampling" if rule == "coupled" else "rejection sampling")
         firsts.append(out[0])
         seconds.append(out[1])
     for tokens, p in ((firsts, p1), (seconds, p2)):
@@ -80,13 +101,20 @@ def second_acceptance(main, draft, prompt, rule, **shape):
     )
 
 
+def gumbel_agreement(p, q, samples=400_000, seed=0):
+    """P(argmax(log p + G) == argmax(log q + G)), G Gumbel noise shared by both: by simulation, with numpy."""
+    noise = np.random.default_rng(seed).gumbel(size=(samples, len(p)))
+    with np.errstate(divide="ignore"):
+        return np.mean(np.argmax(np.log(p) + noise, 1) == np.argmax(np.log(q) + noise, 1))
+
+
 def test_acceptance_rate_is_sum_of_min_p_q(pair):
     main, draft = pair
     runs = 1000
     accepted = 0
-    for seed in range(runs):
+    for run in range(runs):
         stats = GenerationStats()
-        spec(PROMPT, main, draft, num_draft_tokens=1, max_tokens=3, seed=seed, temp=1.0, stats=stats)
+        sampled(PROMPT, main, draft, "rejection", run, num_draft_tokens=1, max_tokens=3, temp=1.0, stats=stats)
         assert stats.total_draft_tokens == 1  # one draft token, in the second round: the first decodes plainly
         accepted += stats.accepted_draft_tokens
     theory = second_acceptance(main, draft, PROMPT, lambda p, q: np.minimum(p, q).sum(), temp=1.0)
@@ -96,13 +124,47 @@ def test_acceptance_rate_is_sum_of_min_p_q(pair):
     assert theory - exact_match > 8 * sigma  # far above "accept only if main's own sample equals the draft"
 
 
-def test_seed_makes_a_run_reproducible(pair):
+def test_a_seeded_call_accepts_as_a_gumbel_coupling(pair):
+    """Coupled sampling accepts a draft token where the main and draft samples drawn with the same noise agree:
+    below rejection sampling's sum min(p, q), far above exact match's sum p q."""
     main, draft = pair
-    a = spec(PROMPT, main, draft, num_draft_tokens=3, max_tokens=30, temp=0.8, seed=7)
-    b = spec(PROMPT, main, draft, num_draft_tokens=3, max_tokens=30, temp=0.8, seed=7)
-    c = spec(PROMPT, main, draft, num_draft_tokens=3, max_tokens=30, temp=0.8, seed=8)
-    assert a == b
-    assert a != c
+    runs = 1000
+    accepted = 0
+    for run in range(runs):
+        stats = GenerationStats()
+        sampled(PROMPT, main, draft, "coupled", run, num_draft_tokens=1, max_tokens=3, temp=1.0, stats=stats)
+        assert stats.total_draft_tokens == 1
+        accepted += stats.accepted_draft_tokens
+    theory = second_acceptance(main, draft, PROMPT, gumbel_agreement, temp=1.0)
+    sigma = np.sqrt(theory * (1 - theory) / runs)
+    assert abs(accepted / runs - theory) < 4 * sigma, (accepted / runs, theory)
+    rejection = second_acceptance(main, draft, PROMPT, lambda p, q: np.minimum(p, q).sum(), temp=1.0)
+    exact_match = second_acceptance(main, draft, PROMPT, lambda p, q: (p * q).sum(), temp=1.0)
+    assert exact_match + 8 * sigma < theory < rejection
+
+
+@pytest.mark.parametrize("shape", [dict(temp=0.8), dict(temp=1.0, top_p=0.9, top_k=6)])
+def test_a_seed_gives_the_same_text_at_any_draft_length(pair, shape):
+    """The seed and the main model decide the text: any k, auto, lookup on or off, no draft at all."""
+    main, draft = pair
+    prompt = PROMPT * 4  # repeats: lookup finds something to copy
+    runs = {
+        "k=1": dict(num_draft_tokens=1),
+        "k=4": dict(num_draft_tokens=4),
+        "auto": dict(num_draft_tokens="auto"),
+        "k=4, no lookup": dict(num_draft_tokens=4, prompt_lookup=False),
+        "lookup only": dict(draft=None, num_draft_tokens=3),
+        "plain": dict(draft=None, prompt_lookup=False),
+    }
+    texts = {}
+    for name, kwargs in runs.items():
+        stats = GenerationStats()
+        texts[name] = spec(
+            prompt, main, kwargs.pop("draft", draft), max_tokens=40, seed=7, stats=stats, **kwargs, **shape
+        )
+        assert name == "plain" or stats.total_draft_tokens > 0, name
+    assert len({tuple(t) for t in texts.values()}) == 1, texts
+    assert spec(prompt, main, draft, max_tokens=40, seed=8, **shape) != texts["plain"]
 
 
 def test_sampled_from_draft_flags_match_acceptance(pair):

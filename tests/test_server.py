@@ -349,9 +349,8 @@ def test_stop_strings_end_the_text_before_them(models, client):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
-@pytest.mark.parametrize("draft", [True, False])
-def test_a_seed_repeats_a_sampled_answer(client, draft):
-    def sample(seed):
+def test_a_seed_repeats_a_sampled_answer_with_or_without_the_draft(client):
+    def sample(seed, draft, num_draft_tokens="auto"):
         answer = client.chat.completions.create(
             model="main",
             messages=user("w70 w71"),
@@ -359,13 +358,13 @@ def test_a_seed_repeats_a_sampled_answer(client, draft):
             temperature=1.0,
             seed=seed,
             logit_bias=NO_END,
-            extra_body={"draft": draft},
+            extra_body={"draft": draft, "num_draft_tokens": num_draft_tokens},
         )
         return answer.choices[0].message.content
 
-    first = sample(5)
-    assert sample(5) == first
-    assert sample(6) != first
+    first = sample(5, True)
+    assert sample(5, True) == first == sample(5, False) == sample(5, True, 4)
+    assert sample(6, True) != first
 
 
 # --- load ----------------------------------------------------------------------------
