@@ -5,13 +5,14 @@ from mlx_lm.sample_utils import make_logits_processors  # mlx-lm's own: its proc
 from .cache import CachePair, make_prompt_cache
 from .discover import find_drafts
 from .generate import GenerationResponse, generate, speculative_generate_step, stream_generate
-from .load import IncompatibleDraftError, check_draft, load
+from .load import DraftMetadataWarning, IncompatibleDraftError, check_draft, load
 from .prompt_cache import load_prompt_cache, save_prompt_cache
 from .sampling import make_sampler
 from .stats import GenerationStats
 
 __all__ = [
     "CachePair",
+    "DraftMetadataWarning",
     "GenerationResponse",
     "GenerationStats",
     "IncompatibleDraftError",

@@ -21,6 +21,17 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .adaptive import kept_apart
+from .bench_report import (  # the variants' names, shared with the report
+    MAIN_ALONE,
+    MLX_LM,
+    OURS,
+    OURS_DRAFT_ONLY,
+    OURS_LOOKUP,
+    OURS_PLAIN,
+    machine,
+    markdown,
+    save,
+)
 from .generate import speculative_generate_step
 from .options import MAX_DRAFT_TOKENS
 from .stats import GenerationStats
@@ -159,9 +170,6 @@ PRESETS = {
 }
 
 ALL_PROMPTS = {**REPEAT_PROMPTS, **PROMPTS}  # the benchmark's default set, the repeat workloads first
-
-MAIN_ALONE, OURS, OURS_PLAIN, MLX_LM = "main alone", "mlx_spec", "mlx_spec, no draft", "mlx-lm"
-OURS_LOOKUP, OURS_DRAFT_ONLY = "mlx_spec, lookup only", "mlx_spec, draft only"  # with prompt lookup on
 
 
 @dataclass
@@ -587,7 +595,6 @@ def config_from_args(args) -> Config:
 
 
 def run(args, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> int:
-    from .bench_report import machine, markdown, save
     from .discover import resolve_draft
     from .load import load, model_dtype
 

@@ -1,6 +1,7 @@
 """The benchmark's report: a markdown table, a plot and the machine's description, written next to the JSON.
 
-Kept apart from the runner (`mlx_spec.bench`), which imports it only when it writes results.
+Kept apart from the runner (`mlx_spec.bench`); the variants' names live here, and the runner imports them
+from here (this module imports nothing of the runner's).
 """
 
 import json
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .bench import MAIN_ALONE, MLX_LM, OURS
+MAIN_ALONE, OURS, OURS_PLAIN, MLX_LM = "main alone", "mlx_spec", "mlx_spec, no draft", "mlx-lm"
+OURS_LOOKUP, OURS_DRAFT_ONLY = "mlx_spec, lookup only", "mlx_spec, draft only"  # with prompt lookup on
 
 
 def _fmt(x, spec=".2f"):

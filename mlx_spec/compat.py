@@ -1,5 +1,8 @@
 """Whether a draft model speaks the main model's vocabulary: the one rule, for the load-time check and for discovery.
 
+Exact: the same token for every id both models emit, and the same end tokens (ids). A bos / eos / pad token
+string that differs while those agree is metadata: a warning (load time) or a note (discovery).
+
 Pure functions on {id: token} maps and special tokens; no models, no files.
 """
 
@@ -9,7 +12,8 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token")  # tokenizer attri
 
 
 def special_tokens(bos_token, eos_token, pad_token, end_tokens) -> dict:
-    """The special tokens a draft must share with its main model, in the order they are compared.
+    """The special tokens of a model, as its draft is compared with it: the end tokens must agree, the token
+    strings are metadata (their differences are reported, not refused).
 
     Args:
         bos_token, eos_token, pad_token: the tokenizer's special token strings (or None).
@@ -36,8 +40,9 @@ def incompatibility(
 ) -> str | None:
     """Why the draft cannot serve the main model ("different vocabularies (...)", ...), or None if it can.
 
-    Every id both models can emit must be the same token, so an embedding table padded beyond the
-    tokenizer is fine; the special tokens must agree.
+    Exactness needs two things only: every id both models can emit is the same token (so an embedding table
+    padded beyond the tokenizer is fine), and the same ids end generation. The bos / eos / pad token strings
+    are metadata: where only they differ the draft serves (see `metadata_difference`).
 
     Args:
         main_tokens, draft_tokens: {id: token} of each tokenizer (its added tokens included).
@@ -48,7 +53,20 @@ def incompatibility(
     if differ:
         examples = ", ".join(f"id {i}: {main_tokens.get(i)!r} vs {draft_tokens.get(i)!r}" for i in differ[:3])
         return f"different vocabularies ({len(differ)} of {limit} ids differ; {examples})"
-    for what, main_value in main_special.items():
-        if main_value != draft_special.get(what):
-            return f"different {what}: {main_value!r} vs {draft_special.get(what)!r}"
+    main_end, draft_end = main_special["end tokens"], draft_special["end tokens"]
+    if main_end != draft_end:
+        main_named = {i: main_tokens.get(i) for i in main_end}
+        draft_named = {i: draft_tokens.get(i) for i in draft_end}
+        return f"different end tokens: {main_named} vs {draft_named}"
     return None
+
+
+def metadata_difference(main_special: dict, draft_special: dict) -> str | None:
+    """The special token strings that differ, main's value first ("bos_token: None vs '<|endoftext|>'", several
+    joined by "; "), or None. Where `incompatibility` is None this is metadata only: a note, not a refusal."""
+    differ = [
+        f"{what}: {main_special.get(what)!r} vs {draft_special.get(what)!r}"
+        for what in SPECIAL_TOKEN_NAMES
+        if main_special.get(what) != draft_special.get(what)
+    ]
+    return "; ".join(differ) or None

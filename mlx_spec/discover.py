@@ -1,7 +1,8 @@
 """Find the local models that can draft for a main model, from metadata alone (never weights).
 
 Looks in LM Studio's model folders, the Hugging Face hub cache, mlx_spec's cache and folders the user names;
-a draft's verdict is `compat.incompatibility`, the rule `check_draft` applies at load time.
+a draft's verdict is `compat.incompatibility`, the rule `check_draft` applies at load time; special token
+strings that differ while the ids agree are a note on a compatible draft, as they are a warning at load time.
 """
 
 import hashlib
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .compat import SPECIAL_TOKEN_NAMES, incompatibility, special_tokens
+from .compat import SPECIAL_TOKEN_NAMES, incompatibility, metadata_difference, special_tokens
 from .gguf import ARCHITECTURES, PRE_TOKENIZER_SPLITS, cache_root, end_token_ids, read_header
 
 # LM Studio's size guide: main model -> largest draft that still pays off, in nominal parameters.
@@ -63,7 +64,7 @@ class Draft:
     num_params: int | None
     size_bytes: int | None
     status: str  # one of STATUSES
-    reason: str | None  # why not, or the size warning; None when compatible
+    reason: str | None  # why not, the size warning, or a note on special token strings; else None
 
     @property
     def compatible(self) -> bool:
@@ -480,6 +481,8 @@ def verdict(main: ModelInfo, draft: ModelInfo) -> tuple[str, str | None]:
         _verdicts[key] = incompatibility(main.tokens, draft.tokens, limit, main.special, draft.special)
     if _verdicts[key]:
         return "incompatible", _verdicts[key]
+    difference = metadata_difference(main.special, draft.special)
+    note = f"special token strings differ, metadata only ({difference})" if difference else None
     if main.num_params and draft.num_params:
         if draft.num_params >= main.num_params:
             return "incompatible", (
@@ -487,11 +490,12 @@ def verdict(main: ModelInfo, draft: ModelInfo) -> tuple[str, str | None]:
             )
         guide = size_guide(main.num_params)
         if draft.num_params > guide:
-            return "above size guide", (
+            slower = (
                 f"{_count(draft.num_params)} > {_count(guide)} for a {_count(main.num_params)} main model, "
                 "may make generation slower"
             )
-    return "compatible", None
+            return "above size guide", f"{slower}; {note}" if note else slower
+    return "compatible", note
 
 
 def _rank(draft: Draft) -> tuple:

@@ -1,6 +1,7 @@
 """Models in: MLX folders, hub ids and .gguf files -> (model, tokenizer); draft compatibility check."""
 
 import json
+import warnings
 import weakref
 from pathlib import Path
 from typing import NamedTuple
@@ -10,7 +11,7 @@ import mlx_lm
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .compat import SPECIAL_TOKEN_NAMES, incompatibility, special_tokens
+from .compat import SPECIAL_TOKEN_NAMES, incompatibility, metadata_difference, special_tokens
 
 
 class _Loaded(NamedTuple):
@@ -24,7 +25,12 @@ _verdicts = {}  # (id(model), id(draft_model)) -> None (compatible) or the error
 
 
 class IncompatibleDraftError(ValueError):
-    """The draft model cannot serve the main model (different vocabulary or special tokens)."""
+    """The draft model cannot serve the main model (a shared id is another token, or other ids end generation)."""
+
+
+class DraftMetadataWarning(UserWarning):
+    """The draft's bos / eos / pad token strings differ from the main model's, though every id both can emit is
+    the same token and the same ids end generation: metadata only, so the draft serves (the output is exact)."""
 
 
 def load(path_or_hub_id: str, dtype: str | None = None, q_bits: int | None = None, **kwargs):
@@ -143,7 +149,10 @@ def check_draft(model, draft_model, tokenizer=None, draft_tokenizer=None):
     """Raise IncompatibleDraftError unless the draft speaks the main model's vocabulary.
 
     Tokens are compared for every id both models can emit, so an embedding
-    table padded beyond the tokenizer is fine; special tokens must agree.
+    table padded beyond the tokenizer is fine; the ids that end generation
+    must agree. Special token strings (bos / eos / pad) that differ while
+    those agree are metadata: a DraftMetadataWarning naming both values,
+    once per pair, and the draft is used.
     Without both tokenizers (models built in code) nothing can be compared.
     The verdict on a pair is kept for the life of both models: comparing two
     large vocabularies takes about half a second, once.
@@ -155,7 +164,9 @@ def check_draft(model, draft_model, tokenizer=None, draft_tokenizer=None):
         if tokenizer is None or draft_tokenizer is None:
             return
         try:
-            _compare_vocabularies(model, draft_model, tokenizer, draft_tokenizer)
+            note = _compare_vocabularies(model, draft_model, tokenizer, draft_tokenizer)
+            if note:  # before the verdict is kept: where warnings are errors, every call raises alike
+                warnings.warn(note, DraftMetadataWarning, stacklevel=2)
             _verdicts[key] = None
         except IncompatibleDraftError as error:
             _verdicts[key] = error.args  # not the error: its traceback would keep the models alive
@@ -165,12 +176,13 @@ def check_draft(model, draft_model, tokenizer=None, draft_tokenizer=None):
         raise IncompatibleDraftError(*_verdicts[key])
 
 
-def _compare_vocabularies(model, draft_model, tokenizer, draft_tokenizer):
+def _compare_vocabularies(model, draft_model, tokenizer, draft_tokenizer) -> str | None:
+    """Raise IncompatibleDraftError, or return the warning on metadata that differs (None if nothing does)."""
+    main_loaded, draft_loaded = tokenizer_of(model), tokenizer_of(draft_model)
+    eos_main = _eos_ids(main_loaded if main_loaded is not None else tokenizer)  # a wrapper's eos_token_ids too
+    eos_draft = _eos_ids(draft_loaded if draft_loaded is not None else draft_tokenizer)
     if isinstance(tokenizer, TokenizerWrapper):
         tokenizer = tokenizer._tokenizer
-    main_loaded, draft_loaded = tokenizer_of(model), tokenizer_of(draft_model)
-    eos_main = _eos_ids(main_loaded if main_loaded is not None else tokenizer)
-    eos_draft = _eos_ids(draft_loaded if draft_loaded is not None else draft_tokenizer)
     if isinstance(draft_tokenizer, TokenizerWrapper):
         draft_tokenizer = draft_tokenizer._tokenizer
     names = f"main {model_name(model)} and draft {model_name(draft_model)}"
@@ -182,6 +194,13 @@ def _compare_vocabularies(model, draft_model, tokenizer, draft_tokenizer):
     reason = incompatibility(main_vocab, draft_vocab, limit, main_special, draft_special)
     if reason:
         raise IncompatibleDraftError(f"{names} have {reason}")
+    difference = metadata_difference(main_special, draft_special)
+    if difference:
+        return (
+            f"{names} have different special token strings ({difference}), but every id both can emit is the "
+            "same token and the same ids end generation: metadata only, the draft is used"
+        )
+    return None
 
 
 def _eos_ids(tokenizer) -> set:

@@ -1,15 +1,21 @@
 """The public API end to end: streaming, stops, statistics, logits processors, drafts, bad input."""
 
+import ast
 import gc
 import importlib
+import re
+import warnings
+from pathlib import Path
 
 import pytest
 from mlx_lm.sample_utils import make_logits_processors
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 from tiny import VOCAB, make_model, perturbed, reference, spec, toy_tokenizer
 from tiny_folders import save_model_folder
 
 import mlx_spec
 from mlx_spec import GenerationStats, IncompatibleDraftError, check_draft, make_prompt_cache, stream_generate
+from mlx_spec.load import DraftMetadataWarning
 
 PROMPT = [1, 5, 9, 22, 3]
 
@@ -138,8 +144,45 @@ def test_incompatible_draft_is_refused(tmp_path):
     with pytest.raises(IncompatibleDraftError, match="different vocabularies"):
         list(mlx_spec.speculative_generate_step(PROMPT, m, bad, max_tokens=5))
     eos, _ = mlx_spec.load(str(eos_dir))
-    with pytest.raises(IncompatibleDraftError, match="eos_token"):
+    with pytest.raises(IncompatibleDraftError, match=r"different end tokens: \{1: '</s>'\} vs \{3: 'w3'\}"):
         check_draft(m, eos)
+
+
+def test_draft_whose_special_token_strings_differ_is_used_with_a_warning(tmp_path):
+    """Same ids, same tokens, same end tokens, but bos / pad strings that differ (an MLX Qwen draft has no
+    bos_token, a GGUF-converted Qwen main has '<|endoftext|>'): metadata only, one warning per pair, exact output."""
+    main = make_model("llama", layers=2)
+    draft = perturbed(main, 0.005)
+    other = toy_tokenizer()
+    other.bos_token, other.pad_token = None, "<unk>"
+    m, tok = mlx_spec.load(str(save_model_folder(main, toy_tokenizer(), tmp_path / "main")))
+    d, draft_tok = mlx_spec.load(str(save_model_folder(draft, other, tmp_path / "draft")))
+    assert (tok.bos_token, draft_tok.bos_token, tok.pad_token, draft_tok.pad_token) == ("<s>", None, None, "<unk>")
+    with pytest.warns(DraftMetadataWarning) as caught:
+        text = mlx_spec.generate(m, tok, PROMPT, draft_model=d, max_tokens=12)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert re.search(r"^main .*main.* and draft .*draft.* have different special token strings", message)
+    assert "(bos_token: '<s>' vs None; pad_token: None vs '<unk>')" in message and "metadata only" in message
+    assert text == mlx_spec.generate(m, tok, PROMPT, max_tokens=12)  # greedy: the main model's own text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per pair
+        assert mlx_spec.generate(m, tok, PROMPT, draft_model=d, max_tokens=12) == text
+        check_draft(m, d)
+
+
+def test_eos_token_string_that_differs_where_the_end_ids_agree_is_a_warning():
+    main = make_model("llama", layers=2)
+    draft = perturbed(main, 0.005)
+    tok = TokenizerWrapper(toy_tokenizer(), eos_token_ids=[1, 2])
+    draft_tok = TokenizerWrapper(toy_tokenizer(eos="<unk>"), eos_token_ids=[1, 2])
+    with pytest.warns(DraftMetadataWarning, match=r"eos_token: '</s>' vs '<unk>'\)"):
+        check_draft(main, draft, tok, draft_tok)
+    other = perturbed(main, 0.005, seed=2)  # another pair: the end ids differ, an error naming them
+    with pytest.raises(
+        IncompatibleDraftError, match=r"different end tokens: \{1: '</s>', 2: '<unk>'\} vs \{2: '<unk>'\}$"
+    ):
+        check_draft(main, other, tok, TokenizerWrapper(toy_tokenizer(eos="<unk>")))
 
 
 def test_load_errors_name_the_source(tmp_path):
@@ -248,3 +291,76 @@ def test_vocabularies_are_compared_once_per_pair(tmp_path, monkeypatch):
     del d
     gc.collect()
     assert key not in verdicts  # the verdict goes with the draft model
+
+
+def import_graph() -> dict[str, set[str]]:
+    """mlx_spec's modules -> the mlx_spec modules each imports, anywhere in it (inside functions too), read with
+    `ast`: `from .x import ...`, `from . import x`, `from mlx_spec.x import ...`, `import mlx_spec.x`; the package
+    itself is "__init__"."""
+    package = Path(mlx_spec.__file__).parent
+    modules = {path.stem for path in package.glob("*.py")}
+
+    def target(name: str) -> str:  # a dotted name below the package -> its module
+        first = name.split(".", 1)[0] if name else "__init__"
+        return first if first in modules else "__init__"
+
+    graph = {}
+    for module in sorted(modules):
+        edges = set()
+        for node in ast.walk(ast.parse((package / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    base = node.module or ""
+                elif node.level == 0 and (node.module == "mlx_spec" or node.module.startswith("mlx_spec.")):
+                    base = node.module[len("mlx_spec.") :] if "." in node.module else ""
+                else:
+                    continue
+                if base:
+                    edges.add(target(base))
+                else:  # from . import x, y: submodules, or names of the package's __init__
+                    edges.update(target(alias.name) for alias in node.names)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name == "mlx_spec" or alias.name.startswith("mlx_spec."):
+                        edges.add(target(alias.name[len("mlx_spec.") :] if "." in alias.name else ""))
+        graph[module] = edges - {module}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    assert {"bench", "bench_report", "generate", "load", "compat"} <= set(graph)
+    assert "bench_report" in graph["bench"] and "generate" in graph["bench"]  # the parser sees the edges
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # and finds cycles
+    assert import_cycles(graph) == []

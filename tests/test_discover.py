@@ -1,6 +1,7 @@
 """Finding drafts: LM Studio, Hugging Face cache, mlx_spec cache and --search folders in a temporary HOME,
 the verdicts, the ranking, `--draft-model auto`, and that only metadata is read."""
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -24,9 +25,10 @@ import mlx_spec
 import mlx_spec.gguf
 from mlx_spec import check_draft, discover
 from mlx_spec.cli import main
-from mlx_spec.compat import incompatibility, special_tokens
+from mlx_spec.compat import incompatibility, metadata_difference, special_tokens
 from mlx_spec.fetch import default_pair_paths
 from mlx_spec.gguf import read_header
+from mlx_spec.load import DraftMetadataWarning
 
 FFN = 128  # tiny.make_model's intermediate size
 
@@ -188,7 +190,7 @@ EXPECTED = [  # name, where, format, status, reason (a regular expression)
     ("acme/Tiny-Chat-1M-GGUF/tiny-chat-1m-f32.gguf", "LM Studio", "gguf", "compatible", None),
     ("acme/Tiny-Chat-3M", "LM Studio", "mlx", "above size guide", r"^49.5K > 43.2K for a 86.5K main model"),
     ("weird-1M", "search", "mlx", "incompatible", "unsupported architecture 'no_such_arch'"),
-    ("acme/Other-Eos-1M", "LM Studio", "mlx", "incompatible", "different eos_token: '</s>' vs 'w3'"),
+    ("acme/Other-Eos-1M", "LM Studio", "mlx", "incompatible", r"different end tokens: \{1: '</s>'\} vs \{3: 'w3'\}"),
     (
         "acme/Other-Vocab-1M",
         "LM Studio",
@@ -425,6 +427,30 @@ def test_rescan_sees_a_changed_model(env, tmp_path):
     assert again.status == "incompatible" and "'w3' vs 'q3'" in again.reason
 
 
+def test_special_token_strings_that_differ_are_a_note_not_a_refusal(env, tmp_path, capsys):
+    """A draft whose bos / pad strings differ from the main model's while its ids and end tokens agree (an MLX Qwen
+    draft for a GGUF-converted Qwen) is compatible, with a note; check_draft agrees: a warning, not an error."""
+    tokenizer = toy_tokenizer()
+    tokenizer.bos_token, tokenizer.pad_token = None, "<unk>"
+    folder = save_model_folder(make_model("llama", layers=1, hidden=32, seed=1), tokenizer, tmp_path / "s" / "No-Bos")
+    note = "special token strings differ, metadata only (bos_token: '<s>' vs None; pad_token: None vs '<unk>')"
+    drafts = {d.name: d for d in mlx_spec.find_drafts(str(env["main"]), search=[tmp_path / "s"])}
+    assert (drafts["No-Bos"].status, drafts["No-Bos"].compatible, drafts["No-Bos"].reason) == ("compatible", True, note)
+    assert main(["drafts", "--model", str(env["main"]), "--search", str(tmp_path / "s")]) == 0
+    assert any(
+        row.startswith("No-Bos ") and row.endswith(f"  compatible: {note}")
+        for row in capsys.readouterr().out.splitlines()
+    )
+    main_info, info = discover.describe(env["main"]), discover.describe(folder)
+    above = dataclasses.replace(info, num_params=int(main_info.num_params * 0.6))  # above the guide, below the main
+    status, reason = discover.verdict(main_info, above)
+    assert status == "above size guide" and reason.endswith(f"may make generation slower; {note}")
+    model, _ = mlx_spec.load(str(env["main"]))
+    draft, _ = mlx_spec.load(str(folder))
+    with pytest.warns(DraftMetadataWarning, match=re.escape("(bos_token: '<s>' vs None; pad_token: None vs '<unk>')")):
+        check_draft(model, draft)
+
+
 def test_bad_search_folder_is_one_line(env, capsys):
     assert main(["drafts", "--model", str(env["main"]), "--search", "/no/such/dir"]) == 1
     assert capsys.readouterr().err == "mlx-spec: error: search folder not found: /no/such/dir\n"
@@ -448,10 +474,17 @@ def test_incompatibility_rule():
         "different vocabularies (1 of 2 ids differ; id 1: None vs 'b')"
     )
     other = special_tokens("<s>", "</s>", None, {1, 3})
-    assert incompatibility(tokens, tokens, 4, special, other) == "different end tokens: [1] vs [1, 3]"
-    assert incompatibility(tokens, tokens, 4, special, special_tokens("<s>", "b", None, {1})) == (
-        "different eos_token: '</s>' vs 'b'"
+    assert (
+        incompatibility(tokens, tokens, 4, special, other) == "different end tokens: {1: '</s>'} vs {1: '</s>', 3: 'b'}"
     )
+    assert metadata_difference(special, dict(special)) is None
+    # the token strings alone are metadata: not a refusal, a difference to report
+    for metadata in (special_tokens(None, "</s>", "<s>", {1}), special_tokens("<s>", "b", None, {1})):
+        assert incompatibility(tokens, tokens, 4, special, metadata) is None
+    assert metadata_difference(special, special_tokens(None, "</s>", "<s>", {1})) == (
+        "bos_token: '<s>' vs None; pad_token: None vs '<s>'"
+    )
+    assert metadata_difference(special, special_tokens("<s>", "b", None, {1})) == "eos_token: '</s>' vs 'b'"
 
 
 @pytest.mark.parametrize(
