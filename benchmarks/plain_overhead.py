@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Per-token host overhead of plain decoding: mlx-lm's generate_step against mlx_spec without a draft.
+"""Per-token host overhead of decoding loops: mlx-lm's against mlx_spec's, plain and at k = 4.
 
-  python3 benchmarks/plain_overhead.py [--tokens 200] [--repetitions 7]   # about 2 min on a 2-core CPU
+  python3 benchmarks/plain_overhead.py [--tokens 200] [--repetitions 7]   # about 3 min on a 2-core CPU
 
 On a model whose layers are tiny (the default pair's main architecture, 28
 layers, hidden size 256), a step costs mostly the building and dispatching of
@@ -9,7 +9,10 @@ its graph, which is where a decoding loop's own overhead shows. Three loops,
 interleaved: mlx-lm's generate_step; mlx_spec with no draft; and mlx_spec
 with a draft that never drafts (k = 0 every round). Both of mlx_spec's queue
 each step before the previous token is read, as mlx-lm does; the second also
-asks its policy each round. Prints ms per token.
+asks its policy each round. Then a round's overhead at equal k: mlx-lm's
+speculative_generate_step against mlx_spec, k = 4, with a copy of the model as
+the draft (every draft accepted: the same rounds in both). Prints ms per token
+and each loop's ratio to mlx-lm's of its kind.
 """
 
 import argparse
@@ -19,6 +22,7 @@ import time
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
+from mlx_lm.generate import speculative_generate_step as mlx_lm_speculative
 from mlx_lm.models import qwen2
 
 from mlx_spec import speculative_generate_step
@@ -63,11 +67,24 @@ def main(argv=None):
         finally:
             generate_module._policy = policy
 
+    def mlx_lm_k4():
+        return list(mlx_lm_speculative(mx.array(prompt), model, model, num_draft_tokens=4, max_tokens=args.tokens))
+
+    def ours_k4():
+        steps = speculative_generate_step(
+            prompt, model, model, num_draft_tokens=4, max_tokens=args.tokens, prompt_lookup=False
+        )
+        return list(steps)
+
+    plain, spec = "mlx-lm generate_step", "mlx-lm speculative_generate_step, k = 4"
     loops = {
-        "mlx-lm generate_step": mlx_lm,
+        plain: mlx_lm,
         "mlx_spec, no draft": no_draft,
         "mlx_spec, a draft that never drafts (k = 0 rounds)": never_drafts,
+        spec: mlx_lm_k4,
+        "mlx_spec, k = 4 (every draft accepted)": ours_k4,
     }
+    baseline = {name: spec if "k = 4" in name else plain for name in loops}
     times = {name: [] for name in loops}
     for rep in range(args.repetitions + 1):  # the first pass warms up
         for name, loop in loops.items():
@@ -75,9 +92,10 @@ def main(argv=None):
             loop()
             if rep:
                 times[name].append(1e3 * (time.perf_counter() - start) / args.tokens)
-    print("| loop | ms per token, median | min |\n|---|---|---|")
+    print("| loop | ms per token, median | min | against mlx-lm's (median of per-pass ratios) |\n|---|---|---|---|")
     for name, values in times.items():
-        print(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f} |")
+        ratio = statistics.median(v / b for v, b in zip(values, times[baseline[name]]))
+        print(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f} | {ratio:.3f} |")
 
 
 if __name__ == "__main__":
