@@ -9,10 +9,10 @@ source at all, every step. Prefill of the prompt also lives here, since it
 fills the same pair of caches.
 """
 
-import functools
 import time
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 
@@ -23,7 +23,7 @@ from .draft import DraftSource
 from .lookup import MAX_MATCH, LookupSource, Match
 from .options import PREFILL_STEP_SIZE
 from .recurrent import MAX_PENDING, advance
-from .sampling import CoupledDraws, SamplingParams, filtered_scores
+from .sampling import NoDraws, SamplingParams, filtered_scores
 from .verify import score
 
 FIXED_MIN_MATCH = 3  # a fixed draft length copies from the conversation when its last 3 tokens occurred before
@@ -119,12 +119,11 @@ def prefill(
             progress(min(start + chunk, len(tokens)))
 
 
-def verify(
-    model, caches, params, logits_processors, last, draft_tokens, draft_probs, history, key, noise=None
-) -> Verified:
-    """Score [last, d_1..d_k] with the main model and accept, lazily (see verify.score, accept); with `noise`,
-    the positions' Gumbel noise, by coupled sampling (sampling.CoupledDraws)."""
-    logprobs, main_probs = score(model, caches.main, last, draft_tokens, params, history, logits_processors)
+def verify(d: "Decoding", last, draft_tokens, draft_probs, history, accept_key, noise) -> Verified:
+    """Score [last, d_1..d_k] with the main model and accept, lazily (see verify.score, accept): by the rule of
+    `d.params`, and with `noise` (the positions' Gumbel noise of a seeded call) by coupled sampling."""
+    params = d.params
+    logprobs, main_probs = score(d.model, d.caches.main, last, draft_tokens, params, history, d.logits_processors)
     if params.greedy:
         num_accepted, next_token = accept_greedy(draft_tokens, logprobs)
     elif noise is not None:
@@ -134,98 +133,107 @@ def verify(
     else:
         if draft_probs is None:  # no draft tokens: q is empty
             draft_probs = mx.zeros((0, main_probs.shape[-1]))
-        num_accepted, next_token = accept(draft_tokens, draft_probs, main_probs, key)
+        num_accepted, next_token = accept(draft_tokens, draft_probs, main_probs, accept_key)
     return Verified(logprobs, next_token, mx.concatenate([draft_tokens, num_accepted[None], next_token[None]]))
 
 
-def rounds(
-    model,
-    sources: dict[str, DraftSource | LookupSource],
-    caches: CachePair,
-    policy,
-    max_tokens: int,
-    params: SamplingParams,
-    key: mx.array | None,
-    max_draft: Callable[[int], int],
-    kv_quantize: Callable,
-    host: HostReads,
-    logits_processors=None,
-    history_start: int = 0,
-    plain_first: bool = False,
-    draws: CoupledDraws | None = None,
-) -> Iterator[Round]:
-    """Rounds until `max_tokens` tokens were emitted; caches.tokens grows as rounds finish.
+@dataclass
+class Decoding:
+    """What the rounds of one call work with; fixed for the call (the caches change as rounds go)."""
 
-    Each round reads the tokens not yet in the main cache (the last one, or
-    more: the prompt's last step, or those a recurrent layer's rollback gave
-    back) and its draft tokens. With `plain_first` the first round
-    decodes plainly, not asking the policy: a pass over the rest of the prompt
-    that gives the first token. `sources` maps
-    DRAFT and LOOKUP to those available (none: plain decoding); `policy` chooses each round's source
-    and length from the lookup's match and learns from its outcome;
-    `max_draft(offset)` bounds the draft length of a round starting at main
-    cache offset `offset`. `key` draws the random numbers of rejection sampling; `draws`, those of a
-    seeded call (coupled sampling: each position's noise from the seed and the position alone).
+    model: Any  # the main model
+    caches: CachePair  # both models' caches and the conversation's tokens
+    sources: dict[str, DraftSource | LookupSource]  # DRAFT, LOOKUP -> those available (none: plain decoding)
+    policy: Any  # chooses each round's source and length (adaptive.Controller or FixedDraft), learns from it
+    params: SamplingParams  # how tokens are drawn and accepted
+    draws: NoDraws  # the random numbers of each round (sampling.draws_for)
+    max_draft: Callable[[int], int]  # the longest draft of a round starting at a main cache offset
+    kv_quantize: Callable[[CachePair], None]  # quantizes the caches where mlx-lm would
+    host: HostReads = field(default_factory=HostReads)  # reads the device, counting
+    logits_processors: list | None = None
+    history_start: int = 0  # where this call's prompt starts in caches.tokens: what logits processors see
+
+
+def rounds(d: Decoding, max_tokens: int, plain_first: bool = False) -> Iterator[Round]:
+    """Rounds until `max_tokens` tokens were emitted; d.caches.tokens grows as rounds finish.
+
+    Each round reads the tokens not yet in the main cache (the last one, or more: the prompt's last step, or
+    those a recurrent layer's rollback gave back) and its draft tokens. With `plain_first` the first round
+    decodes plainly, not asking the policy: a pass over the rest of the prompt that gives the first token.
     """
-    num_emitted, draft_key, accept_key = 0, None, None
-    lookup, draft = sources.get(LOOKUP), sources.get(DRAFT)
-    check = functools.partial(verify, model, caches, params, logits_processors)
-    no_draft = mx.zeros((0,), mx.int32)
+    num_emitted, caches, policy = 0, d.caches, d.policy
+    no_draft = mx.zeros((0,), mx.int32)  # made here: an array belongs to the stream of the thread that made it
+    lookup, draft = d.sources.get(LOOKUP), d.sources.get(DRAFT)
     ahead = None  # a plain step queued behind a plain round before its token was read: the next round
     while num_emitted < max_tokens:
         start, tokens = time.perf_counter(), caches.tokens
         found = lookup.match() if lookup is not None else None
         behind, left = draft.num_behind() if draft is not None else 1, max_tokens - num_emitted
-        pending = len(tokens) - caches.main_offset
+        history = mx.array(tokens[d.history_start :], mx.int32) if d.logits_processors else None
         if ahead is not None:  # queued: this round decodes plainly, whatever the policy would choose
             choice, verified, ahead = Choice(PLAIN, 0), ahead, None
             queue = policy.keeps_plain(found, behind, left)  # and queues the next if the policy would
         else:
             # 1) choose: source and length, from the conversation's match and what was learnt
-            choice = Choice(PLAIN, 0) if plain_first else policy.choose(found, behind, left)
-            room = SLACK + 1 - pending if pending <= MAX_PENDING else 0  # rows a rotating cache takes at once
-            num_draft = min(choice.num_draft, left - 1, max_draft(len(tokens) - 1), room)
-            choice = choice._replace(num_draft=num_draft, source=choice.source if num_draft > 0 else PLAIN)
-            if key is not None:
-                key, draft_key, accept_key = mx.random.split(key, 3)
-            history = mx.array(tokens[history_start:], mx.int32) if logits_processors else None
+            choice = _bounded(d, Choice(PLAIN, 0) if plain_first else policy.choose(found, behind, left), left)
             # 2) propose, 3) verify and accept in one lazy graph
-            noise = draws.noise(len(tokens), num_draft + 1) if draws is not None else None
+            draft_key, accept_key, noise = d.draws.take(len(tokens), choice.num_draft + 1)
             draft_tokens, draft_probs = no_draft, None
             if choice.source != PLAIN:
-                draft_tokens, draft_probs = sources[choice.source].propose(choice.num_draft, draft_key, history, noise)
-            verified = check(mx.array(tokens[-pending:]), draft_tokens, draft_probs, history, accept_key, noise)
+                draft_tokens, draft_probs = d.sources[choice.source].propose(
+                    choice.num_draft, draft_key, history, noise
+                )
+            pending = mx.array(tokens[caches.main_offset :])
+            verified = verify(d, pending, draft_tokens, draft_probs, history, accept_key, noise)
             queue = choice.source == PLAIN and (not plain_first or policy.keeps_plain(found, behind, left))
         if queue and left > 1:
-            # a plain round queues the next step before its token is read: building it keeps the device busy.
-            # That round decodes plainly too (a copy or a draft waits one token).
-            mx.async_eval(verified.readout)
-            kv_quantize(caches)  # as after every step of mlx-lm's generate_step
-            if key is not None:
-                key, _, accept_key = mx.random.split(key, 3)
-            history = None if history is None else mx.concatenate([history, verified.next_token[None]])
-            noise = draws.noise(len(tokens) + 1, 1) if draws is not None else None  # the next position's
-            ahead = check(verified.next_token[None], no_draft, None, history, accept_key, noise)
-            mx.async_eval(ahead.logprobs, ahead.readout)
+            ahead = _queue_next(d, verified, history, no_draft)
         # 4) one host read
-        verdict = Verdict.read(host, verified)
+        verdict = Verdict.read(d.host, verified)
         # 5) learn, extend the conversation, roll back the rejected positions
-        # A draft that sat out other rounds caught up on them in this round: in chunks, timed apart (it
-        # tells what catching up costs); a few tokens with its first step, untimed (not a cost of k).
-        seconds, caught_up = time.perf_counter() - start, draft.caught_up if choice.source == DRAFT else None
-        if caught_up is not None:
-            seconds -= caught_up[1]
-        elif choice.source == DRAFT and behind > 2:
-            seconds = None
         new_tokens, unused = verdict.new_tokens, None
         if found is not None and choice.source != LOOKUP:  # what a copy would have done
             unused = (found, len(new_tokens), lookup.copied(new_tokens))
-        if not plain_first:  # the policy's first round is still to come (and a pass over the prompt's rest
-            policy.record(choice, verdict.num_accepted, seconds, caught_up, unused)  # tells nothing of a round)
+        if not plain_first:  # a pass over the prompt's rest tells nothing of a round
+            caught_up = draft.caught_up if choice.source == DRAFT else None
+            policy.record(choice, verdict.num_accepted, _seconds(start, choice, caught_up, behind), caught_up, unused)
         plain_first = False
         tokens.extend(new_tokens)
         if choice.num_draft > 0:
             caches.rollback()
-        kv_quantize(caches)
+        d.kv_quantize(caches)
         num_emitted += len(new_tokens)
         yield Round(new_tokens, choice.source, choice.num_draft, verdict.num_accepted, verified.logprobs)
+
+
+def _bounded(d: Decoding, choice: Choice, left: int) -> Choice:
+    """The policy's choice within the call's bounds: the tokens left, the draft length limit at this offset, and
+    the rows one forward may read (a rotating cache takes SLACK + 1 at most; past MAX_PENDING tokens given back
+    by a rollback, a plain round reads them)."""
+    tokens = d.caches.tokens
+    pending = len(tokens) - d.caches.main_offset
+    room = SLACK + 1 - pending if pending <= MAX_PENDING else 0
+    num_draft = max(0, min(choice.num_draft, left - 1, d.max_draft(len(tokens) - 1), room))
+    return choice._replace(num_draft=num_draft, source=choice.source if num_draft > 0 else PLAIN)
+
+
+def _queue_next(d: Decoding, verified: Verified, history: mx.array | None, no_draft: mx.array) -> Verified:
+    """Queue the step after a plain round before its token is read: building it keeps the device busy. That
+    round decodes plainly too (a copy or a draft waits one token)."""
+    mx.async_eval(verified.readout)
+    d.kv_quantize(d.caches)  # as after every step of mlx-lm's generate_step
+    _, accept_key, noise = d.draws.take(len(d.caches.tokens) + 1, 1)  # the next position's
+    history = None if history is None else mx.concatenate([history, verified.next_token[None]])
+    ahead = verify(d, verified.next_token[None], no_draft, None, history, accept_key, noise)
+    mx.async_eval(ahead.logprobs, ahead.readout)
+    return ahead
+
+
+def _seconds(start: float, choice: Choice, caught_up: tuple[int, float] | None, behind: int) -> float | None:
+    """What the round cost, for the policy: a draft that sat out other rounds caught up on them in this round,
+    in chunks, timed apart (it tells what catching up costs), or a few tokens with its first step, untimed
+    (not a cost of k): None."""
+    seconds = time.perf_counter() - start
+    if caught_up is not None:
+        return seconds - caught_up[1]
+    return None if choice.source == DRAFT and behind > 2 else seconds

@@ -15,14 +15,14 @@ from transformers import PreTrainedTokenizer
 
 from .adaptive import DRAFT, LOOKUP, Controller, learnt_for
 from .cache import CachePair, SlackRotatingCache, not_rolling_back
-from .decode import FixedDraft, HostReads, prefill, rounds
+from .decode import Decoding, FixedDraft, prefill, rounds
 from .draft import DraftModel, DraftSource
 from .load import check_draft, output_size
 from .lookup import LookupSource
 from .options import GenerationOptions
 from .prompt_cache import pair_for_call
 from .recurrent import has_state, leaves, mark
-from .sampling import COUPLED, CoupledDraws, LogitsProcessor, Sampler
+from .sampling import CoupledDraws, LogitsProcessor, Sampler, acceptance_rule, draws_for
 from .stats import GenerationStats
 from .verify import output_layer
 
@@ -130,112 +130,44 @@ def speculative_generate_step(
         sampler=sampler,
         prompt_lookup=prompt_lookup,
     )
-    params = opts.sampling
-    vocab_size = output_size(model)
-    if not all(0 <= t < vocab_size for t in tokens):
-        raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {min(tokens)}..{max(tokens)}")
-    if draft_model is not None:
-        check_draft(model, draft_model)
-    draft = None if draft_model is None else DraftModel(draft_model, vocab_size, opts.draft_vocab_size)
-    caches, write_back = pair_for_call(prompt_cache, model, draft_model, opts.max_kv_size)
-    if draft_model is not None and (kind := not_rolling_back(caches.main + caches.draft)):
-        raise ValueError(
-            f"a {kind} cache cannot be rolled back, so its model cannot be drafted for: "
-            "decode without a draft model (draft_model=None)"
-        )
-    if opts.prompt_lookup and not_rolling_back(caches.main):  # the default: such a model decodes plainly
-        opts = opts.replace(prompt_lookup=False)
-    policy = _policy(opts, model, draft_model)
     stats = stats if stats is not None else GenerationStats()
-    # A seed fixes the text (coupled sampling: the same at any draft length); without one, rejection sampling
-    # draws from MLX's global generator, as mlx-lm's sampling does (mx.random.seed repeats a run of fixed k).
-    coupled = opts.seed is not None and not params.greedy and not params.exact_match
-    if params.exact_match and opts.seed is not None:
-        mx.random.seed(opts.seed)  # the sampler draws from MLX's global generator
-    draws = CoupledDraws(opts.seed, vocab_size) if coupled else None
-    key = None
-    if not (params.greedy or params.exact_match or coupled):
-        key = mx.random.key(mx.random.randint(0, 2**31 - 1, ()).item())
-    stats.acceptance_rule = COUPLED if coupled else params.acceptance_rule
+    # 1) check the inputs, 2) get the caches
+    vocab_size = _checked(tokens, model, draft_model)
+    caches, write_back, opts = _caches_for(prompt_cache, model, draft_model, opts)
+    params = opts.sampling
+    draws = draws_for(params, opts.seed, vocab_size)
+    stats.acceptance_rule = acceptance_rule(params, draws)
     kv_quantize = functools.partial(
         CachePair.quantize,
         kv_bits=opts.kv_bits,
         kv_group_size=opts.kv_group_size,
         quantized_kv_start=opts.quantized_kv_start,
     )
-
     num_before = len(caches.tokens)
     caches.tokens.extend(tokens)
     num_known = len(caches.tokens)
-    offset = caches.main_offset
     progress = prompt_progress_callback or (lambda *_: None)
     num_yielded = 0
     try:
         stats.start()
-        stats.prompt_tokens = num_known - offset
-        progress(0, len(tokens))
-        # The prompt goes in in steps, after the last token of the previous call: with it, or alone into a
-        # rotating cache (as mlx-lm's decoding step fed it: a rotating cache attends differently to a token
-        # fed with others). The last step goes in with the first round: the pass that reads it gives the
-        # first token (see _folded).
-        rotating = any(isinstance(c, ROTATING) for c in leaves(caches.main))
-        first = offset + 1 if num_before == offset + 1 and rotating else offset
-        cut = output_layer(model) is not None
-        pending = _folded(num_known - first, num_known, opts, rotating, cut, has_state(caches.main))
-        # A sampled call's first round decodes plainly in any case: its random draws then do not depend on
-        # how much of the prompt a cache held (a seed repeats its answer).
-        plain_first = pending > 1 or not params.greedy
-        for start, end in ((offset, first), (first, num_known - pending)):
-            prefill(
-                model,
-                caches.main,
-                caches.tokens[start:end],
-                caches,
-                kv_quantize,
-                opts.prefill_step_size,
-                lambda done, start=start: progress(max(0, start + done - num_before), len(tokens)),
-            )
-        if draft_model is not None and not _draft_waits(opts, caches, plain_first):
-            prefill(
-                draft_model,
-                caches.draft,
-                caches.tokens[caches.draft_offset : -1],
-                caches,
-                kv_quantize,
-                opts.prefill_step_size,
-            )
-        caches.take_over_rotating()
-        mark(caches.main + (caches.draft or []), prompt=True)  # a request for the same prompt goes back here
-        if pending > 1:  # as mlx-lm reports the prompt read but for its last token, which it feeds alone
-            progress(len(tokens) - 1, len(tokens))
-        host = HostReads()
-        sources = {}
-        if opts.prompt_lookup:
-            sources[LOOKUP] = LookupSource(caches, vocab_size, params.greedy or params.exact_match or coupled)
-        if draft is not None:
-            catch_up = functools.partial(
-                prefill, draft_model, caches.draft, caches=caches, kv_quantize=kv_quantize, chunk=opts.prefill_step_size
-            )
-            sources[DRAFT] = DraftSource(draft, caches, params, catch_up, logits_processors)
-        steps = rounds(
+        stats.prompt_tokens = num_known - caches.main_offset
+        # 3) read the prompt, 4) make the sources, 5) run the rounds
+        plain_first = _read_prompt(model, draft_model, caches, opts, kv_quantize, num_before, progress)
+        decoding = Decoding(
             model,
-            sources,
             caches,
-            policy,
-            opts.token_limit,
+            _sources(caches, opts, draft_model, vocab_size, kv_quantize, logits_processors, draws),
+            _policy(opts, model, draft_model),
             params,
-            key,
+            draws,
             opts.max_draft,
             kv_quantize,
-            host,
-            logits_processors,
+            logits_processors=logits_processors,
             history_start=num_before,
-            plain_first=plain_first,
-            draws=draws,
         )
-        for round_ in steps:
+        for round_ in rounds(decoding, opts.token_limit, plain_first):
             stats.record_round(round_.num_draft, round_.num_accepted, round_.source)
-            stats.host_syncs = host.count
+            stats.host_syncs = decoding.host.count
             for i, token in enumerate(round_.tokens):
                 if num_yielded == 0:
                     stats.prompt_done()
@@ -250,6 +182,88 @@ def speculative_generate_step(
                 model, caches.main, caches.tokens[caches.main_offset :], caches, kv_quantize, opts.prefill_step_size
             )
             write_back()
+
+
+def _checked(tokens: list[int], model, draft_model) -> int:
+    """The main model's vocabulary size, once the prompt's ids fit it and the draft speaks it (else ValueError)."""
+    vocab_size = output_size(model)
+    if not all(0 <= t < vocab_size for t in tokens):
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {min(tokens)}..{max(tokens)}")
+    if draft_model is not None:
+        check_draft(model, draft_model)
+    return vocab_size
+
+
+def _caches_for(prompt_cache, model, draft_model, opts: GenerationOptions):
+    """(caches, write_back, opts): the call's CachePair (see prompt_cache.pair_for_call), and the options it
+    allows: a model whose cache kind cannot roll back decodes plainly (lookup off), and takes no draft model."""
+    caches, write_back = pair_for_call(prompt_cache, model, draft_model, opts.max_kv_size)
+    if draft_model is not None and (kind := not_rolling_back(caches.main + caches.draft)):
+        raise ValueError(
+            f"a {kind} cache cannot be rolled back, so its model cannot be drafted for: "
+            "decode without a draft model (draft_model=None)"
+        )
+    if opts.prompt_lookup and not_rolling_back(caches.main):  # the default: such a model decodes plainly
+        opts = opts.replace(prompt_lookup=False)
+    return caches, write_back, opts
+
+
+def _read_prompt(model, draft_model, caches: CachePair, opts, kv_quantize, num_before: int, progress) -> bool:
+    """Read the prompt into the caches but for its last step, which the first round reads (see _folded); the
+    draft's cache too, unless it waits (_draft_waits). Returns whether the first round decodes plainly.
+
+    The prompt goes in in steps, after the last token of the previous call: with it, or alone into a rotating
+    cache (as mlx-lm's decoding step fed it: a rotating cache attends differently to a token fed with others).
+    Afterwards rotating caches are slack ones, and recurrent layers keep their state (a request for the same
+    prompt goes back to it)."""
+    num_known, offset = len(caches.tokens), caches.main_offset
+    num_prompt = num_known - num_before
+    progress(0, num_prompt)
+    rotating = any(isinstance(c, ROTATING) for c in leaves(caches.main))
+    first = offset + 1 if num_before == offset + 1 and rotating else offset
+    cut = output_layer(model) is not None
+    pending = _folded(num_known - first, num_known, opts, rotating, cut, has_state(caches.main))
+    # A sampled call's first round decodes plainly in any case (the policy's first round is the second).
+    plain_first = pending > 1 or not opts.sampling.greedy
+    for start, end in ((offset, first), (first, num_known - pending)):
+        prefill(
+            model,
+            caches.main,
+            caches.tokens[start:end],
+            caches,
+            kv_quantize,
+            opts.prefill_step_size,
+            lambda done, start=start: progress(max(0, start + done - num_before), num_prompt),
+        )
+    if draft_model is not None and not _draft_waits(opts, caches, plain_first):
+        prefill(
+            draft_model,
+            caches.draft,
+            caches.tokens[caches.draft_offset : -1],
+            caches,
+            kv_quantize,
+            opts.prefill_step_size,
+        )
+    caches.take_over_rotating()
+    mark(caches.main + (caches.draft or []), prompt=True)
+    if pending > 1:  # as mlx-lm reports the prompt read but for its last token, which it feeds alone
+        progress(num_prompt - 1, num_prompt)
+    return plain_first
+
+
+def _sources(caches, opts, draft_model, vocab_size: int, kv_quantize, logits_processors, draws) -> dict:
+    """The call's sources of draft tokens: the conversation (prompt lookup) and the draft model, where on."""
+    params, sources = opts.sampling, {}
+    without_q = params.greedy or params.exact_match or isinstance(draws, CoupledDraws)  # no rule needs q
+    if opts.prompt_lookup:
+        sources[LOOKUP] = LookupSource(caches, vocab_size, without_q)
+    if draft_model is not None:
+        draft = DraftModel(draft_model, vocab_size, opts.draft_vocab_size)
+        catch_up = functools.partial(
+            prefill, draft_model, caches.draft, caches=caches, kv_quantize=kv_quantize, chunk=opts.prefill_step_size
+        )
+        sources[DRAFT] = DraftSource(draft, caches, params, catch_up, logits_processors)
+    return sources
 
 
 def _token_list(prompt) -> list[int]:

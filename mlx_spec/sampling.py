@@ -65,8 +65,27 @@ class SamplingParams:
         return GREEDY if self.temp == 0 else REJECTION_SAMPLING
 
 
+class NoDraws:
+    """The random numbers of a call that draws none (greedy; a sampler of unknown settings draws its own)."""
+
+    def take(self, position: int, count: int) -> tuple[mx.array | None, mx.array | None, mx.array | None]:
+        """(draft key, acceptance key, noise) of a round deciding positions position..position+count-1."""
+        return None, None, None
+
+
+class KeyedDraws(NoDraws):
+    """Rejection sampling's random numbers: a key, split for each round (the draft's draws, the acceptance's)."""
+
+    def __init__(self, key: mx.array):
+        self.key = key
+
+    def take(self, position: int, count: int):
+        self.key, draft_key, accept_key = mx.random.split(self.key, 3)
+        return draft_key, accept_key, None
+
+
 @dataclass(frozen=True)
-class CoupledDraws:
+class CoupledDraws(NoDraws):
     """The randomness of a seeded sampled call: the same text at any draft length, with or without lookup.
 
     The token at conversation position t is argmax(s_t + G_t), where s_t are the shaped log-probabilities
@@ -81,6 +100,9 @@ class CoupledDraws:
     seed: int
     vocab_size: int
 
+    def take(self, position: int, count: int):
+        return None, None, self.noise(position, count)
+
     def noise(self, start: int, count: int) -> mx.array:
         """G_start .. G_{start+count-1}: (count, V) float32."""
         return mx.stack([mx.random.gumbel((self.vocab_size,), key=self._key(start + i)) for i in range(count)])
@@ -88,6 +110,26 @@ class CoupledDraws:
     def _key(self, position: int) -> mx.array:
         digest = hashlib.blake2b(f"{self.seed}:{position}".encode(), digest_size=8).digest()
         return mx.random.key(int.from_bytes(digest, "little") >> 1)
+
+
+def draws_for(params: SamplingParams, seed: int | None, vocab_size: int) -> NoDraws:
+    """A call's random numbers: coupled sampling with a seed above temperature 0 (a seed fixes the text);
+    rejection sampling with a key from MLX's global generator without one (mx.random.seed repeats a run of a
+    fixed draft length, as mlx-lm's sampling); none when greedy or for a sampler of unknown settings, which
+    draws from MLX's global generator itself (seeded with `seed`, where given)."""
+    if params.exact_match:
+        if seed is not None:
+            mx.random.seed(seed)
+        return NoDraws()
+    if params.greedy:
+        return NoDraws()
+    if seed is not None:
+        return CoupledDraws(seed, vocab_size)
+    return KeyedDraws(mx.random.key(mx.random.randint(0, 2**31 - 1, ()).item()))
+
+
+def acceptance_rule(params: SamplingParams, draws: NoDraws) -> str:
+    return COUPLED if isinstance(draws, CoupledDraws) else params.acceptance_rule
 
 
 class SamplerWithParams:
