@@ -79,6 +79,7 @@ def test_draft_perturbed(arch):
     got = spec(PROMPT, model_of(arch), draft, prompt_lookup=False, num_draft_tokens=3, stats=stats)
     assert got == expected(arch, tuple(PROMPT))
     assert 0 < stats.accepted_draft_tokens < stats.total_draft_tokens
+    assert stats.host_syncs == stats.num_rounds  # one host read per round, rollbacks of recurrent layers included
 
 
 @pytest.mark.parametrize("arch", ARCHS)
