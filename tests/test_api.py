@@ -271,7 +271,7 @@ def test_check_draft_takes_a_tokenizer_without_a_length(pair):
 def test_vocabularies_are_compared_once_per_pair(tmp_path, monkeypatch):
     from transformers import PreTrainedTokenizerFast
 
-    verdicts = importlib.import_module("mlx_spec.load")._verdicts
+    pairs = importlib.import_module("mlx_spec.facts")._pairs
     main = make_model("llama", layers=2)
     draft = perturbed(main, 0.005)
     m, tok = mlx_spec.load(str(save_model_folder(main, toy_tokenizer(), tmp_path / "main")))
@@ -287,38 +287,47 @@ def test_vocabularies_are_compared_once_per_pair(tmp_path, monkeypatch):
                 mlx_spec.generate(m, tok, PROMPT, draft_model=bad, max_tokens=3)
     assert len(calls) == 4  # each pair's two vocabularies, once
     key = (id(m), id(d))
-    assert key in verdicts
+    assert pairs[key].checked and pairs[key].incompatible is None
     del d
     gc.collect()
-    assert key not in verdicts  # the verdict goes with the draft model
+    assert key not in pairs  # the verdict goes with the draft model
 
 
 def import_graph() -> dict[str, set[str]]:
-    """mlx_spec's modules -> the mlx_spec modules each imports, anywhere in it (inside functions too), read with
-    `ast`: `from .x import ...`, `from . import x`, `from mlx_spec.x import ...`, `import mlx_spec.x`; the package
-    itself is "__init__"."""
+    """mlx_spec's modules, its subpackages' included -> the mlx_spec modules each imports, anywhere in it (inside
+    functions too), read with `ast`: `from .x import ...`, `from ..x import ...`, `from . import x`,
+    `from mlx_spec.x import ...`, `import mlx_spec.x`. A module is named by its dotted path below the package
+    ("server.engine"), a subpackage by its folder ("server"); the package itself is "__init__"."""
     package = Path(mlx_spec.__file__).parent
-    modules = {path.stem for path in package.glob("*.py")}
 
-    def target(name: str) -> str:  # a dotted name below the package -> its module
-        first = name.split(".", 1)[0] if name else "__init__"
-        return first if first in modules else "__init__"
+    def name_of(path: Path) -> str:
+        parts = path.relative_to(package).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "__init__"
+
+    files = {name_of(path): path for path in sorted(package.rglob("*.py"))}
+
+    def target(name: str) -> str:  # a dotted name below the package -> the module it names, or the one defining it
+        parts = name.split(".") if name else []
+        while parts and ".".join(parts) not in files:
+            parts.pop()
+        return ".".join(parts) or "__init__"
 
     graph = {}
-    for module in sorted(modules):
+    for module, path in files.items():
+        here = [] if module == "__init__" else module.split(".")
+        home = here if path.name == "__init__.py" else here[:-1]  # the package its relative imports start from
         edges = set()
-        for node in ast.walk(ast.parse((package / f"{module}.py").read_text())):
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
-                if node.level == 1:
-                    base = node.module or ""
-                elif node.level == 0 and (node.module == "mlx_spec" or node.module.startswith("mlx_spec.")):
+                if node.level:
+                    assert node.level - 1 <= len(home), f"{path}: a relative import above mlx_spec"
+                    base = ".".join(home[: len(home) - node.level + 1] + ([node.module] if node.module else []))
+                elif node.module == "mlx_spec" or node.module.startswith("mlx_spec."):
                     base = node.module[len("mlx_spec.") :] if "." in node.module else ""
                 else:
                     continue
-                if base:
-                    edges.add(target(base))
-                else:  # from . import x, y: submodules, or names of the package's __init__
-                    edges.update(target(alias.name) for alias in node.names)
+                # from package import x, y: submodules, or names its __init__ defines; from module import x: module
+                edges.update(target(f"{base}.{alias.name}" if base else alias.name) for alias in node.names)
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name == "mlx_spec" or alias.name.startswith("mlx_spec."):
@@ -362,5 +371,11 @@ def test_no_import_cycle():
     graph = import_graph()
     assert {"bench", "bench_report", "generate", "load", "compat"} <= set(graph)
     assert "bench_report" in graph["bench"] and "generate" in graph["bench"]  # the parser sees the edges
+    # and the subpackages' modules, with their relative imports: `from .engine import`, `from ..cache import`
+    assert {"server", "server.models", "server.engine", "server.app"} <= set(graph)
+    assert {"server.engine", "server.models", "options"} <= graph["server.app"]
+    assert {"server.models", "cache", "generate"} <= graph["server.engine"]
+    assert {"server.app", "server.engine", "server.models"} == graph["server"]
+    assert "server" in graph["cli"] and "__init__" not in graph["server.engine"]
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # and finds cycles
     assert import_cycles(graph) == []

@@ -565,7 +565,7 @@ def test_an_internal_failure_is_a_500_in_one_line(client, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("the device fell over")
 
-    monkeypatch.setattr(serving, "stream_generate", broken)
+    monkeypatch.setattr("mlx_spec.server.engine.stream_generate", broken)  # where the engine thread calls it
     status, error = error_of(lambda: client.chat.completions.create(model="main", messages=user("w5")))
     assert (status, error["type"]) == (500, "server_error")
     assert error["message"] == "internal error: RuntimeError: the device fell over"

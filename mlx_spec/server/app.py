@@ -1,0 +1,500 @@
+"""The FastAPI app: routes that validate and tokenize requests on the event loop's side, hand them to the engine
+and answer whole or streamed (server-sent events); and serving it with uvicorn, as `mlx-spec serve` does."""
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import signal
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from mlx_lm.sample_utils import make_logits_processors
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+
+from ..chat import conversation_tokens
+from ..generate import encode_prompt
+from ..load import model_source, output_size
+from ..options import (
+    MAX_BODY,
+    MAX_QUEUE,
+    MAX_TOP_LOGPROBS,
+    NUM_PROMPT_CACHES,
+    GenerationOptions,
+    parse_num_draft_tokens,
+)
+from .engine import Delta, Done, Engine, Failed, Job, QueueFull, log, served_name
+from .models import (
+    APIError,
+    ChatFormat,
+    ChatRequest,
+    CompletionFormat,
+    CompletionRequest,
+    GenerationRequest,
+    Message,
+    _first_line,
+    _validation_error,
+)
+
+SHUTDOWN_GRACE = 3  # seconds answers in flight get to end on Ctrl-C / SIGTERM (a long prefill cannot stop)
+
+
+# --- the application ---------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """What the handlers share: models, defaults, limits and the engine."""
+
+    model: Any
+    tokenizer: Any
+    draft_model: Any
+    defaults: GenerationOptions
+    engine: Engine
+    api_key: str | None
+    system_prompt: str | None
+    model_id: str
+    context_limit: int | None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def check_model(self, name: str | None):
+        if name is not None and name not in (self.model_id, model_source(self.model)):
+            raise APIError(
+                404, f"model {name!r} is not served here; this server has {self.model_id!r}", "model", "model_not_found"
+            )
+
+    def options(self, body: GenerationRequest, max_tokens: int | None, max_tokens_param: str) -> GenerationOptions:
+        """The server's defaults with the request's fields, each checked by GenerationOptions (400 naming it)."""
+        if body.n != 1:
+            raise APIError(400, f"n must be 1: one choice per request, got {body.n}", "n")
+        changes = {
+            max_tokens_param: ("max_tokens", max_tokens),
+            "temperature": ("temp", body.temperature),
+            "top_p": ("top_p", body.top_p),
+            "top_k": ("top_k", body.top_k),
+            "min_p": ("min_p", body.min_p),
+            "seed": ("seed", body.seed),
+            "num_draft_tokens": ("num_draft_tokens", body.num_draft_tokens),
+        }
+        options = self.defaults
+        for param, (name, value) in changes.items():
+            if value is None:
+                continue
+            try:
+                if name == "num_draft_tokens":
+                    value = parse_num_draft_tokens(value)
+                options = options.replace(**{name: value})
+            except ValueError as e:
+                raise APIError(400, f"invalid {param}: {e}", param) from None
+        return options
+
+    def stops(self, stop) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not s for s in stops):
+            raise APIError(400, "stop strings must not be empty", "stop")
+        return stops
+
+    def job(self, tokens: list[int], options: GenerationOptions, body: GenerationRequest, num_top) -> Job:
+        """The job for `tokens`; a prompt too long for the context is a 400, max_tokens is cut to what fits."""
+        if self.context_limit is not None:
+            room = self.context_limit - len(tokens)
+            if room <= 0:
+                raise APIError(
+                    400,
+                    f"the prompt is {len(tokens)} tokens; the model's context is {self.context_limit} tokens",
+                    "messages" if isinstance(body, ChatRequest) else "prompt",
+                    "context_length_exceeded",
+                )
+            options = options.replace(max_tokens=min(options.max_tokens, room))
+        use_draft = self.draft_model is not None and body.draft
+        stops, processors = self.stops(body.stop), self.logits_processors(body)
+        return Job(tokens, options, use_draft, stops, num_top, processors, asyncio.get_running_loop())
+
+    def logits_processors(self, body: GenerationRequest) -> list | None:
+        """logit_bias, presence_penalty and frequency_penalty, as mlx-lm's logits processors."""
+        for param in ("presence_penalty", "frequency_penalty"):
+            value = getattr(body, param)
+            if value is not None and not -2 <= value <= 2:
+                raise APIError(400, f"{param} must be in [-2, 2], got {value}", param)
+        bias = {}
+        vocab_size = output_size(self.model)
+        for key, value in (body.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= vocab_size:
+                raise APIError(
+                    400, f"logit_bias keys must be token ids in [0, {vocab_size}), got {key!r}", "logit_bias"
+                )
+            if not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias values must be in [-100, 100], got {value}", "logit_bias")
+            bias[int(key)] = value
+        processors = make_logits_processors(
+            logit_bias=bias or None,
+            presence_penalty=body.presence_penalty or None,
+            frequency_penalty=body.frequency_penalty or None,
+        )
+        return processors or None
+
+    def chat_tokens(self, messages: list[Message]) -> list[int]:
+        if not self.tokenizer.has_chat_template:
+            raise APIError(400, "the model has no chat template: use /v1/completions", "messages")
+        if not messages:
+            raise APIError(400, "messages must not be empty", "messages")
+        rendered = []
+        for i, message in enumerate(messages):
+            content = message.content
+            if isinstance(content, list):
+                for j, part in enumerate(content):
+                    if part.type != "text" or part.text is None:
+                        param = f"messages[{i}].content[{j}]"
+                        raise APIError(400, f"{param}: only text parts are supported, got type {part.type!r}", param)
+                content = "".join(part.text for part in content)
+            role = "system" if message.role == "developer" else message.role
+            rendered.append({"role": role, "content": content or ""})
+        system = self.system_prompt if not any(m["role"] == "system" for m in rendered) else None
+        try:
+            return list(conversation_tokens(self.tokenizer, rendered, system))
+        except Exception as e:  # the template's own complaint (roles must alternate, ...)
+            raise APIError(400, f"the chat template refused the messages: {_first_line(e)}", "messages") from None
+
+    def completion_tokens(self, prompt) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+            if len(prompt) != 1:
+                raise APIError(400, f"one prompt per request, got {len(prompt)}", "prompt")
+            prompt = prompt[0]
+        tokens = encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise APIError(400, "the prompt is empty", "prompt")
+        vocab_size = output_size(self.model)
+        if not all(0 <= t < vocab_size for t in tokens):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab_size})", "prompt")
+        return tokens
+
+
+async def _respond(request: Request, server: Server, job: Job, fmt, body: GenerationRequest):
+    try:
+        server.engine.submit(job)
+    except QueueFull as e:
+        raise APIError(
+            503,
+            f"the server is busy: {server.engine.max_queue} requests are waiting; retry in {e.retry_after} s",
+            code="queue_full",
+            headers={"Retry-After": str(e.retry_after)},
+        ) from None
+    prefix = "chatcmpl" if fmt is ChatFormat else "cmpl"
+    head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": server.model_id}
+    wants_logprobs = job.num_top_logprobs is not None
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(
+            _stream(request, job, fmt, head, wants_logprobs, include_usage), media_type="text/event-stream"
+        )
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+    try:
+        text, entries = "", []
+        while not isinstance(event := await job.events.get(), Done | Failed):
+            text += event.text
+            entries += event.logprobs
+    finally:
+        watcher.cancel()
+        job.cancelled.set()  # a no-op once done; stops the generation if this handler was cancelled
+    if isinstance(event, Failed):
+        raise APIError(event.status, event.message)
+    request.state.summary = event.summary
+    choice = fmt.whole(text, entries if wants_logprobs else None, event.finish_reason)
+    return {**head, "object": fmt.object, "choices": [choice], "usage": event.usage, "stats": event.stats}
+
+
+async def _cancel_on_disconnect(request: Request, job: Job):
+    """Cancel the job when the client hangs up before its (non-streamed) answer is ready."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
+
+
+async def _stream(request: Request, job: Job, fmt, head: dict, wants_logprobs: bool, include_usage: bool):
+    """Server-sent events: the chunks, the finish (with usage and stats in the last chunk), then [DONE]."""
+    chunk = {**head, "object": fmt.chunk_object}
+    extra = {"usage": None} if include_usage else {}
+    try:
+        if (first := fmt.first_delta()) is not None:
+            yield _sse({**chunk, "choices": [first], **extra})
+        while isinstance(event := await job.events.get(), Delta):
+            delta = fmt.delta(event.text, event.logprobs if wants_logprobs else None)
+            yield _sse({**chunk, "choices": [delta], **extra})
+        if isinstance(event, Failed):
+            yield _sse({"error": {"message": event.message, "type": "server_error", "param": None, "code": None}})
+            request.state.summary = event.message
+            return
+        last = fmt.delta("", [] if wants_logprobs else None, event.finish_reason)
+        if include_usage:
+            yield _sse({**chunk, "choices": [last], **extra})
+            yield _sse({**chunk, "choices": [], "usage": event.usage, "stats": event.stats})
+        else:
+            yield _sse({**chunk, "choices": [last], "stats": event.stats})
+        yield "data: [DONE]\n\n"
+        request.state.summary = event.summary
+    finally:
+        job.cancelled.set()  # the client hung up (or the answer is complete: then a no-op)
+        if not hasattr(request.state, "summary"):
+            request.state.summary = "client disconnected"
+
+
+def _sse(payload) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+router = APIRouter()
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+async def _authorize(request: Request):
+    key = _server(request).api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not _same(given.strip(), key):
+        raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+@router.get("/health")
+async def health(request: Request):
+    server = _server(request)
+    draft = served_name(server.draft_model) if server.draft_model is not None else None
+    return {"status": "ok", "model": server.model_id, "draft_model": draft, **server.engine.status()}
+
+
+@router.get("/v1/models", dependencies=[Depends(_authorize)])
+async def models(request: Request):
+    server = _server(request)
+    entry = {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "mlx-spec"}
+    return {"object": "list", "data": [entry]}
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(_authorize)])
+async def chat_completions(body: ChatRequest, request: Request):
+    server = _server(request)
+    server.check_model(body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    num_top = _num_top(body.top_logprobs or 0, "top_logprobs") if body.logprobs else None
+    max_tokens, param = (
+        (body.max_completion_tokens, "max_completion_tokens")
+        if body.max_completion_tokens is not None
+        else (body.max_tokens, "max_tokens")
+    )
+    options = server.options(body, max_tokens, param)
+    tokens = await run_in_threadpool(server.chat_tokens, body.messages)
+    job = server.job(tokens, options, body, num_top)
+    return await _respond(request, server, job, ChatFormat, body)
+
+
+@router.post("/v1/completions", dependencies=[Depends(_authorize)])
+async def completions(body: CompletionRequest, request: Request):
+    server = _server(request)
+    server.check_model(body.model)
+    if body.echo:
+        raise APIError(400, "echo is not supported", "echo")
+    num_top = None if body.logprobs is None else _num_top(body.logprobs, "logprobs")
+    options = server.options(body, body.max_tokens, "max_tokens")
+    tokens = await run_in_threadpool(server.completion_tokens, body.prompt)
+    job = server.job(tokens, options, body, num_top)
+    return await _respond(request, server, job, CompletionFormat, body)
+
+
+def _num_top(value: int, param: str) -> int:
+    if not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"{param} must be in 0..{MAX_TOP_LOGPROBS}, got {value}", param)
+    return value
+
+
+class _RequestLog:
+    """One log line per request (method, path, status, seconds, and what the handler summarised);
+    an unexpected exception is logged with its traceback and answered 500 in one line."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), []
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as e:
+            log.error("%s %s failed:\n%s", scope["method"], scope["path"], traceback.format_exc().rstrip())
+            if status:
+                return
+            await APIError(500, f"internal error: {type(e).__name__} (the server log has the details)").response()(
+                scope, receive, send_and_note
+            )
+        summary = scope.get("state", {}).get("summary")
+        line = f"{scope['method']} {scope['path']} {status[0] if status else '-'} {time.perf_counter() - start:.2f}s"
+        log.info(f"{line}: {summary}" if summary else line)
+
+
+class _BodyLimit:
+    """413 for a request body over `max_body` bytes: at once by its Content-Length, or as it streams in."""
+
+    def __init__(self, app, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"the request body is larger than {self.max_body} bytes"
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return await APIError(413, message).response()(scope, receive, send)
+        num_bytes = 0
+
+        async def limited_receive():
+            nonlocal num_bytes
+            event = await receive()
+            num_bytes += len(event.get("body", b""))
+            if num_bytes > self.max_body:
+                raise HTTPException(413, message)  # answered by _http_error
+            return event
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _api_error(request: Request, e: APIError):
+    request.state.summary = e.message
+    return e.response()
+
+
+async def _http_error(request: Request, e: HTTPException):
+    messages = {404: f"no such path: {request.method} {request.url.path}"}
+    error = APIError(e.status_code, messages.get(e.status_code, str(e.detail)), headers=getattr(e, "headers", None))
+    return await _api_error(request, error)
+
+
+async def _invalid_request(request: Request, e: RequestValidationError):
+    return await _api_error(request, _validation_error(e))
+
+
+def create_app(
+    model,
+    tokenizer,
+    draft_model=None,
+    defaults: GenerationOptions | None = None,
+    *,
+    api_key: str | None = None,
+    max_queue: int = MAX_QUEUE,
+    max_body: int = MAX_BODY,
+    num_prompt_caches: int = NUM_PROMPT_CACHES,
+    system_prompt: str | None = None,
+) -> FastAPI:
+    """The FastAPI application serving `model` (and `draft_model`) with OpenAI's API.
+
+    Args:
+        defaults: generation options of requests that do not set them (a request's fields replace them).
+        api_key: if given, /v1/* answers 401 without `Authorization: Bearer <api_key>`.
+        max_queue: requests that may wait for the engine; past that 503 with Retry-After.
+        max_body: bytes of a request body; past that 413.
+        num_prompt_caches: conversations whose KV caches are kept for reuse (least recently used dropped).
+        system_prompt: used for chat requests without a system message.
+    """
+    defaults = defaults or GenerationOptions()
+    args = getattr(model, "args", None)
+    context_limit = None if defaults.max_kv_size else getattr(args, "max_position_embeddings", None)
+    engine = Engine(model, tokenizer, draft_model, defaults.max_kv_size, max_queue, num_prompt_caches)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="mlx-spec", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = Server(
+        model, tokenizer, draft_model, defaults, engine, api_key, system_prompt, served_name(model), context_limit
+    )
+    app.include_router(router)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_middleware(_BodyLimit, max_body=max_body)
+    app.add_middleware(_RequestLog)  # the outermost: it sees every answer
+    return app
+
+
+# --- running it --------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one); an OSError names the address."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(2048)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn, which ends the answers in flight (503) as it shuts down, rather than cutting them off later."""
+
+    async def shutdown(self, sockets=None):
+        self.config.app.state.server.engine.cancel_all()
+        await super().shutdown(sockets)
+
+
+def uvicorn_server(app: FastAPI) -> uvicorn.Server:
+    """A uvicorn server for `app`: our log lines instead of its access log."""
+    config = uvicorn.Config(
+        app, log_config=None, log_level="warning", access_log=False, timeout_graceful_shutdown=SHUTDOWN_GRACE
+    )
+    return _Uvicorn(config)
+
+
+def run(app: FastAPI, sock: socket.socket, on_ready: Callable[[], None] = lambda: None):
+    """Serve until Ctrl-C or SIGTERM; both stop cleanly: answers in flight end at once with a 503."""
+    server = uvicorn_server(app)
+    # uvicorn catches both signals to shut down gracefully, then raises the one it caught again for the handler
+    # it found: with the signals ignored meanwhile, that ends here, without a KeyboardInterrupt's traceback.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        on_ready()
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,342 @@
+"""The engine thread: runs every generation in arrival order, keeps the prompt caches of the last few
+conversations and streams events (text cut at stop strings, logprobs) back to the request handlers."""
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..cache import CachePair, common_prefix_length, make_prompt_cache, reuse_prefix
+from ..generate import stream_generate
+from ..load import model_name, model_source
+from ..options import GenerationOptions
+from ..stats import GenerationStats
+from .models import TokenLogprob, _first_line
+
+log = logging.getLogger("mlx_spec.server")
+
+STOPPING = "the server is stopping"
+MAX_RETRY_AFTER = 60  # seconds
+
+
+# --- stop strings and the reply a client sees ------------------------------------
+
+
+class StopStrings:
+    """Cut generated text before the first stop string; hold back text that may be the start of one.
+
+    `add(text)` returns (text that is safe to show now, whether a stop string was found); `flush()` returns
+    what was held back, once generation ended without one.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.held = ""  # the longest tail of the text that begins some stop string
+
+    def add(self, text: str) -> tuple[str, bool]:
+        self.held += text
+        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.held = self.held[: min(found)], ""
+            return out, True
+        keep = max((self._partial(s) for s in self.stops), default=0)
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        return out, False
+
+    def _partial(self, stop: str) -> int:
+        """Length of the longest tail of `held` that is a proper beginning of `stop`."""
+        for n in range(min(len(stop) - 1, len(self.held)), 0, -1):
+            if self.held.endswith(stop[:n]):
+                return n
+        return 0
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+class Reply:
+    """The reply as a client sees it: text cut at stop strings, each token's logprobs released with its text."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = StopStrings(stops)
+        self.num_generated = 0  # characters generated, held ones included
+        self.num_shown = 0  # characters released to the client
+        self.pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not out yet
+
+    def add(self, text: str, entry: TokenLogprob | None) -> tuple[str, list[TokenLogprob], bool]:
+        """A generated text segment and its token's logprobs -> (text to send, logprobs to send, stopped)."""
+        if entry is not None:
+            entry.text_offset = self.num_generated
+            self.pending.append(entry)
+        self.num_generated += len(text)
+        out, stopped = self.stops.add(text)
+        self.num_shown += len(out)
+        released = [e for e in self.pending if e.text_offset < self.num_shown]
+        self.pending = [] if stopped else self.pending[len(released) :]
+        return out, released, stopped
+
+    def finish(self) -> tuple[str, list[TokenLogprob]]:
+        """The end of generation without a stop string: everything held back."""
+        out, released = self.stops.flush(), self.pending
+        self.num_shown += len(out)
+        self.pending = []
+        return out, released
+
+
+# --- the engine thread -------------------------------------------------------------
+
+
+@dataclass
+class Delta:
+    text: str
+    logprobs: list[TokenLogprob]
+
+
+@dataclass
+class Done:
+    finish_reason: str  # "stop" or "length"
+    usage: dict
+    stats: dict
+    summary: str  # for the request's log line
+
+
+@dataclass
+class Failed:
+    message: str
+    status: int = 500
+
+
+@dataclass
+class Job:
+    """One request's generation; the engine thread sends its events to the request's event loop."""
+
+    prompt_tokens: list[int]
+    options: GenerationOptions
+    use_draft: bool
+    stops: list[str]
+    num_top_logprobs: int | None  # None: no logprobs
+    logits_processors: list | None
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the client left, or the server stops
+
+    def send(self, event):
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled.set()
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Cached:
+    cache: CachePair
+    num_prompt: int  # tokens of the prompt it last answered
+
+
+class PromptCaches:
+    """The caches of the last few conversations, least recently used first.
+
+    A request takes the cache that shares the longest prefix with its prompt if
+    that prefix covers the prompt the cache last answered (the conversation goes
+    on, or its last answer is asked again) or at least half of what the cache
+    holds (an earlier message was edited); otherwise it starts a fresh cache, so
+    that another conversation's cache is not cut back to a shared system prompt.
+    """
+
+    def __init__(self, model, draft_model, max_kv_size: int | None, size: int):
+        self.model, self.draft_model, self.max_kv_size, self.size = model, draft_model, max_kv_size, size
+        self.entries: list[_Cached] = []
+
+    def take(self, tokens: list[int], use_draft: bool) -> tuple[CachePair, list[int]]:
+        """A cache for `tokens` (out of the pool until `put` back) and the tokens it still needs."""
+
+        def shared(entry: _Cached) -> int:
+            return common_prefix_length(entry.cache.tokens, tokens)
+
+        candidates = [e for e in self.entries if (e.cache.draft is not None) == use_draft]
+        best = max(candidates, key=shared, default=None)
+        if best is not None and (shared(best) >= best.num_prompt or 2 * shared(best) >= len(best.cache.tokens)):
+            self.entries.remove(best)
+            num_kept = reuse_prefix(best.cache, tokens)
+            if num_kept is not None:  # else a rotating cache that cannot go back that far: dropped
+                return best.cache, tokens[num_kept:]
+        return make_prompt_cache(self.model, self.draft_model if use_draft else None, self.max_kv_size), tokens
+
+    def put(self, cache: CachePair, num_prompt: int):
+        self.entries.append(_Cached(cache, num_prompt))
+        del self.entries[: -self.size]
+
+
+class Engine:
+    """Runs every generation on one thread (MLX's default stream is per thread), in arrival order.
+
+    At most `max_queue` jobs wait; `submit` raises QueueFull past that.
+    """
+
+    def __init__(self, model, tokenizer, draft_model, max_kv_size, max_queue: int, num_prompt_caches: int):
+        self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
+        self.max_queue = max_queue
+        self.caches = PromptCaches(model, draft_model, max_kv_size, num_prompt_caches)
+        self.draft_name = served_name(draft_model) if draft_model is not None else None
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.lock = threading.Lock()
+        self.num_waiting = 0
+        self.current: Job | None = None
+        self.stopping = False
+        self.mean_seconds = 1.0  # running mean of a job's seconds, for Retry-After
+        self.thread = threading.Thread(target=self._loop, name="mlx-spec-engine", daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def cancel_all(self):
+        """The server is stopping: the running and the waiting jobs end at once, answered 503."""
+        with self.lock:
+            self.stopping = True
+            for job in [self.current, *self.jobs.queue]:
+                if job is not None:
+                    job.cancelled.set()
+
+    def stop(self):
+        """Cancel every job and end the thread."""
+        self.cancel_all()
+        self.jobs.put(None)
+        self.thread.join()
+
+    def submit(self, job: Job):
+        with self.lock:
+            if self.num_waiting >= self.max_queue:
+                retry_after = math.ceil(self.mean_seconds * (self.num_waiting + 1))
+                raise QueueFull(min(max(retry_after, 1), MAX_RETRY_AFTER))
+            self.num_waiting += 1
+        self.jobs.put(job)
+
+    def status(self) -> dict:
+        return {"waiting": self.num_waiting, "generating": self.current is not None}
+
+    def _loop(self):
+        while (job := self.jobs.get()) is not None:
+            with self.lock:
+                self.num_waiting -= 1
+                self.current = job
+            start = time.perf_counter()
+            try:
+                if self.stopping:
+                    job.send(Failed(STOPPING, 503))
+                elif not job.cancelled.is_set():  # else its client left while it waited
+                    self._run(job)
+            except Exception as e:
+                log.exception("generation failed")
+                job.send(Failed(f"internal error: {type(e).__name__}: {_first_line(e)}"))
+            finally:
+                with self.lock:
+                    self.current = None
+                self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.perf_counter() - start)
+
+    def _run(self, job: Job):
+        draft_model = self.draft_model if job.use_draft else None
+        cache, new_tokens = self.caches.take(job.prompt_tokens, draft_model is not None)
+        stats, reply = GenerationStats(), Reply(job.stops)
+        num_from_draft, finish_reason, stop_reason = 0, "length", "maxPredictedTokensReached"
+        responses = stream_generate(
+            self.model,
+            self.tokenizer,
+            new_tokens,
+            draft_model=draft_model,
+            prompt_cache=cache,
+            stats=stats,
+            logits_processors=job.logits_processors,
+            **job.options.as_kwargs(),
+        )
+        with closing(responses):  # stopping early leaves the cache holding exactly the tokens generated
+            for response in responses:
+                num_from_draft += response.from_draft
+                end_token = response.finish_reason == "stop"
+                entry = None
+                if job.num_top_logprobs is not None and not end_token:
+                    entry = self._logprob(response.token, response.logprobs, job.num_top_logprobs)
+                text, entries, stopped = reply.add(response.text, entry)
+                if stopped or response.finish_reason is not None:
+                    if not stopped:
+                        rest, more = reply.finish()
+                        text, entries = text + rest, entries + more
+                    finish_reason = "stop" if stopped or end_token else "length"
+                    stop_reason = "stopStringFound" if stopped else "eosFound" if end_token else stop_reason
+                if text or entries:
+                    job.send(Delta(text, entries))
+                if stopped or job.cancelled.is_set():
+                    break
+        self.caches.put(cache, len(job.prompt_tokens))
+        done = self._done(job, stats, num_from_draft, finish_reason, stop_reason, draft_model is not None)
+        if job.cancelled.is_set():
+            why = "the server is stopping" if self.stopping else "the client left"
+            log.info(f"generation stopped after {stats.generation_tokens} tokens: {why}")
+        job.send(Failed(STOPPING, 503) if self.stopping else done)
+
+    def _logprob(self, token: int, logprobs: mx.array, num_top: int) -> TokenLogprob:
+        """The token's log-probability and the `num_top` likeliest tokens' (one host read, only when asked)."""
+        top = mx.argpartition(-logprobs, num_top - 1)[:num_top] if num_top else mx.zeros((0,), mx.int32)
+        values = mx.concatenate([logprobs[token : token + 1], logprobs[top]]).astype(mx.float32).tolist()
+        ranked = sorted(zip(top.tolist(), values[1:]), key=lambda pair: -pair[1])
+        return TokenLogprob(self._text(token), values[0], [(self._text(t), v) for t, v in ranked], 0)
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _done(self, job, stats: GenerationStats, num_from_draft: int, finish_reason, stop_reason, drafted) -> Done:
+        # LM Studio splits the draft tokens into accepted + rejected + ignored. Ignored here: draft tokens the
+        # main model accepted in the last round after the point where generation ended (an end token or a stop
+        # string within the round), computed but never part of the reply. (A round never drafts past max_tokens.)
+        num_ignored = stats.accepted_draft_tokens - num_from_draft
+        usage = {
+            "prompt_tokens": len(job.prompt_tokens),
+            "completion_tokens": stats.generation_tokens,
+            "total_tokens": len(job.prompt_tokens) + stats.generation_tokens,
+            "prompt_tokens_details": {"cached_tokens": len(job.prompt_tokens) - stats.prompt_tokens},
+        }
+        out = {
+            "tokens_per_second": stats.generation_tps,
+            "time_to_first_token": stats.time_to_first_token,
+            "generation_time": stats.generation_time,
+            "stop_reason": stop_reason,
+            "draft_model": self.draft_name if drafted else None,
+            "total_draft_tokens_count": stats.total_draft_tokens,
+            "accepted_draft_tokens_count": num_from_draft,
+            "rejected_draft_tokens_count": stats.rejected_draft_tokens,
+            "ignored_draft_tokens_count": num_ignored,
+            "lookup_draft_tokens_count": stats.lookup_draft_tokens,  # of the drafted, copied from the conversation
+            "lookup_accepted_tokens_count": stats.lookup_accepted_tokens,
+            "rounds": stats.num_rounds,
+            "tokens_per_round": stats.mean_tokens_per_round,
+        }
+        summary = (
+            f"{usage['prompt_tokens']} prompt tokens ({usage['prompt_tokens_details']['cached_tokens']} cached), "
+            f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tok/s"
+        )
+        if stats.total_draft_tokens:
+            summary += (
+                f", accepted {stats.accepted_draft_tokens}/{stats.total_draft_tokens} draft tokens "
+                f"({100 * stats.acceptance_rate:.0f}%), {stats.mean_tokens_per_round:.2f} tokens per round"
+            )
+        return Done(finish_reason, usage, out, f"{summary}, {stop_reason}")
+
+
+def served_name(model) -> str:
+    """The id a model is served under: a folder's name, or the hub id or file it was loaded from."""
+    source = model_source(model) or model_name(model)
+    path = Path(source).expanduser()
+    return path.name if path.is_dir() else source
