@@ -1,19 +1,69 @@
-"""Before each round: choose its source (lookup, draft model, plain) and length for the most tokens per second.
+"""Before each round: choose its source (plain, draft model, lookup) and length for the most tokens per second.
 
-Pure and deterministic: it learns only from what `record` tells it after each
-round (source, length, tokens accepted, seconds the round took, the draft's
-catching up). What it learnt is kept for the next call in this process: facts
-of the main model (plain and lookup rounds) for every call with that model,
-facts of the draft for every call with the same pair. Costs carry over whole;
-acceptance, a fact of the text, at CARRY of its weight.
+A round is a `Choice`. PLAIN: the main model decodes one token. DRAFT: the draft model proposes k tokens;
+LOOKUP: k tokens are copied from what followed an earlier occurrence of the text's last tokens in the
+conversation (a `lookup.Match`); either way the main model verifies them in one pass, which adds a token of its
+own. The `Controller` is pure and deterministic: it learns only from what `record` tells it after each round
+(source, k, tokens accepted, the round's seconds, the draft's catching up, what an unused match would have
+copied). The module is laid out as this text: cost model, acceptance model, what is kept, choice rule.
+
+Cost model, T(k) seconds a round. T0, a plain round: the decayed mean of plain rounds' seconds (none yet: the
+intercept of the draft, else lookup, line fitted at its prior slope; nothing at all: 1). Draft rounds T_d(k)
+and lookup rounds T_l(k) each have a `CostLine`: a decayed least-squares line A + B k, its slope leaning on a
+prior worth SLOPE_PRIOR (draft: B0 = cost_ratio * T0, the draft's bytes over the main model's; lookup:
+VERIFY_SLOPE * T0), A at least T0 once a plain round was timed, and a draft token at least MIN_DRAFT_SLOPE * B0.
+A verify pass is not linear in its rows, so a length already tried costs what its own rounds took (decayed by
+LENGTH_DECAY, the line worth LENGTH_PRIOR rounds); the line prices the lengths not tried (draft: times UNTRIED,
+so a length near the best gets a round). No round yet: T0 + prior slope * k. Rounds are timed by the caller
+(None: a time that says nothing of k); once a kind of round has a cost, a round counts at most OUTLIER times
+its expected seconds (plain: PLAIN_STEPS steps). The draft's cache falls behind while other rounds serve: a
+draft round first catches it up, a batched forward timed apart and learnt as seconds per token (prior:
+CATCH_UP_PRIOR draft steps); `catch_up_seconds(behind)` prices it.
+
+Acceptance model, E(k) = 1 + sum_{i<=k} a_1...a_i expected tokens from a round of k (1: the main model's own),
+a_i = P(draft token i accepted | tokens 1..i-1 were). An `Acceptance` keeps decayed counts per position (a round
+observes the positions it accepted and the first it rejected); each a_i leans (2 observations' worth) on the pooled
+rate of all positions, which starts from a prior worth 4. The draft model's (`RelativeAcceptance`, prior
+DRAFT_PRIOR): a_i = the pooled rate times what position i accepted relative to the pooled rate when it was
+observed, the ratio leaning on 1 (RELATIVE_PRIOR), at most MAX_RATE: a new text moves the whole, its profile over
+positions stays. Lookup: one absolute `Acceptance` per match-length bucket (`bucket_of`: 1, 2, 3, 4-7, 8+ tokens,
+then realigned copies, sure and unsure), priors LOOKUP_PRIORS; a round that had a match but used another source
+records what copying would have had accepted (the tokens it emitted are the main model's).
+
+What is learnt is kept (`learnt_for`, in `facts` while the models live): the main model's (`MainFacts`: plain and
+lookup rounds, the share of tokens left uncopied) for every call with it, the draft's (`Learnt`) for every call
+with the same pair (its cost, acceptance and catching up). Costs carry over whole; acceptance, a fact of the text,
+at CARRY of its weight.
+
+Choice rule (`Controller.choose`): plain, at 1 / T0 tokens per second, against each other source's best k, by
+E(k) / T(k) (ties: fewer tokens); the fastest wins. Lookup is an option only with a match. Drafting is an option
+only where catching up on the `behind` tokens the draft sat out pays back (`catch_up_pays`: less than drafting
+saves over plain on the tokens ahead, at most HORIZON, times the share copying leaves to other rounds), and not
+while a copy beats plain and catching up costs more than LAZY plain steps. Nothing learnt for the pair yet and
+drafting an option: the round drafts `first_draft` tokens; a call's first round proposes at most `first_draft`.
+Probes: once `probe_gap` plain rounds (since the last draft round) cost at least four times the catching up, a
+plain choice becomes two one-token draft rounds (the first catches the draft up and is not timed, the second is),
+and the gap doubles, up to `max_probe_gap`; a draft round chosen on its merits sets it back to `probe_every`.
 """
 
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from . import facts
+
 PLAIN, DRAFT, LOOKUP = "plain", "draft", "lookup"
+
+
+class Choice(NamedTuple):
+    """A round's plan: where its draft tokens come from and how many (PLAIN: none)."""
+
+    source: str
+    num_draft: int
+    bucket: int = 0  # LOOKUP: the match-length bucket
+
+
+# --- cost model: seconds per round -------------------------------------------------------------------------------
 SLOPE_PRIOR = 2.0  # weight of the prior slope in a cost line's fit
 OUTLIER = 1.5  # a round's seconds count at most this times what its kind of round was expected to take
 # A plain round waits for a step queued behind the one before it: when that round found its token ready
@@ -27,6 +77,80 @@ LENGTH_DECAY = 0.9  # per round of that length: the cost of a length follows the
 # 10 % more than 7 rows, 9 rows 30 %: auto went from 6 to 8 and never tried 7; replay from 8 starts, auto /
 # best k +0.9 %). Not for copies, up to 16 long, where trying each costs more rounds than it finds.
 UNTRIED = 0.95
+# A draft token costs a step of the draft model: its line's slope is at least this share of the prior (the
+# draft's bytes over the main model's, times T0). Else a draft round timed at or below a plain step floored
+# the line flat at T0, and every length looked as cheap as one (a never-agreeing draft then drafted 10).
+MIN_DRAFT_SLOPE = 0.5
+VERIFY_SLOPE = 0.1  # prior cost of one more verified row, in plain steps (a lookup round's slope; 0.09 on this CPU)
+CATCH_UP_PRIOR = 0.05  # prior seconds per token the draft catches up on, in draft steps (a batched forward)
+
+
+class Ratio:
+    """sum(y) / sum(x) over what was recorded, older records decayed."""
+
+    def __init__(self):
+        self.x, self.y = 0.0, 0.0
+
+    @property
+    def seen(self) -> bool:
+        return self.x > 0
+
+    def record(self, x: float, y: float, decay: float):
+        self.x, self.y = self.x * decay + x, self.y * decay + y
+
+    def value(self, prior: float, weight: float = 0.0) -> float:
+        """The ratio, leaning on `prior` worth `weight` of x; `prior` while nothing was recorded."""
+        return (self.y + weight * prior) / (self.x + weight) if self.x + weight > 0 else prior
+
+
+class CostLine:
+    """Seconds of a round of k > 0 drafts, T(k) = A + B k: a decayed least-squares line, and beside it
+    what rounds of each length k took, where seen.
+
+    The line's slope is pulled towards a prior B0 with the weight of SLOPE_PRIOR
+    (in rounds times k^2), so that few lengths, or one slow round, cannot tilt it
+    far. A verify pass over k+1 rows is not a line in k (a BLAS or GPU kernel
+    works in blocks of rows: on this CPU 16 rows cost less than 9), so a length
+    seen before is expected to cost what it cost, the line worth LENGTH_PRIOR of
+    its rounds; the line prices lengths never tried, times `untried`. No length is
+    expected to cost less than `floor + min_slope * k` (a plain step, and a draft
+    step per draft token), whatever its rounds measured.
+    """
+
+    def __init__(self, decay: float = 0.95, untried: float = 1.0):
+        self.decay, self.untried = decay, untried
+        self.sums = [0.0] * 5  # decayed sums of w, w k, w k^2, w t, w k t
+        self.by_length: dict[int, Ratio] = {}  # k -> seconds per round of k drafts
+
+    @property
+    def seen(self) -> bool:
+        return self.sums[0] > 0
+
+    def record(self, k: int, seconds: float):
+        self.by_length.setdefault(k, Ratio()).record(1.0, seconds, LENGTH_DECAY)
+        k = float(k)
+        self.sums = [s * self.decay + x for s, x in zip(self.sums, (1.0, k, k * k, seconds, k * seconds))]
+
+    def seconds(self, k: int, slope_prior: float, floor: float = 0.0, min_slope: float = 0.0) -> float:
+        """T(k): what rounds of k took, leaning on the line (see `line`) worth LENGTH_PRIOR rounds."""
+        a, b = self.line(slope_prior, floor, min_slope)
+        seen = self.by_length.get(k)
+        estimate = self.untried * (a + b * k) if seen is None else seen.value(a + b * k, LENGTH_PRIOR)
+        return max(estimate, floor + min_slope * k)
+
+    def line(self, slope_prior: float, floor: float = 0.0, min_slope: float = 0.0) -> tuple[float, float]:
+        """(A, B), given the prior slope B0; A at least `floor`, the line still through the mean round where
+        a slope of at least `min_slope` allows."""
+        w, wk, wkk, wt, wkt = self.sums
+        mean_k, mean_t = wk / w, wt / w
+        lam = SLOPE_PRIOR
+        b = max((w * (wkt + lam * slope_prior) - wk * wt) / (w * (wkk + lam) - wk * wk), min_slope)
+        if mean_t - b * mean_k < floor:  # too steep for what the rounds cost on average
+            b = max((mean_t - floor) / mean_k, min_slope)
+        return max(mean_t - b * mean_k, floor), b
+
+
+# --- acceptance model: expected tokens per round -----------------------------------------------------------------
 MAX_POSITIONS = 32  # positions whose acceptance is tracked (the longest round drafts SLACK tokens)
 # Exact lookup matches are bucketed by length (1, 2, 3, 4-7, 8+ tokens): a longer match is a surer copy.
 # A copy realigned after a swapped token (lookup.Match.realigned) has two buckets of its own, the last: where
@@ -39,26 +163,8 @@ LOOKUP_PRIORS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.8, 0.15)  # prior acceptance of each
 # its rejection at once, while one that drafted too little was all accepted and never sees how much
 # further it could have gone (replay, 128 tokens, fresh: quicksort 0.92 of the best k at 0.8, 0.99 here).
 DRAFT_PRIOR = 0.85
-# A draft token costs a step of the draft model: its line's slope is at least this share of the prior (the
-# draft's bytes over the main model's, times T0). Else a draft round timed at or below a plain step floored
-# the line flat at T0, and every length looked as cheap as one (a never-agreeing draft then drafted 10).
-MIN_DRAFT_SLOPE = 0.5
-VERIFY_SLOPE = 0.1  # prior cost of one more verified row, in plain steps (a lookup round's slope; 0.09 on this CPU)
-CATCH_UP_PRIOR = 0.05  # prior seconds per token the draft catches up on, in draft steps (a batched forward)
-CARRY = 0.3  # weight of acceptance learnt in earlier calls, at a call's start
-LAZY = 3.0  # plain steps' worth of catching up that the draft puts off while a copy beats plain decoding
-HORIZON = 512  # the most tokens ahead that a draft catching up on a backlog is expected to serve
-UNCOPIED_PRIOR = (0.5, 8.0)  # prior share of tokens not copied from the conversation, worth 8 tokens
 RELATIVE_PRIOR = 8.0  # observations' worth of "as the pooled rate" in the draft's rate at a position
 MAX_RATE = 0.99  # the most a position's acceptance is expected to be
-
-
-class Choice(NamedTuple):
-    """A round's plan: where its draft tokens come from and how many (PLAIN: none)."""
-
-    source: str
-    num_draft: int
-    bucket: int = 0  # LOOKUP: the match-length bucket
 
 
 def bucket_of(match) -> int:
@@ -148,69 +254,8 @@ class RelativeAcceptance(Acceptance):
         return [min(p * (self.accepted[i] + w * p) / (self.expected[i] + w * p), MAX_RATE) for i in range(1, k + 1)]
 
 
-class CostLine:
-    """Seconds of a round of k > 0 drafts, T(k) = A + B k: a decayed least-squares line, and beside it
-    what rounds of each length k took, where seen.
-
-    The line's slope is pulled towards a prior B0 with the weight of SLOPE_PRIOR
-    (in rounds times k^2), so that few lengths, or one slow round, cannot tilt it
-    far. A verify pass over k+1 rows is not a line in k (a BLAS or GPU kernel
-    works in blocks of rows: on this CPU 16 rows cost less than 9), so a length
-    seen before is expected to cost what it cost, the line worth LENGTH_PRIOR of
-    its rounds; the line prices lengths never tried, times `untried`. No length is
-    expected to cost less than `floor + min_slope * k` (a plain step, and a draft
-    step per draft token), whatever its rounds measured.
-    """
-
-    def __init__(self, decay: float = 0.95, untried: float = 1.0):
-        self.decay, self.untried = decay, untried
-        self.sums = [0.0] * 5  # decayed sums of w, w k, w k^2, w t, w k t
-        self.by_length: dict[int, Ratio] = {}  # k -> seconds per round of k drafts
-
-    @property
-    def seen(self) -> bool:
-        return self.sums[0] > 0
-
-    def record(self, k: int, seconds: float):
-        self.by_length.setdefault(k, Ratio()).record(1.0, seconds, LENGTH_DECAY)
-        k = float(k)
-        self.sums = [s * self.decay + x for s, x in zip(self.sums, (1.0, k, k * k, seconds, k * seconds))]
-
-    def seconds(self, k: int, slope_prior: float, floor: float = 0.0, min_slope: float = 0.0) -> float:
-        """T(k): what rounds of k took, leaning on the line (see `line`) worth LENGTH_PRIOR rounds."""
-        a, b = self.line(slope_prior, floor, min_slope)
-        seen = self.by_length.get(k)
-        estimate = self.untried * (a + b * k) if seen is None else seen.value(a + b * k, LENGTH_PRIOR)
-        return max(estimate, floor + min_slope * k)
-
-    def line(self, slope_prior: float, floor: float = 0.0, min_slope: float = 0.0) -> tuple[float, float]:
-        """(A, B), given the prior slope B0; A at least `floor`, the line still through the mean round where
-        a slope of at least `min_slope` allows."""
-        w, wk, wkk, wt, wkt = self.sums
-        mean_k, mean_t = wk / w, wt / w
-        lam = SLOPE_PRIOR
-        b = max((w * (wkt + lam * slope_prior) - wk * wt) / (w * (wkk + lam) - wk * wk), min_slope)
-        if mean_t - b * mean_k < floor:  # too steep for what the rounds cost on average
-            b = max((mean_t - floor) / mean_k, min_slope)
-        return max(mean_t - b * mean_k, floor), b
-
-
-class Ratio:
-    """sum(y) / sum(x) over what was recorded, older records decayed."""
-
-    def __init__(self):
-        self.x, self.y = 0.0, 0.0
-
-    @property
-    def seen(self) -> bool:
-        return self.x > 0
-
-    def record(self, x: float, y: float, decay: float):
-        self.x, self.y = self.x * decay + x, self.y * decay + y
-
-    def value(self, prior: float, weight: float = 0.0) -> float:
-        """The ratio, leaning on `prior` worth `weight` of x; `prior` while nothing was recorded."""
-        return (self.y + weight * prior) / (self.x + weight) if self.x + weight > 0 else prior
+# --- what is learnt, kept for the next call ----------------------------------------------------------------------
+CARRY = 0.3  # weight of acceptance learnt in earlier calls, at a call's start
 
 
 @dataclass
@@ -234,71 +279,48 @@ class Learnt:
     num_rounds: int = 0
 
 
-_LEARNT: dict[tuple[int, int], Learnt] = {}
-_MAIN_FACTS: dict[int, MainFacts] = {}
-_APART: dict = {}  # name -> (_LEARNT, _MAIN_FACTS) of a store kept apart
+_store = None  # where the controller learns: None the process's own store, (name,) that of kept_apart(name)
 
 
 @contextmanager
 def kept_apart(name):
     """Within: the controller learns into, and from, a store of `name`'s own, as if in a process of its own
     (the benchmark runs each variant so: the first variant on a new prompt does not learn for the others)."""
-    global _LEARNT, _MAIN_FACTS
-    outer = _LEARNT, _MAIN_FACTS
-    _LEARNT, _MAIN_FACTS = _APART.setdefault(name, ({}, {}))
+    global _store
+    outer = _store
+    _store = (name,)
     try:
         yield
     finally:
-        _LEARNT, _MAIN_FACTS = outer
+        _store = outer
 
 
 def learnt_for(main_model, draft_model) -> Learnt:
     """The process's store for this pair (its main model's facts shared with every other pair), dropped
-    with either model."""
-    key = (id(main_model), id(draft_model))
-    if key not in _LEARNT:
-        if id(main_model) not in _MAIN_FACTS:
-            _MAIN_FACTS[id(main_model)] = MainFacts()
-            weakref.finalize(main_model, _MAIN_FACTS.pop, id(main_model), None)
-        _LEARNT[key] = Learnt(_MAIN_FACTS[id(main_model)])
-        for model in (main_model, draft_model):
-            if model is not None:
-                weakref.finalize(model, _LEARNT.pop, key, None)
-    return _LEARNT[key]
+    with either model (see `facts`)."""
+    pair = facts.pair(main_model, draft_model)
+    if _store not in pair.learnt:
+        main_facts = facts.of(main_model).main_facts
+        pair.learnt[_store] = Learnt(main_facts.setdefault(_store, MainFacts()))
+    return pair.learnt[_store]
+
+
+# --- choice rule -------------------------------------------------------------------------------------------------
+LAZY = 3.0  # plain steps' worth of catching up that the draft puts off while a copy beats plain decoding
+HORIZON = 512  # the most tokens ahead that a draft catching up on a backlog is expected to serve
+UNCOPIED_PRIOR = (0.5, 8.0)  # prior share of tokens not copied from the conversation, worth 8 tokens
 
 
 class Controller:
-    """Adaptive source and length of each round.
+    """Adaptive source and length of each round: `choose` before it, `record` after it (the module docstring
+    tells how).
 
-    Expected tokens of a round with k drafts: E(k) from the source's per-position
-    acceptance (lookup: per match-length bucket). Cost: plain rounds T0, drafting
-    rounds T_d(k) = A + B k and lookup rounds T_l(k) = A' + B' k are learnt
-    apart (a verify pass over k+1 tokens is not a plain step plus k cheap rows);
-    the drafting slope leans on B0 = T0 * cost_ratio (the draft's bytes over the
-    main model's) and stays above MIN_DRAFT_SLOPE of it, the lookup slope leans
-    on T0 * VERIFY_SLOPE; until a plain round was seen, T0 = A. A length
-    already tried costs what its rounds took (the line prices the others: see
-    CostLine). A round slower than 1.5x its
-    expectation counts as 1.5x (a plain round: 1.5x two steps, see PLAIN_STEPS).
-    Choice: the source and k with the largest E(k) / T(k), lookup only where the
-    conversation has a match. A round that had a match and used another source
-    tells what copying it would have accepted (the tokens the round emitted are
-    the main model's: `record`'s `unused`), so a match needs no round of its own
-    to be judged. While plain decoding wins, two one-token draft rounds probe
-    after `probe_every` plain rounds (the first catches the draft up on the
-    skipped tokens and is not timed, the second is); each probe that does not
-    bring the draft back doubles the gap (up to `max_probe_gap`), so a draft
-    that never agrees costs little, and code after prose is still caught.
-    A call's first round proposes at most `first_draft` tokens, whatever was
-    learnt: the first token waits for the whole round.
-    The draft model's cache falls behind while other rounds serve (with lookup
-    on, it starts without the prompt): a draft round first catches it up, a
-    batched forward over the tokens it lacks. Drafting is an option only where
-    that pays (`catch_up_pays`), and not while a copy from the conversation
-    beats plain decoding and catching up would cost more than LAZY plain steps
-    (a reply that copies its long prompt need never pay the draft's reading
-    it); a probe only where catching up costs at most a quarter of the plain
-    stretch before it.
+    `learnt`: what earlier calls learnt (`learnt_for`), else a fresh `Learnt`; `max_draft`, `max_lookup`: the
+    most tokens a draft or lookup round proposes (`has_draft` False: no draft rounds); `cost_ratio`: a draft
+    step's prior cost in plain steps (the draft's bytes over the main model's); `decay`: per round, of plain
+    rounds' seconds, catching up and the uncopied share; `probe_every`, `max_probe_gap`: plain rounds before the
+    first probe, and the most between probes; `first_draft`: the most tokens a call's first round proposes (the
+    first token waits for the whole round), and what a round drafts while nothing is learnt.
     """
 
     def __init__(
@@ -330,7 +352,40 @@ class Controller:
             for acceptance in (self.learnt.draft, *self.learnt.main.lookup):
                 acceptance.weigh(CARRY)
 
-    # --- learning -------------------------------------------------------------
+    # --- cost model -------------------------------------------------------------------
+    def plain_seconds(self) -> float:
+        learnt = self.learnt
+        if learnt.main.plain.seen:
+            return learnt.main.plain.value(1.0)
+        for line, prior in ((learnt.draft_cost, self.cost_ratio), (learnt.main.lookup_cost, VERIFY_SLOPE)):
+            if line.seen:  # T0 unseen: taken as A of a line whose slope leans on a prior relative to it
+                w, wk, _, wt, _ = line.sums
+                t0 = (wt / w) / (1.0 + prior * wk / w)  # the mean round's seconds at the prior slope
+                return line.line(prior * t0)[0] or t0  # a line through the origin or below: the prior's
+        return 1.0
+
+    def round_seconds(self, source: str, k: int) -> float:
+        t0 = self.plain_seconds()
+        if source == PLAIN or k == 0:
+            return t0
+        learnt = self.learnt
+        line, prior, min_share = (
+            (learnt.draft_cost, self.cost_ratio, MIN_DRAFT_SLOPE)
+            if source == DRAFT
+            else (learnt.main.lookup_cost, VERIFY_SLOPE, 0.0)  # rows of a verify pass may come almost free
+        )
+        if not line.seen:
+            return t0 + prior * t0 * k
+        floor = t0 if learnt.main.plain.seen else 0.0  # the line's: no verify beats a plain step
+        return line.seconds(k, prior * t0, floor, min_share * prior * t0)
+
+    def catch_up_seconds(self, behind: int) -> float:
+        """Seconds the draft takes to catch up on `behind` tokens it has not seen (the last one included,
+        which goes in with the first draft step in any case): a batched forward, learnt, first a prior."""
+        per_token = self.learnt.catch_up.value(CATCH_UP_PRIOR * self.cost_ratio * self.plain_seconds())
+        return max(behind - 1, 0) * per_token
+
+    # --- learning: both models, from each round ---------------------------------------
     def record(self, choice: Choice, num_accepted: int, seconds: float | None, catch_up=None, unused=None):
         """Learn from a round; `catch_up`: (tokens, seconds) the draft spent catching up in it, not in `seconds`;
         `unused`: (match, n, m) where the round had a lookup match and used another source: of the n tokens
@@ -367,45 +422,13 @@ class Controller:
         learnt, main = self.learnt, self.learnt.main
         return {PLAIN: main.plain.seen, DRAFT: learnt.draft_cost.seen, LOOKUP: main.lookup_cost.seen}[source]
 
-    def plain_seconds(self) -> float:
-        learnt = self.learnt
-        if learnt.main.plain.seen:
-            return learnt.main.plain.value(1.0)
-        for line, prior in ((learnt.draft_cost, self.cost_ratio), (learnt.main.lookup_cost, VERIFY_SLOPE)):
-            if line.seen:  # T0 unseen: taken as A of a line whose slope leans on a prior relative to it
-                w, wk, _, wt, _ = line.sums
-                t0 = (wt / w) / (1.0 + prior * wk / w)  # the mean round's seconds at the prior slope
-                return line.line(prior * t0)[0] or t0  # a line through the origin or below: the prior's
-        return 1.0
-
-    def round_seconds(self, source: str, k: int) -> float:
-        t0 = self.plain_seconds()
-        if source == PLAIN or k == 0:
-            return t0
-        learnt = self.learnt
-        line, prior, min_share = (
-            (learnt.draft_cost, self.cost_ratio, MIN_DRAFT_SLOPE)
-            if source == DRAFT
-            else (learnt.main.lookup_cost, VERIFY_SLOPE, 0.0)  # rows of a verify pass may come almost free
-        )
-        if not line.seen:
-            return t0 + prior * t0 * k
-        floor = t0 if learnt.main.plain.seen else 0.0  # the line's: no verify beats a plain step
-        return line.seconds(k, prior * t0, floor, min_share * prior * t0)
-
-    # --- deciding -------------------------------------------------------------
+    # --- choice rule ------------------------------------------------------------------
     def best(self, source: str, max_k: int, bucket: int = 0) -> tuple[float, int]:
         """(tokens per second, k) of the best length of `source`."""
         acceptance = self.learnt.draft if source == DRAFT else self.learnt.main.lookup[bucket]
         expected = acceptance.expected_tokens(max_k)
         rate, k = max((expected[k] / self.round_seconds(source, k), -k) for k in range(1, max_k + 1))
         return rate, -k
-
-    def catch_up_seconds(self, behind: int) -> float:
-        """Seconds the draft takes to catch up on `behind` tokens it has not seen (the last one included,
-        which goes in with the first draft step in any case): a batched forward, learnt, first a prior."""
-        per_token = self.learnt.catch_up.value(CATCH_UP_PRIOR * self.cost_ratio * self.plain_seconds())
-        return max(behind - 1, 0) * per_token
 
     def catch_up_pays(self, draft_rate: float, behind: int, left: int | None) -> bool:
         """Whether drafting at `draft_rate` tokens per second pays back the draft's catching up: what it

@@ -9,7 +9,6 @@ it are read again by the next forward.
 """
 
 import hashlib
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +24,7 @@ from mlx_lm.models.cache import (
 )
 from mlx_lm.models.cache import make_prompt_cache as _mlx_lm_make_cache
 
+from . import facts
 from .load import output_size
 from .recurrent import RecurrentCache, adopt, leaves, map_leaves
 
@@ -386,22 +386,21 @@ def make_prompt_cache(model, draft_model=None, max_kv_size: int | None = None) -
     )
 
 
-_fingerprints = {}  # id(model) -> its fingerprint, while the model lives
-
-
 def fingerprint(model) -> str:
-    """A model's type, sizes and a hash of some weights: caches made for one model do not fit another."""
-    key = id(model)
-    if key not in _fingerprints:
+    """A model's type, sizes and a hash of some weights: caches made for one model do not fit another (computed
+    once, kept while the model lives)."""
+    known = facts.known(model)
+    if known is None or known.fingerprint is None:
         args = getattr(model, "args", None)
         kind = getattr(args, "model_type", None) or type(model).__module__.rsplit(".", 1)[-1]
         weights = tree_flatten(model.parameters())
         digest = hashlib.sha256()
         for _, w in weights[:1] + weights[-1:]:
             digest.update(np.array(w.reshape(-1)[:4096].astype(mx.float32)).tobytes())
-        _fingerprints[key] = (
+        described = (
             f"{kind} ({len(model.layers)} layers, hidden size {getattr(args, 'hidden_size', '?')}, "
             f"vocabulary {output_size(model)}, weights {digest.hexdigest()[:8]})"
         )
-        weakref.finalize(model, _fingerprints.pop, key, None)
-    return _fingerprints[key]
+        known = facts.of(model)
+        known.fingerprint = described
+    return known.fingerprint

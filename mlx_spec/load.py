@@ -2,26 +2,15 @@
 
 import json
 import warnings
-import weakref
 from pathlib import Path
-from typing import NamedTuple
 
 import mlx.nn as nn
 import mlx_lm
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from . import facts
 from .compat import SPECIAL_TOKEN_NAMES, incompatibility, metadata_difference, special_tokens
-
-
-class _Loaded(NamedTuple):
-    source: str  # what `load` was given: folder, hub id or .gguf file
-    description: str  # model_name's line
-    tokenizer: object
-
-
-_loaded: dict[int, _Loaded] = {}  # id(model) -> what `load` knew, while the model lives
-_verdicts = {}  # (id(model), id(draft_model)) -> None (compatible) or the error's message, while both models live
 
 
 class IncompatibleDraftError(ValueError):
@@ -61,8 +50,9 @@ def load(path_or_hub_id: str, dtype: str | None = None, q_bits: int | None = Non
             ) from e
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"could not load model {source}: {type(e).__name__}: {first_line}") from e
-    _loaded[id(model)] = _Loaded(source, _describe(model, source, path if path.exists() else None), tokenizer)
-    weakref.finalize(model, _loaded.pop, id(model), None)
+    description = _describe(model, source, path if path.exists() else None)
+    known = facts.of(model)  # what `load` knew, while the model lives
+    known.source, known.description, known.tokenizer = source, description, tokenizer
     return model, tokenizer
 
 
@@ -110,19 +100,21 @@ def model_dtype(model) -> str:
 def model_name(model) -> str:
     """One line naming the model and where it came from, e.g. 'Qwen2.5 Coder 1.5B Instruct (float32, from Q4_K_M
     qwen2.5-coder-1.5b-instruct.gguf, ~/.cache/mlx_spec/converted/...)'; models built in code: '<llama model>'."""
-    entry = _loaded.get(id(model))
-    return entry.description if entry else f"<{type(model).__module__.rsplit('.', 1)[-1]} model>"
+    known = facts.known(model)
+    if known is not None and known.description is not None:
+        return known.description
+    return f"<{type(model).__module__.rsplit('.', 1)[-1]} model>"
 
 
 def model_source(model) -> str | None:
     """What `load` was given for this model (folder, hub id or .gguf file); None for models built in code."""
-    entry = _loaded.get(id(model))
-    return entry.source if entry else None
+    known = facts.known(model)
+    return known.source if known is not None else None
 
 
 def tokenizer_of(model):
-    entry = _loaded.get(id(model))
-    return entry.tokenizer if entry else None
+    known = facts.known(model)
+    return known.tokenizer if known is not None else None
 
 
 def output_size(model) -> int:
@@ -157,8 +149,8 @@ def check_draft(model, draft_model, tokenizer=None, draft_tokenizer=None):
     The verdict on a pair is kept for the life of both models: comparing two
     large vocabularies takes about half a second, once.
     """
-    key = (id(model), id(draft_model))
-    if key not in _verdicts:
+    known = facts.known_pair(model, draft_model)
+    if known is None or not known.checked:
         tokenizer = tokenizer if tokenizer is not None else tokenizer_of(model)
         draft_tokenizer = draft_tokenizer if draft_tokenizer is not None else tokenizer_of(draft_model)
         if tokenizer is None or draft_tokenizer is None:
@@ -167,13 +159,13 @@ def check_draft(model, draft_model, tokenizer=None, draft_tokenizer=None):
             note = _compare_vocabularies(model, draft_model, tokenizer, draft_tokenizer)
             if note:  # before the verdict is kept: where warnings are errors, every call raises alike
                 warnings.warn(note, DraftMetadataWarning, stacklevel=2)
-            _verdicts[key] = None
+            incompatible = None
         except IncompatibleDraftError as error:
-            _verdicts[key] = error.args  # not the error: its traceback would keep the models alive
-        for m in {id(model): model, id(draft_model): draft_model}.values():
-            weakref.finalize(m, _verdicts.pop, key, None)
-    if _verdicts[key] is not None:
-        raise IncompatibleDraftError(*_verdicts[key])
+            incompatible = error.args  # not the error: its traceback would keep the models alive
+        known = facts.pair(model, draft_model)  # kept while both models live
+        known.checked, known.incompatible = True, incompatible
+    if known.incompatible is not None:
+        raise IncompatibleDraftError(*known.incompatible)
 
 
 def _compare_vocabularies(model, draft_model, tokenizer, draft_tokenizer) -> str | None:

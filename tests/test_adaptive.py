@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from tiny import make_model, perturbed, reference, spec
 
-from mlx_spec import GenerationStats
+from mlx_spec import GenerationStats, facts
 from mlx_spec.adaptive import (
-    _LEARNT,
     CARRY,
     DRAFT,
     DRAFT_PRIOR,
@@ -554,7 +553,8 @@ def test_what_was_learnt_carries_over_to_the_next_call_with_the_same_pair():
     simulate_sources(first, 0.0, 0.3, 0, {**COSTS, DRAFT: (1.1, 0.8)}, 40)
     second = Controller(learnt_for(main, draft), max_draft=8)
     assert second.choose() != Choice(DRAFT, 3)  # it starts from what the first call learnt
-    size = len(_LEARNT)
+    keys = {(id(main), id(draft)), (id(main), id(None))}
+    assert keys <= set(facts._pairs)
     del main, learnt, first, second
     gc.collect()
-    assert len(_LEARNT) == size - 2  # dropped with the model
+    assert not keys & set(facts._pairs)  # dropped with the model
