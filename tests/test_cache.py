@@ -261,7 +261,7 @@ def test_no_draft_early_stop_drops_the_step_scheduled_ahead(pair, max_kv_size):
 @pytest.mark.parametrize("k", [5, 8, 11])
 def test_rotating_cache_after_a_long_rejected_round_that_wrapped(k):
     """A round that writes past the ring's end and is rolled back, then a one-token step: the slots it wrote
-    beyond the window must not pass for the kept first positions (a bug until session 4)."""
+    beyond the window must not pass for the kept first positions."""
     main = make_model("qwen2", layers=4)
     tokens = [int(t) for t in np.random.default_rng(0).integers(3, 90, 90)]
     plain = make_prompt_cache(main, max_kv_size=16).main
