@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import (
+    CacheList,
     ChunkedKVCache,
     ConcatenateKVCache,
     KVCache,
@@ -232,8 +233,14 @@ def cut_length(layers: list[Any], length: int) -> int | None:
 
 
 def pair_offset(layers: list[Any]) -> int:
-    """The number of tokens a model's caches hold (its layers all read the same tokens)."""
-    return leaves(layers)[0].offset if layers else 0
+    """The number of tokens a model's caches hold (its layers all read the same tokens): the first layer's, or
+    its first CacheList member's. Read several times a round, so it walks no further."""
+    if not layers:
+        return 0
+    first = layers[0]
+    while isinstance(first, CacheList):
+        first = first.caches[0]
+    return first.offset
 
 
 UNKNOWN = -1  # in CachePair.tokens: a token a cache holds that mlx_spec never saw (a cache filled by mlx-lm)
