@@ -573,7 +573,7 @@ def test_an_internal_failure_is_a_500_in_one_line(client, monkeypatch, caplog):
         list(client.chat.completions.create(model="main", messages=user("w5"), stream=True))
     assert "Traceback" in caplog.text and "the device fell over" in caplog.text  # logged for the operator
 
-    monkeypatch.setattr(serving.Server, "chat_tokens", lambda self, messages: 1 / 0)  # a failure in a handler
+    monkeypatch.setattr(serving.Server, "chat_tokens", lambda self, *args: 1 / 0)  # a failure in a handler
     status, error = error_of(lambda: client.chat.completions.create(model="main", messages=user("w5")))
     assert status == 500 and "\n" not in error["message"] and "ZeroDivisionError" in error["message"]
     monkeypatch.undo()

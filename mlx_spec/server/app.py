@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 
 from ..chat import conversation_tokens
 from ..generate import encode_prompt
+from ..grammar import GrammarProcessor, call_schema, json_schema_grammar, tagged_grammar
 from ..load import model_source, output_size
 from ..options import (
     MAX_BODY,
@@ -44,9 +45,11 @@ from .models import (
     CompletionRequest,
     GenerationRequest,
     Message,
+    NamedTool,
     _first_line,
     _validation_error,
 )
+from .tools import Part, ReplyParser, template_messages, tool_names
 
 SHUTDOWN_GRACE = 3  # seconds answers in flight get to end on Ctrl-C / SIGTERM (a long prefill cannot stop)
 
@@ -106,7 +109,7 @@ class Server:
             raise APIError(400, "stop strings must not be empty", "stop")
         return stops
 
-    def job(self, tokens: list[int], options: GenerationOptions, body: GenerationRequest, num_top) -> Job:
+    def job(self, tokens: list[int], options: GenerationOptions, body: GenerationRequest, num_top, grammar=None) -> Job:
         """The job for `tokens`; a prompt too long for the context is a 400, max_tokens is cut to what fits."""
         if self.context_limit is not None:
             room = self.context_limit - len(tokens)
@@ -120,6 +123,8 @@ class Server:
             options = options.replace(max_tokens=min(options.max_tokens, room))
         use_draft = self.draft_model is not None and body.draft
         stops, processors = self.stops(body.stop), self.logits_processors(body)
+        if grammar is not None:
+            processors = [*(processors or []), grammar]
         return Job(tokens, options, use_draft, stops, num_top, processors, asyncio.get_running_loop())
 
     def logits_processors(self, body: GenerationRequest) -> list | None:
@@ -145,7 +150,8 @@ class Server:
         )
         return processors or None
 
-    def chat_tokens(self, messages: list[Message]) -> list[int]:
+    def chat_tokens(self, messages: list[Message], tools: list[dict] | None = None, template_kwargs=None) -> list[int]:
+        """The conversation rendered by the chat template (with `tools` and `template_kwargs` where given)."""
         if not self.tokenizer.has_chat_template:
             raise APIError(400, "the model has no chat template: use /v1/completions", "messages")
         if not messages:
@@ -160,12 +166,81 @@ class Server:
                         raise APIError(400, f"{param}: only text parts are supported, got type {part.type!r}", param)
                 content = "".join(part.text for part in content)
             role = "system" if message.role == "developer" else message.role
-            rendered.append({"role": role, "content": content or ""})
+            entry = {"role": role, "content": content or ""}
+            if message.tool_calls:
+                entry["tool_calls"] = [call.model_dump(exclude_none=True) for call in message.tool_calls]
+            for key in ("tool_call_id", "name", "reasoning_content"):
+                if getattr(message, key) is not None:
+                    entry[key] = getattr(message, key)
+            rendered.append(entry)
         system = self.system_prompt if not any(m["role"] == "system" for m in rendered) else None
+        if not tools and not template_kwargs:
+            render = conversation_tokens
+        else:
+
+            def render(tokenizer, messages, system):
+                head = [{"role": "system", "content": system}] if system else []
+                extra = {"tools": tools} if tools else {}
+                return tokenizer.apply_chat_template(
+                    head + messages, add_generation_prompt=True, **extra, **(template_kwargs or {})
+                )
+
         try:
-            return list(conversation_tokens(self.tokenizer, rendered, system))
+            return list(render(self.tokenizer, template_messages(rendered), system))
         except Exception as e:  # the template's own complaint (roles must alternate, ...)
             raise APIError(400, f"the chat template refused the messages: {_first_line(e)}", "messages") from None
+
+    def grammar(self, body: ChatRequest, tools: list[dict] | None) -> GrammarProcessor | None:
+        """The logits processor of the reply's grammar: the response_format's JSON, or a call that tool_choice
+        requires (in the tags of the model's family where its parser reads JSON, else as a bare JSON object)."""
+        choice, fmt = body.tool_choice, body.response_format
+        forced = isinstance(choice, NamedTool) or choice == "required"
+        if fmt is not None and fmt.type not in ("text", "json_object", "json_schema"):
+            raise APIError(
+                400,
+                f"response_format.type must be text, json_object or json_schema, got {fmt.type!r}",
+                "response_format",
+            )
+        structured = fmt is not None and fmt.type != "text"
+        if forced and structured:
+            raise APIError(400, "tool_choice forces a call: response_format must be text with it", "tool_choice")
+        tokenizer = self.tokenizer
+        try:
+            if structured:
+                schema = None
+                if fmt.type == "json_schema":
+                    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                        raise APIError(400, "response_format.json_schema.schema is required", "response_format")
+                    schema = fmt.json_schema.schema_
+                grammar = json_schema_grammar(schema)
+            elif forced:
+                name = choice.function.get("name") if isinstance(choice, NamedTool) else None
+                schema = call_schema(tools, name)
+                parser = tokenizer.tool_parser if getattr(tokenizer, "has_tool_calling", False) else None
+                if parser is not None and parser.__module__.endswith(".json_tools"):
+                    start, end = tokenizer.tool_call_start, tokenizer.tool_call_end
+                    grammar = tagged_grammar(schema, start, end, tokenizer.get_vocab())
+                else:
+                    grammar = json_schema_grammar(schema)
+            else:
+                return None
+            return GrammarProcessor(tokenizer, grammar, output_size(self.model))
+        except ValueError as e:
+            param = "response_format" if structured else "tools"
+            raise APIError(400, f"invalid {param}: {_first_line(e)}", param) from None
+
+    def reply_parser(self, tokens: list[int], tools: list[dict] | None) -> ReplyParser:
+        """How the reply's text is split: thinking (where the template thinks; inside a think block from the
+        start where the prompt opened one), and calls where `tools` are parsed."""
+        tokenizer = self.tokenizer
+        think_tags, reasoning = None, False
+        if getattr(tokenizer, "has_thinking", False):
+            think_tags = (tokenizer.think_start, tokenizer.think_end)
+            reasoning = tokenizer.rfind_think_start(tokens) > tokenizer.rfind_think_end(tokens)
+        parser, call_tags = None, None
+        if tools is not None and getattr(tokenizer, "has_tool_calling", False):
+            parser, call_tags = tokenizer.tool_parser, (tokenizer.tool_call_start, tokenizer.tool_call_end)
+        return ReplyParser(tools, parser, call_tags, think_tags, reasoning)
 
     def completion_tokens(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
@@ -181,7 +256,7 @@ class Server:
         return tokens
 
 
-async def _respond(request: Request, server: Server, job: Job, fmt, body: GenerationRequest):
+async def _respond(request: Request, server: Server, job: Job, fmt, body: GenerationRequest, parser=None):
     try:
         server.engine.submit(job)
     except QueueFull as e:
@@ -197,7 +272,7 @@ async def _respond(request: Request, server: Server, job: Job, fmt, body: Genera
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(
-            _stream(request, job, fmt, head, wants_logprobs, include_usage), media_type="text/event-stream"
+            _stream(request, job, fmt, head, wants_logprobs, include_usage, parser), media_type="text/event-stream"
         )
     watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
@@ -211,7 +286,13 @@ async def _respond(request: Request, server: Server, job: Job, fmt, body: Genera
     if isinstance(event, Failed):
         raise APIError(event.status, event.message)
     request.state.summary = event.summary
-    choice = fmt.whole(text, entries if wants_logprobs else None, event.finish_reason)
+    entries = entries if wants_logprobs else None
+    if parser is None:
+        choice = fmt.whole(text, entries, event.finish_reason)
+    else:
+        parts = parser.add(text) + parser.finish()
+        content, reasoning, calls = _joined(parts)
+        choice = fmt.whole(content, entries, _finish_reason(event, parser), reasoning, calls)
     return {**head, "object": fmt.object, "choices": [choice], "usage": event.usage, "stats": event.stats}
 
 
@@ -222,21 +303,54 @@ async def _cancel_on_disconnect(request: Request, job: Job):
     job.cancelled.set()
 
 
-async def _stream(request: Request, job: Job, fmt, head: dict, wants_logprobs: bool, include_usage: bool):
-    """Server-sent events: the chunks, the finish (with usage and stats in the last chunk), then [DONE]."""
+def _joined(parts: list[Part]) -> tuple[str, str, list[dict]]:
+    """Content, reasoning and calls of `parts`."""
+    content = "".join(p.text for p in parts if p.kind == "content")
+    reasoning = "".join(p.text for p in parts if p.kind == "reasoning")
+    return content, reasoning, [p.call for p in parts if p.kind == "call"]
+
+
+def _finish_reason(done: Done, parser) -> str:
+    return (
+        "tool_calls" if parser is not None and parser.num_calls and done.finish_reason == "stop" else done.finish_reason
+    )
+
+
+async def _stream(request: Request, job: Job, fmt, head: dict, wants_logprobs: bool, include_usage: bool, parser):
+    """Server-sent events: the chunks, the finish (with usage and stats in the last chunk), then [DONE]. With a
+    reply parser, each chunk carries what it knows of content, reasoning and calls (each call whole)."""
     chunk = {**head, "object": fmt.chunk_object}
     extra = {"usage": None} if include_usage else {}
+    num_calls = 0
+
+    def delta(parts, entries, finish_reason=None):
+        nonlocal num_calls
+        content, reasoning, calls = _joined(parts)
+        calls = [{"index": num_calls + i, **call} for i, call in enumerate(calls)]
+        num_calls += len(calls)
+        if not (content or reasoning or calls or entries or finish_reason):
+            return None
+        return fmt.delta(content, entries, finish_reason, reasoning, calls)
+
     try:
         if (first := fmt.first_delta()) is not None:
             yield _sse({**chunk, "choices": [first], **extra})
         while isinstance(event := await job.events.get(), Delta):
-            delta = fmt.delta(event.text, event.logprobs if wants_logprobs else None)
-            yield _sse({**chunk, "choices": [delta], **extra})
+            entries = event.logprobs if wants_logprobs else None
+            if parser is None:
+                choice = fmt.delta(event.text, entries)
+            else:
+                choice = delta(parser.add(event.text), entries)
+            if choice is not None:
+                yield _sse({**chunk, "choices": [choice], **extra})
         if isinstance(event, Failed):
             yield _sse({"error": {"message": event.message, "type": "server_error", "param": None, "code": None}})
             request.state.summary = event.message
             return
-        last = fmt.delta("", [] if wants_logprobs else None, event.finish_reason)
+        if parser is not None and (rest := delta(parser.finish(), None)) is not None:
+            yield _sse({**chunk, "choices": [rest], **extra})
+        finish_reason = _finish_reason(event, parser)
+        last = fmt.delta("", [] if wants_logprobs else None, finish_reason)
         if include_usage:
             yield _sse({**chunk, "choices": [last], **extra})
             yield _sse({**chunk, "choices": [], "usage": event.usage, "stats": event.stats})
@@ -301,9 +415,31 @@ async def chat_completions(body: ChatRequest, request: Request):
         else (body.max_tokens, "max_tokens")
     )
     options = server.options(body, max_tokens, param)
-    tokens = await run_in_threadpool(server.chat_tokens, body.messages)
-    job = server.job(tokens, options, body, num_top)
-    return await _respond(request, server, job, ChatFormat, body)
+    tools = _tools(body)
+    template_kwargs = dict(body.chat_template_kwargs or {})
+    for key in ("enable_thinking", "reasoning_effort"):
+        if getattr(body, key) is not None:
+            template_kwargs[key] = getattr(body, key)
+    rendered = None if body.tool_choice == "none" else tools  # "none": the model is not told of them
+    tokens = await run_in_threadpool(server.chat_tokens, body.messages, rendered, template_kwargs)
+    grammar = await run_in_threadpool(server.grammar, body, tools)
+    job = server.job(tokens, options, body, num_top, grammar)
+    return await _respond(request, server, job, ChatFormat, body, server.reply_parser(tokens, rendered))
+
+
+def _tools(body: ChatRequest) -> list[dict] | None:
+    """The request's tools as dicts, its tool_choice checked against them."""
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    choice = body.tool_choice
+    if isinstance(choice, str) and choice not in ("auto", "none", "required"):
+        raise APIError(400, f"tool_choice must be auto, none, required or a function, got {choice!r}", "tool_choice")
+    if choice == "required" or isinstance(choice, NamedTool):
+        if not tools:
+            raise APIError(400, "tool_choice requires a call, but no tools are given", "tool_choice")
+        if isinstance(choice, NamedTool) and choice.function.get("name") not in tool_names(tools):
+            name = choice.function.get("name")
+            raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+    return tools
 
 
 @router.post("/v1/completions", dependencies=[Depends(_authorize)])

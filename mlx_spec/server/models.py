@@ -52,9 +52,51 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str | dict = "{}"
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     role: str
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool's answer: to which call
+    name: str | None = None
+    reasoning_content: str | None = None  # an assistant's earlier thinking (templates may show it)
+
+
+class Function(BaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(BaseModel):
+    type: str = "function"
+    function: Function
+
+
+class NamedTool(BaseModel):
+    type: str = "function"
+    function: dict  # {"name": ...}
+
+
+class JSONSchema(BaseModel):
+    name: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: str  # "text", "json_object" or "json_schema"
+    json_schema: JSONSchema | None = None
 
 
 class StreamOptions(BaseModel):
@@ -90,6 +132,14 @@ class ChatRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | NamedTool | None = None  # "auto", "none", "required" or a named function
+    parallel_tool_calls: bool | None = None  # accepted; a reply may hold several calls either way
+    response_format: ResponseFormat | None = None
+    # passed to the chat template
+    enable_thinking: bool | None = None
+    reasoning_effort: str | None = None
+    chat_template_kwargs: dict | None = None
 
 
 class CompletionRequest(GenerationRequest):
@@ -100,7 +150,19 @@ class CompletionRequest(GenerationRequest):
 
 _FIELD_NAMES = {
     name
-    for request in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions)
+    for request in (
+        ChatRequest,
+        CompletionRequest,
+        Message,
+        TextPart,
+        StreamOptions,
+        Tool,
+        Function,
+        ToolCall,
+        FunctionCall,
+        ResponseFormat,
+        JSONSchema,
+    )
     for name in request.model_fields
 }
 
@@ -126,15 +188,24 @@ class ChatFormat:
         return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
     @staticmethod
-    def delta(text: str, entries: list[TokenLogprob] | None, finish_reason=None) -> dict:
+    def delta(text: str, entries: list[TokenLogprob] | None, finish_reason=None, reasoning: str = "", calls=()) -> dict:
+        """A chunk's choice: content, reasoning_content and tool_calls (each call whole: {"index", "id", ...})."""
         delta = {"content": text} if text else {}
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if calls:
+            delta["tool_calls"] = list(calls)
         logprobs = None if entries is None else {"content": [_chat_logprob(e) for e in entries]}
         return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
     @staticmethod
-    def whole(text: str, entries: list[TokenLogprob] | None, finish_reason: str) -> dict:
+    def whole(text: str, entries: list[TokenLogprob] | None, finish_reason: str, reasoning: str = "", calls=()) -> dict:
         logprobs = None if entries is None else {"content": [_chat_logprob(e) for e in entries], "refusal": None}
-        message = {"role": "assistant", "content": text}
+        message = {"role": "assistant", "content": text if text or not calls else None}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if calls:
+            message["tool_calls"] = list(calls)
         return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
