@@ -64,10 +64,10 @@ def folders(tmp_path_factory):
     return out
 
 
-def serve(folder, draft_folder=None, **options):
+def serve(folder, draft_folder=None, api_key=None):
     model, tokenizer = mlx_spec.load(str(folder))
     draft = mlx_spec.load(str(draft_folder))[0] if draft_folder else None
-    return running(create_app(model, tokenizer, draft, GenerationOptions(max_tokens=96, **options)))
+    return running(create_app(model, tokenizer, draft, GenerationOptions(max_tokens=96), api_key=api_key))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from typing import Any
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from mlx_lm.sample_utils import make_logits_processors
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -36,6 +36,8 @@ from ..options import (
     GenerationOptions,
     parse_num_draft_tokens,
 )
+from . import anthropic
+from .anthropic import CountTokensRequest, MessagesRequest
 from .engine import Delta, Done, Engine, Failed, Job, QueueFull, log, served_name
 from .models import (
     APIError,
@@ -256,7 +258,7 @@ class Server:
         return tokens
 
 
-async def _respond(request: Request, server: Server, job: Job, fmt, body: GenerationRequest, parser=None):
+def _submit(server: Server, job: Job):
     try:
         server.engine.submit(job)
     except QueueFull as e:
@@ -266,14 +268,10 @@ async def _respond(request: Request, server: Server, job: Job, fmt, body: Genera
             code="queue_full",
             headers={"Retry-After": str(e.retry_after)},
         ) from None
-    prefix = "chatcmpl" if fmt is ChatFormat else "cmpl"
-    head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": server.model_id}
-    wants_logprobs = job.num_top_logprobs is not None
-    if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(
-            _stream(request, job, fmt, head, wants_logprobs, include_usage, parser), media_type="text/event-stream"
-        )
+
+
+async def _whole(request: Request, job: Job) -> tuple[str, list, Done]:
+    """The whole reply: its text, its logprobs, its Done (a Failed is raised as an APIError)."""
     watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
         text, entries = "", []
@@ -286,6 +284,20 @@ async def _respond(request: Request, server: Server, job: Job, fmt, body: Genera
     if isinstance(event, Failed):
         raise APIError(event.status, event.message)
     request.state.summary = event.summary
+    return text, entries, event
+
+
+async def _respond(request: Request, server: Server, job: Job, fmt, body: GenerationRequest, parser=None):
+    _submit(server, job)
+    prefix = "chatcmpl" if fmt is ChatFormat else "cmpl"
+    head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": server.model_id}
+    wants_logprobs = job.num_top_logprobs is not None
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(
+            _stream(request, job, fmt, head, wants_logprobs, include_usage, parser), media_type="text/event-stream"
+        )
+    text, entries, event = await _whole(request, job)
     entries = entries if wants_logprobs else None
     if parser is None:
         choice = fmt.whole(text, entries, event.finish_reason)
@@ -380,8 +392,10 @@ async def _authorize(request: Request):
     if key is None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not _same(given.strip(), key):
-        raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+    bearer = scheme.lower() == "bearer" and _same(given.strip(), key)
+    if not bearer and not _same(request.headers.get("x-api-key", ""), key):
+        message = "invalid or missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
+        raise APIError(401, message, code="invalid_api_key")
 
 
 def _same(a: str, b: str) -> bool:
@@ -415,16 +429,83 @@ async def chat_completions(body: ChatRequest, request: Request):
         else (body.max_tokens, "max_tokens")
     )
     options = server.options(body, max_tokens, param)
+    job, parser = await _chat_job(server, body, options, num_top)
+    return await _respond(request, server, job, ChatFormat, body, parser)
+
+
+async def _chat_tokens(server: Server, body: ChatRequest) -> tuple[list[int], list[dict] | None, list[dict] | None]:
+    """The prompt, the request's tools and those rendered into the prompt ("none": the model is not told)."""
     tools = _tools(body)
     template_kwargs = dict(body.chat_template_kwargs or {})
     for key in ("enable_thinking", "reasoning_effort"):
         if getattr(body, key) is not None:
             template_kwargs[key] = getattr(body, key)
-    rendered = None if body.tool_choice == "none" else tools  # "none": the model is not told of them
+    rendered = None if body.tool_choice == "none" else tools
     tokens = await run_in_threadpool(server.chat_tokens, body.messages, rendered, template_kwargs)
+    return tokens, tools, rendered
+
+
+async def _chat_job(server: Server, body: ChatRequest, options: GenerationOptions, num_top) -> tuple[Job, ReplyParser]:
+    tokens, tools, rendered = await _chat_tokens(server, body)
     grammar = await run_in_threadpool(server.grammar, body, tools)
     job = server.job(tokens, options, body, num_top, grammar)
-    return await _respond(request, server, job, ChatFormat, body, server.reply_parser(tokens, rendered))
+    return job, server.reply_parser(tokens, rendered)
+
+
+@router.post("/v1/messages", dependencies=[Depends(_authorize)])
+async def messages(body: MessagesRequest, request: Request):
+    """Anthropic's Messages API. Any model name is answered by the model served here (clients such as Claude
+    Code ask for their own models' names)."""
+    server = _server(request)
+    chat = anthropic.chat_request(body)
+    job, parser = await _chat_job(server, chat, server.options(chat, chat.max_tokens, "max_tokens"), None)
+    _submit(server, job)
+    stops = body.stop_sequences or []
+    stop_sequence = stops[0] if len(stops) == 1 else None  # which one matched is known only when there is one
+    if body.stream:
+        return StreamingResponse(
+            _anthropic_stream(request, server, job, parser, stop_sequence), media_type="text/event-stream"
+        )
+    text, _, done = await _whole(request, job)
+    blocks = anthropic.content_blocks(parser.add(text) + parser.finish())
+    by_string = done.stats["stop_reason"] == "stopStringFound"
+    reason = anthropic.stop_reason(_finish_reason(done, parser), by_string)
+    return anthropic.message(
+        server.model_id, blocks, reason, stop_sequence if by_string else None, anthropic.usage(done.usage)
+    )
+
+
+async def _anthropic_stream(request: Request, server: Server, job: Job, parser: ReplyParser, stop_sequence):
+    """Anthropic's events: message_start, content blocks (start, deltas, stop), message_delta, message_stop."""
+    start = {"input_tokens": len(job.prompt_tokens), "output_tokens": 0}
+    blocks = anthropic.BlockStream()
+    try:
+        yield anthropic.sse("message_start", {"message": anthropic.message(server.model_id, [], None, None, start)})
+        while isinstance(event := await job.events.get(), Delta):
+            for name, data in blocks.events(parser.add(event.text)):
+                yield anthropic.sse(name, data)
+        if isinstance(event, Failed):
+            yield anthropic.sse("error", {"error": anthropic.error_body(event.status, event.message)["error"]})
+            request.state.summary = event.message
+            return
+        for name, data in blocks.events(parser.finish()) + blocks.close():
+            yield anthropic.sse(name, data)
+        by_string = event.stats["stop_reason"] == "stopStringFound"
+        reason = anthropic.stop_reason(_finish_reason(event, parser), by_string)
+        delta = {"stop_reason": reason, "stop_sequence": stop_sequence if by_string else None}
+        yield anthropic.sse("message_delta", {"delta": delta, "usage": anthropic.usage(event.usage)})
+        yield anthropic.sse("message_stop", {})
+        request.state.summary = event.summary
+    finally:
+        job.cancelled.set()
+        if not hasattr(request.state, "summary"):
+            request.state.summary = "client disconnected"
+
+
+@router.post("/v1/messages/count_tokens", dependencies=[Depends(_authorize)])
+async def count_tokens(body: CountTokensRequest, request: Request):
+    tokens, _, _ = await _chat_tokens(_server(request), anthropic.chat_request(body))
+    return {"input_tokens": len(tokens)}
 
 
 def _tools(body: ChatRequest) -> list[dict] | None:
@@ -520,6 +601,8 @@ class _BodyLimit:
 
 async def _api_error(request: Request, e: APIError):
     request.state.summary = e.message
+    if request.url.path.startswith("/v1/messages"):  # Anthropic's shape
+        return JSONResponse(anthropic.error_body(e.status, e.message), status_code=e.status, headers=e.headers)
     return e.response()
 
 
