@@ -340,3 +340,19 @@ def test_bad_tool_and_format_requests_are_400s(random_base):
         with pytest.raises(openai.BadRequestError) as e:
             chat(client, messages=ASK, **kwargs)
         assert e.value.response.json()["error"]["param"] == param, kwargs
+
+
+@pytest.mark.slow
+def test_the_default_pair_calls_a_tool_with_its_own_template():
+    from mlx_spec.fetch import default_pair_paths
+
+    main, draft = (str(p) for p in default_pair_paths())
+    model, tokenizer = mlx_spec.load(main)
+    assert tokenizer.has_tool_calling  # Qwen2.5's template: <tool_call> tags, mlx-lm's json_tools parser
+    with running(create_app(model, tokenizer, mlx_spec.load(draft)[0], GenerationOptions(max_tokens=48))) as base:
+        client = client_for(base).with_options(timeout=900)
+        answer = chat(client, messages=ASK, tools=[WEATHER])
+    (call,) = answer.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] == "Paris"
+    assert answer.choices[0].finish_reason == "tool_calls" and answer.stats["total_draft_tokens_count"] > 0
+    print(answer.choices[0].message, answer.stats)

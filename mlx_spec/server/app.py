@@ -24,7 +24,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from ..chat import conversation_tokens
 from ..generate import encode_prompt
 from ..grammar import GrammarProcessor, call_schema, json_schema_grammar, tagged_grammar
 from ..load import model_source, output_size
@@ -175,20 +174,15 @@ class Server:
                 if getattr(message, key) is not None:
                     entry[key] = getattr(message, key)
             rendered.append(entry)
-        system = self.system_prompt if not any(m["role"] == "system" for m in rendered) else None
-        if not tools and not template_kwargs:
-            render = conversation_tokens
-        else:
-
-            def render(tokenizer, messages, system):
-                head = [{"role": "system", "content": system}] if system else []
-                extra = {"tools": tools} if tools else {}
-                return tokenizer.apply_chat_template(
-                    head + messages, add_generation_prompt=True, **extra, **(template_kwargs or {})
-                )
-
+        if self.system_prompt and not any(m["role"] == "system" for m in rendered):
+            rendered.insert(0, {"role": "system", "content": self.system_prompt})
+        extra = {"tools": tools} if tools else {}
         try:
-            return list(render(self.tokenizer, template_messages(rendered), system))
+            return list(
+                self.tokenizer.apply_chat_template(
+                    template_messages(rendered), add_generation_prompt=True, **extra, **(template_kwargs or {})
+                )
+            )
         except Exception as e:  # the template's own complaint (roles must alternate, ...)
             raise APIError(400, f"the chat template refused the messages: {_first_line(e)}", "messages") from None
 

@@ -125,7 +125,7 @@ class ReplyParser:
     """
 
     tools: list[dict] | None = None  # None: calls are not parsed
-    parser: object = None  # mlx-lm's parse_tool_call for the model's family, or None
+    parser: object = None  # mlx-lm's parse_tool_call for the model's family (with call_tags), or None
     call_tags: tuple[str, str] | None = None
     think_tags: tuple[str, str] | None = None
     reasoning: bool = False  # the prompt opened a think block: the reply begins inside it
@@ -227,11 +227,9 @@ class ReplyParser:
         return [Part("content", text)] if text else []
 
     def _call(self, text: str, closed: bool) -> list[Part]:
-        calls = parse_tagged(text, self.parser, self.tools) if self.parser is not None else None
+        calls = parse_tagged(text, self.parser, self.tools)
         if calls is None:
             start, end = self.call_tags
-            if self.parser is None:
-                log.warning("a tool call in a family without a parser is returned as text")
             return [Part("content", start + text + (end if closed else ""))]
         return [self._numbered(call) for call in calls]
 
