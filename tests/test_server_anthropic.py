@@ -9,6 +9,8 @@ import jsonschema
 import pytest
 from test_server_tools import ASK, SCRIPTS, THOUGHT, WEATHER, folders, random_base, scripted, serve, tokens_of  # noqa: F401
 
+import mlx_spec
+
 GET_WEATHER = {
     "name": "get_weather",
     "description": WEATHER["function"]["description"],
@@ -94,11 +96,19 @@ def test_a_tool_use_round_trip_streamed_or_not(folders, scripted):  # noqa: F811
     assert count.json() == {"input_tokens": len(expected)}
 
 
-def test_thinking_blocks_and_text(scripted):  # noqa: F811
+def test_thinking_blocks_and_text(folders, scripted):  # noqa: F811
     client = client_for(scripted["thinking"])
     message = client.messages.create(model="x", max_tokens=64, system="Be brief.", messages=ASK)
     assert blocks(message) == [("thinking", "The user asks about Paris."), ("text", "It is sunny.")]
     assert message.stop_reason == "end_turn"
+    # A system turn between the others (Claude Code sends them) is the template's system message there.
+    turns = [*ASK, {"role": "system", "content": "Tools: none."}]
+    count = httpx.post(
+        f"{scripted['thinking']}/v1/messages/count_tokens", json={"system": "Be brief.", "messages": turns}
+    )
+    expected = tokens_of(folders["thinking"], [{"role": "system", "content": "Be brief."}, *turns])
+    assert count.json() == {"input_tokens": len(expected)}
+    assert "<|im_start|>system\nTools: none.<|im_end|>" in mlx_spec.load(str(folders["thinking"]))[1].decode(expected)
     with client.messages.stream(model="x", max_tokens=64, messages=ASK) as stream:
         final = stream.get_final_message()
     assert blocks(final) == blocks(message)

@@ -36,8 +36,8 @@ XML tags:
 {{ messages[0].content }}<|im_end|>
 {% endif %}
 {%- for message in messages %}
-{%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}<|im_start|>\
-{{ message.role }}
+{%- if message.role == 'user' or (message.role == 'system' and not loop.first) or \
+(message.role == 'assistant' and not message.tool_calls) %}<|im_start|>{{ message.role }}
 {{ message.content }}<|im_end|>
 {% elif message.role == 'assistant' %}<|im_start|>assistant
 {% if message.content %}{{ message.content }}

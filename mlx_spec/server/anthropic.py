@@ -121,8 +121,11 @@ def chat_request(body: MessagesRequest) -> ChatRequest:
     if body.system:
         messages.append(Message(role="system", content=_text(body.system, "system")))
     for i, message in enumerate(body.messages):
-        if message.role not in ("user", "assistant"):
+        if message.role not in ("user", "assistant", "system"):  # Claude Code sends system turns between others
             raise APIError(400, f"messages[{i}].role must be user or assistant, got {message.role!r}", "messages")
+        if message.role == "system":
+            messages.append(Message(role="system", content=_text(message.content, f"messages[{i}].content")))
+            continue
         if isinstance(message.content, str):
             messages.append(Message(role=message.role, content=message.content))
             continue
