@@ -149,6 +149,8 @@ def test_a_reply_splits_alike_in_pieces_of_any_size():
     assert first.add("```js") == [] and first.add("on\n{") == [] and first.num_calls == 0  # held: may be a call
     assert first.add('"a": 1}') == [] and [p.text for p in first.finish()] == ['```json\n{"a": 1}']
     assert split(ReplyParser(None), "<tool_call>x</tool_call>", 3) == [("content", "<tool_call>x</tool_call>")]
+    cut = '<tool_call>\n{"name": "get_wea'  # max_tokens ended the reply inside a call: it is text
+    assert split(parser(), cut, 4) == [("content", cut)]
 
 
 def test_bare_calls_name_a_given_tool():
@@ -356,3 +358,22 @@ def test_the_default_pair_calls_a_tool_with_its_own_template():
     assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] == "Paris"
     assert answer.choices[0].finish_reason == "tool_calls" and answer.stats["total_draft_tokens_count"] > 0
     print(answer.choices[0].message, answer.stats)
+
+
+def test_a_draft_cut_to_a_shortlist_still_proposes_what_the_grammar_allows(folders):
+    main, tokenizer = mlx_spec.load(str(folders["random"]))
+    draft, _ = mlx_spec.load(str(folders["random_draft"]))
+    prompt = tokenizer.apply_chat_template(ASK, add_generation_prompt=True)
+
+    def generate(**kwargs):
+        processor = GrammarProcessor(tokenizer, json_schema_grammar(SCHEMA), main.args.vocab_size)
+        out = mlx_spec.stream_generate(main, tokenizer, prompt, max_tokens=96, logits_processors=[processor], **kwargs)
+        return "".join(r.text for r in out)
+
+    # The first 100 ids are bytes: "{", quotes and digits are among them, most letters, the piece tokens and the
+    # end are not: rows where the draft may propose nothing the grammar allows (it is rejected there).
+    for kwargs in (dict(), dict(temp=0.7), dict(temp=0.7, seed=3)):
+        text = generate(draft_model=draft, draft_vocab_size=100, num_draft_tokens=4, **kwargs)
+        jsonschema.validate(json.loads(text), SCHEMA)
+        if not kwargs:
+            assert text == generate()
