@@ -1,6 +1,7 @@
 """`mlx-spec serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn), thin over stream_generate.
 
-Its public names: models.py holds the wire's shapes, engine.py the generating thread, app.py the app and serving.
+Its public names: models.py holds the wire's shapes, engine.py the generating thread, app.py the app and serving;
+tools.py splits a reply into reasoning, content and tool calls, anthropic.py maps Anthropic's Messages API onto it.
 """
 
 from .app import SHUTDOWN_GRACE, Server, bind, create_app, is_loopback, router, run, uvicorn_server
