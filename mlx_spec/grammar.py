@@ -32,7 +32,8 @@ def llg_tokenizer(tokenizer, vocab_size: int):
     if key not in _tokenizers:
         llguidance = _llguidance()
         hf = getattr(tokenizer, "_tokenizer", tokenizer)
-        _tokenizers[key] = (tokenizer, llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size))
+        ends = sorted(getattr(tokenizer, "eos_token_ids", None) or [hf.eos_token_id])  # mlx-lm's: any ends it
+        _tokenizers[key] = (tokenizer, llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=ends))
     return _tokenizers[key][1]
 
 
