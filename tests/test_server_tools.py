@@ -160,6 +160,13 @@ def test_bare_calls_name_a_given_tool():
     assert parse_bare('{"name": "get_stock", "arguments": {}}', [WEATHER]) is None
     assert parse_bare('{"city": "Paris"}', [WEATHER]) is None
     assert parse_bare('{"name": "get_weather", "arguments": 5}', [WEATHER]) is None
+
+
+def test_a_bare_call_that_is_not_json_is_text_with_a_warning(caplog):
+    caplog.set_level(logging.WARNING, logger="mlx_spec.server")
+    assert parse_bare('{"a": [1, 2}', [WEATHER]) is None and not caplog.records  # some JSON-like text: no warning
+    assert parse_bare('```json\n{"name": "get_weather", "arguments": {"city": }\n```', [WEATHER]) is None
+    assert "looks like a tool call is not valid JSON" in caplog.text
     assert all(map(may_be_bare_call, ["", " ", "`", "``", "```", "```j", "```json", "```json\n", "{", "```\n{"]))
     assert not any(map(may_be_bare_call, ["Sure", "```py", "```json\nx", "`a"]))
 

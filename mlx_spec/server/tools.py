@@ -71,14 +71,14 @@ def parse_bare(text: str, tools: list[dict]) -> list[dict] | None:
     fenced = _FENCED.match(text)
     if fenced:
         text = fenced.group(1)
+    names = tool_names(tools)
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
-        if text.startswith("{") or fenced:
+        if any(f'"{name}"' in text for name in names):
             log.warning(f"a reply that looks like a tool call is not valid JSON ({text[:80]!r}); returned as text")
         return None
     items = value if isinstance(value, list) else [value]
-    names = tool_names(tools)
     calls = []
     for item in items:
         if not isinstance(item, dict) or item.get("name") not in names:
