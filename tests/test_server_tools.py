@@ -275,6 +275,12 @@ def test_thinking_goes_to_reasoning_content(folders, scripted):
         assert answer.usage.prompt_tokens == len(tokens_of(folders["thinking"], ASK, enable_thinking=False))
         assert "reasoning_content" not in answer.choices[0].message.model_extra
         assert answer.choices[0].message.content.startswith("The user asks about Paris.</think>")
+    # A reply held to a grammar does not think (unless asked to): it is all content.
+    yes_no = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"enum": ["yes", "no"]}}}
+    answer = chat(client, messages=ASK, response_format=yes_no)
+    assert json.loads(answer.choices[0].message.content) in ("yes", "no")
+    assert "reasoning_content" not in answer.choices[0].message.model_extra
+    assert answer.usage.prompt_tokens == len(tokens_of(folders["thinking"], ASK, enable_thinking=False))
 
 
 # --- structured output -----------------------------------------------------------------------

@@ -225,14 +225,15 @@ class Server:
             param = "response_format" if structured else "tools"
             raise APIError(400, f"invalid {param}: {_first_line(e)}", param) from None
 
-    def reply_parser(self, tokens: list[int], tools: list[dict] | None) -> ReplyParser:
+    def reply_parser(self, tokens: list[int], tools: list[dict] | None, thinks: bool = True) -> ReplyParser:
         """How the reply's text is split: thinking (where the template thinks; inside a think block from the
-        start where the prompt opened one), and calls where `tools` are parsed."""
+        start where the prompt opened one, unless a grammar constrains the reply: `thinks` False), and calls
+        where `tools` are parsed."""
         tokenizer = self.tokenizer
         think_tags, reasoning = None, False
         if getattr(tokenizer, "has_thinking", False):
             think_tags = (tokenizer.think_start, tokenizer.think_end)
-            reasoning = tokenizer.rfind_think_start(tokens) > tokenizer.rfind_think_end(tokens)
+            reasoning = thinks and tokenizer.rfind_think_start(tokens) > tokenizer.rfind_think_end(tokens)
         parser, call_tags = None, None
         if tools is not None and getattr(tokenizer, "has_tool_calling", False):
             parser, call_tags = tokenizer.tool_parser, (tokenizer.tool_call_start, tokenizer.tool_call_end)
@@ -427,23 +428,28 @@ async def chat_completions(body: ChatRequest, request: Request):
     return await _respond(request, server, job, ChatFormat, body, parser)
 
 
-async def _chat_tokens(server: Server, body: ChatRequest) -> tuple[list[int], list[dict] | None, list[dict] | None]:
-    """The prompt, the request's tools and those rendered into the prompt ("none": the model is not told)."""
+async def _chat_tokens(
+    server: Server, body: ChatRequest, constrained: bool = False
+) -> tuple[list[int], list[dict] | None, list[dict] | None]:
+    """The prompt, the request's tools and those rendered into the prompt ("none": the model is not told). A reply
+    that a grammar constrains from its first token does not think, unless the request asks for it."""
     tools = _tools(body)
     template_kwargs = dict(body.chat_template_kwargs or {})
     for key in ("enable_thinking", "reasoning_effort"):
         if getattr(body, key) is not None:
             template_kwargs[key] = getattr(body, key)
+    if constrained and getattr(server.tokenizer, "has_thinking", False):
+        template_kwargs.setdefault("enable_thinking", False)
     rendered = None if body.tool_choice == "none" else tools
     tokens = await run_in_threadpool(server.chat_tokens, body.messages, rendered, template_kwargs)
     return tokens, tools, rendered
 
 
 async def _chat_job(server: Server, body: ChatRequest, options: GenerationOptions, num_top) -> tuple[Job, ReplyParser]:
-    tokens, tools, rendered = await _chat_tokens(server, body)
-    grammar = await run_in_threadpool(server.grammar, body, tools)
+    grammar = await run_in_threadpool(server.grammar, body, _tools(body))
+    tokens, tools, rendered = await _chat_tokens(server, body, grammar is not None)
     job = server.job(tokens, options, body, num_top, grammar)
-    return job, server.reply_parser(tokens, rendered)
+    return job, server.reply_parser(tokens, rendered, thinks=grammar is None)
 
 
 @router.post("/v1/messages", dependencies=[Depends(_authorize)])
