@@ -429,11 +429,10 @@ async def chat_completions(body: ChatRequest, request: Request):
 
 
 async def _chat_tokens(
-    server: Server, body: ChatRequest, constrained: bool = False
-) -> tuple[list[int], list[dict] | None, list[dict] | None]:
-    """The prompt, the request's tools and those rendered into the prompt ("none": the model is not told). A reply
-    that a grammar constrains from its first token does not think, unless the request asks for it."""
-    tools = _tools(body)
+    server: Server, body: ChatRequest, tools: list[dict] | None, constrained: bool = False
+) -> tuple[list[int], list[dict] | None]:
+    """The prompt and the tools rendered into it ("none": the model is not told of them). A reply that a grammar
+    constrains from its first token does not think, unless the request asks for it."""
     template_kwargs = dict(body.chat_template_kwargs or {})
     for key in ("enable_thinking", "reasoning_effort"):
         if getattr(body, key) is not None:
@@ -442,12 +441,13 @@ async def _chat_tokens(
         template_kwargs.setdefault("enable_thinking", False)
     rendered = None if body.tool_choice == "none" else tools
     tokens = await run_in_threadpool(server.chat_tokens, body.messages, rendered, template_kwargs)
-    return tokens, tools, rendered
+    return tokens, rendered
 
 
 async def _chat_job(server: Server, body: ChatRequest, options: GenerationOptions, num_top) -> tuple[Job, ReplyParser]:
-    grammar = await run_in_threadpool(server.grammar, body, _tools(body))
-    tokens, tools, rendered = await _chat_tokens(server, body, grammar is not None)
+    tools = _tools(body)
+    grammar = await run_in_threadpool(server.grammar, body, tools)
+    tokens, rendered = await _chat_tokens(server, body, tools, grammar is not None)
     job = server.job(tokens, options, body, num_top, grammar)
     return job, server.reply_parser(tokens, rendered, thinks=grammar is None)
 
@@ -504,7 +504,8 @@ async def _anthropic_stream(request: Request, server: Server, job: Job, parser: 
 
 @router.post("/v1/messages/count_tokens", dependencies=[Depends(_authorize)])
 async def count_tokens(body: CountTokensRequest, request: Request):
-    tokens, _, _ = await _chat_tokens(_server(request), anthropic.chat_request(body))
+    chat = anthropic.chat_request(body)
+    tokens, _ = await _chat_tokens(_server(request), chat, _tools(chat))
     return {"input_tokens": len(tokens)}
 
 
