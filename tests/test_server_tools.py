@@ -302,9 +302,11 @@ def test_a_json_schema_reply_parses_and_validates(random_base):
     alone = answer(extra_body={"draft": False})  # prompt lookup only
     assert alone.choices[0].message.content == text and alone.usage.completion_tokens == greedy.usage.completion_tokens
     assert alone.stats["lookup_draft_tokens_count"] > 0
-    for seed in (None, 1, 2):
-        sampled = answer(temperature=0.7, seed=seed)
+    for seed, k in ((None, "auto"), (1, "auto"), (2, 4)):
+        sampled = answer(temperature=0.7, seed=seed, extra_body={"num_draft_tokens": k})
         jsonschema.validate(json.loads(sampled.choices[0].message.content), SCHEMA)
+        assert sampled.stats["total_draft_tokens_count"] > 0  # speculative rounds, drafted or copied
+    assert sampled.stats["total_draft_tokens_count"] > sampled.stats["lookup_draft_tokens_count"]  # the draft model
     content, *_ = streamed(client, messages=messages, response_format=schema_format, temperature=0.7)
     jsonschema.validate(json.loads(content), SCHEMA)
     anything = chat(client, messages=messages, response_format={"type": "json_object"})
