@@ -264,6 +264,11 @@ class CachePair:
     tokens: list[int] = field(default_factory=list)  # the conversation; the caches hold a prefix of it
     draft_start: int = 0  # the token the draft cache's first entry stands for (a draft cache begun late)
     models: dict[str, str | None] | None = None  # {"main": fingerprint, "draft": fingerprint or None}
+    # The main model's MTP layer (mtp.py): its cache (entry j reads token j + 1: at most all tokens but the
+    # last two), and the main model's last hidden states as (position of the first, (L, D)) chunks, those not
+    # yet in it and a few before; None while the pair has not drafted with MTP.
+    mtp: list[Any] | None = None
+    mtp_hidden: list = field(default_factory=list)
 
     @property
     def main_offset(self) -> int:
@@ -277,7 +282,11 @@ class CachePair:
     def rollback(self) -> bool:
         """Trim both caches to at most all tokens but the last. False (nothing changed) if impossible."""
         length = len(self.tokens) - 1
-        sides = [(self.main, length), (self.draft or [], length - self.draft_start)]
+        sides = [
+            (self.main, length),
+            (self.draft or [], length - self.draft_start),
+            (self.mtp or [], max(length - 1, 0)),
+        ]
         cuts = [cut_length(layers, keep) if keep >= 0 else None for layers, keep in sides]
         if None in cuts:
             return False

@@ -1,0 +1,158 @@
+"""The main model's MTP layer as a draft source: loading it, exact output, its cache, sampling, errors."""
+
+import itertools
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import KVCache
+from mtp_folders import write_folder
+from test_accept import chi_squared
+from test_recurrent import CRITICAL_12, first_three_marginals
+from tiny import reference
+
+import mlx_spec
+from mlx_spec import GenerationStats, make_prompt_cache, speculative_generate_step
+from mlx_spec.mtp import MissingMTPError, head_for, load_head
+from mlx_spec.verify import body_and_head
+
+PROMPT = [5, 17, 42, 9, 88, 23, 61, 7]
+K = 4
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    folder = write_folder(tmp_path_factory.mktemp("mtp") / "qwen3_5", vocab=97, mixing=0.02)
+    model, _ = mlx_spec.load(str(folder))
+    return model, folder
+
+
+def rounds_of(flags: list[bool]) -> list[int]:
+    """Accepted drafts per round, from the from-draft flags of the tokens yielded (a round: its accepted
+    drafts, then the main model's own token)."""
+    out, run = [], 0
+    for flag in flags:
+        if flag:
+            run += 1
+        else:
+            out.append(run)
+            run = 0
+    return out
+
+
+def test_greedy_output_equals_plain_decoding(qwen):
+    model, _ = qwen
+    accepted, rng = set(), np.random.default_rng(0)
+    for prompt in [PROMPT] + [rng.integers(3, 97, 6).tolist() for _ in range(7)]:  # greedy text falls into cycles
+        expected = reference(model, prompt, 60)
+        stats = GenerationStats()
+        steps = list(
+            speculative_generate_step(
+                prompt, model, "mtp", num_draft_tokens=K, max_tokens=60, prompt_lookup=False, stats=stats
+            )
+        )
+        assert [t for t, _, _ in steps] == expected
+        assert stats.rounds_by_source["mtp"] > 5
+        accepted |= set(rounds_of([f for _, _, f in steps])[1:-1])  # the first round is plain, the last cut short
+    assert accepted == set(range(K + 1))  # rejections at every position, and full acceptances
+
+
+def test_greedy_with_lookup_and_auto_equals_plain_decoding(qwen):
+    model, _ = qwen
+    prompt = PROMPT * 3 + PROMPT[:2]
+    expected = reference(model, prompt, 60)
+    stats = GenerationStats()
+    assert [t for t, _, _ in speculative_generate_step(prompt, model, "mtp", max_tokens=60, stats=stats)] == expected
+    assert stats.rounds_by_source["mtp"] > 0 and stats.rounds_by_source["lookup"] > 0
+    assert mlx_spec.generate(model, None or _tokenizer(qwen), PROMPT, draft_model="mtp", max_tokens=20) == (
+        mlx_spec.generate(model, _tokenizer(qwen), PROMPT, max_tokens=20)
+    )
+
+
+def _tokenizer(qwen):
+    from mlx_spec.load import tokenizer_of
+
+    return tokenizer_of(qwen[0])
+
+
+def sequential_mtp_cache(model, tokens: list[int], num_entries: int) -> KVCache:
+    """The MTP cache fed one entry at a time from a fresh main pass: the reference for what rounds leave."""
+    body, _ = body_and_head(model)
+    hidden = body(mx.array(tokens)[None])
+    head, cache = head_for(model), [KVCache()]
+    for j in range(num_entries):
+        head(body.embed_tokens(mx.array([[tokens[j + 1]]])), hidden[:, j : j + 1], cache)
+    return cache[0]
+
+
+def test_mtp_cache_is_exact_after_rejections(qwen):
+    model, _ = qwen
+    caches = make_prompt_cache(model)
+    flags = []
+    for turn in [PROMPT, [11, 4, 60]]:  # two calls on one pair: the second continues the MTP cache
+        steps = speculative_generate_step(
+            turn, model, "mtp", num_draft_tokens=K, max_tokens=30, prompt_lookup=False, prompt_cache=caches
+        )
+        flags += [f for _, _, f in itertools.islice(steps, 27)]  # stops inside a round: the caches are cut back
+        steps.close()
+    assert 0 in rounds_of(flags) and max(rounds_of(flags)) == K
+    mtp = caches.mtp[0]
+    assert 0 < mtp.offset <= len(caches.tokens) - 2
+    expected = sequential_mtp_cache(model, caches.tokens, mtp.offset)
+    for got, want in ((mtp.keys, expected.keys), (mtp.values, expected.values)):
+        assert np.allclose(np.array(got[..., : mtp.offset, :]), np.array(want[..., : mtp.offset, :]), atol=1e-4)
+
+
+SAMPLED_VOCAB = 12
+RUNS = 240
+
+
+def test_sampled_tokens_follow_the_main_distribution(tmp_path):
+    """Tokens 1-3 at temp 1 with MTP drafts of 3 (rejection sampling with the MTP layer's q) follow the main
+    model's distribution: the chi-squared test of each against the enumerated marginals."""
+    folder = write_folder(tmp_path / "small", vocab=SAMPLED_VOCAB, mixing=0.02, scale=1.0)
+    model, _ = mlx_spec.load(str(folder))
+    prompt = [3, 7, 1]
+    marginals = first_three_marginals(model, prompt, 1.0)
+    stats, samples = GenerationStats(), []
+    for seed in range(RUNS):
+        steps = speculative_generate_step(
+            prompt, model, "mtp", num_draft_tokens=3, max_tokens=6, temp=1.0, seed=seed, stats=stats,
+            prompt_lookup=False,
+        )  # fmt: skip
+        samples.append([t for t, _, _ in itertools.islice(steps, 3)])
+        steps.close()
+    samples = np.array(samples)
+    for position, p in enumerate(marginals):
+        stat, dof = chi_squared(np.bincount(samples[:, position], minlength=SAMPLED_VOCAB), p)
+        assert stat < CRITICAL_12[dof], (position, np.bincount(samples[:, position], minlength=SAMPLED_VOCAB), p * RUNS)
+    assert stats.rounds_by_source["mtp"] > RUNS / 2
+    assert 0 < stats.accepted_draft_tokens < stats.total_draft_tokens  # accepted and rejected, rolled back
+
+
+def test_a_folder_without_mtp_tensors_is_a_clear_error(tmp_path):
+    folder = write_folder(tmp_path / "plain", vocab=97, with_mtp=False)
+    model, _ = mlx_spec.load(str(folder))
+    with pytest.raises(MissingMTPError, match=rf"{folder} holds no MTP tensors.*Hugging Face Qwen3.5"):
+        list(speculative_generate_step(PROMPT, model, "mtp", max_tokens=4))
+    with pytest.raises(ValueError, match="draft_model must be a model, None or 'mtp', got 'mpt'"):
+        list(speculative_generate_step(PROMPT, model, "mpt", max_tokens=4))
+
+
+def test_zero_centred_norms_are_detected_in_an_export(qwen, tmp_path):
+    """A folder in MLX's layout (the body's norms shifted by mlx-lm) whose MTP norms are zero-centred, and one
+    whose MTP norms are shifted too: both give the layer read from the Hugging Face folder."""
+    model, folder = qwen
+    reference_head = dict(tree_flatten(load_head(model, folder).parameters()))
+    raw = {k: v for k, v in mx.load(str(folder / "model.safetensors")).items() if k.startswith("mtp.")}
+    body = {k: v for k, v in tree_flatten(model.parameters())}
+    for shift in (0.0, 1.0):
+        export = tmp_path / f"export{shift}"
+        export.mkdir()
+        mtp = {k: v + shift if v.ndim == 1 and "norm" in k.rsplit(".", 2)[-2] else v for k, v in raw.items()}
+        mx.save_safetensors(str(export / "model.safetensors"), {**body, **mtp})
+        (export / "config.json").write_text(json.dumps(json.loads((folder / "config.json").read_text())))
+        head = dict(tree_flatten(load_head(model, export).parameters()))
+        assert all(np.allclose(np.array(head[k]), np.array(w)) for k, w in reference_head.items())
