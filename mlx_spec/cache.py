@@ -385,8 +385,9 @@ def make_prompt_cache(model, draft_model=None, max_kv_size: int | None = None) -
 
     Args:
         model (nn.Module): The main model.
-        draft_model (nn.Module, optional): The draft model; without one, a draft
-          cache is added when the pair is first used with a draft model.
+        draft_model (nn.Module or "mtp", optional): The draft model; without one, a draft
+          cache is added when the pair is first used with a draft model. "mtp" (the main
+          model's MTP layer): its cache is added when the pair is first used.
         max_kv_size (int, optional): A rotating (sliding-window) cache of this
           many tokens, as in mlx-lm (the first 4 tokens are always kept).
 
@@ -395,6 +396,8 @@ def make_prompt_cache(model, draft_model=None, max_kv_size: int | None = None) -
     """
     if max_kv_size is not None and max_kv_size <= KEEP:
         raise ValueError(f"max_kv_size must be larger than {KEEP}, got {max_kv_size}")
+    if isinstance(draft_model, str):  # "mtp": the main model's own layer, whose cache the first call adds
+        draft_model = None
     return CachePair(
         main=model_cache(model, max_kv_size, "main"),
         draft=None if draft_model is None else model_cache(draft_model, max_kv_size, "draft"),

@@ -9,10 +9,11 @@ import sys
 import traceback
 from pathlib import Path
 
-from .chat import LEGEND, ChatSession, conversation_tokens, interact, paint, use_color
+from .chat import ChatSession, conversation_tokens, interact, legend, paint, use_color
 from .discover import find_drafts, report, resolve_draft
 from .generate import stream_generate
 from .load import check_draft, load, model_source
+from .mtp import MTP, head_for
 from .options import (
     DEFAULT_DRAFT_VOCAB_SIZE,
     KV_BITS,
@@ -75,8 +76,8 @@ def add_model_arguments(p):
     p.add_argument(
         "--draft-model",
         metavar="PATH",
-        help="draft model, or 'auto': the best compatible local one (see `mlx-spec drafts`); "
-        "default: none with --model, the pair's draft without",
+        help="draft model, 'auto': the best compatible local one (see `mlx-spec drafts`), or 'mtp': the main "
+        "model's own MTP layer (Qwen3.5 / Qwen3-Next checkpoints); default: none with --model, the pair's draft without",
     )
     p.add_argument("--no-draft", action="store_true", help="run the main model alone, for comparison")
     p.add_argument(
@@ -145,7 +146,7 @@ def settings_from(args) -> GenerationOptions:
 
 
 def load_models(args):
-    """(model, tokenizer, draft_model or None); the default pair when no --model is given."""
+    """(model, tokenizer, draft_model or None or "mtp"); the default pair when no --model is given."""
     main_source, draft_source = args.model, args.draft_model
     if main_source is None:
         from .fetch import fetch_default_pair
@@ -155,6 +156,9 @@ def load_models(args):
     model, tokenizer = load(str(main_source))
     if args.no_draft or draft_source is None:
         return model, tokenizer, None
+    if draft_source == MTP:
+        head_for(model)  # a folder without MTP tensors fails here, before anything is generated
+        return model, tokenizer, MTP
     draft_source = resolve_draft(main_source, draft_source, progress=note)
     draft_model, draft_tokenizer = load(str(draft_source))
     check_draft(model, draft_model, tokenizer, draft_tokenizer)
@@ -221,7 +225,7 @@ def generate_command(args) -> int:
             f"{stats.host_syncs} host syncs; draft lengths: {dict(sorted(stats.draft_lengths.items()))}"
         )
     if color and (draft_model is not None or settings.prompt_lookup):
-        lines.append(f"{LEGEND}.")
+        lines.append(f"{legend(draft_model)}.")
     print("\n".join(lines), file=sys.stderr)
     return 0
 

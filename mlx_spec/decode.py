@@ -219,12 +219,16 @@ def rounds(d: Decoding, max_tokens: int, plain_first: bool = False) -> Iterator[
 
 
 def _bounded(d: Decoding, choice: Choice, left: int) -> Choice:
-    """The policy's choice within the call's bounds: the tokens left, the draft length limit at this offset, and
-    the rows one forward may read (a rotating cache takes SLACK + 1 at most; past MAX_PENDING tokens given back
-    by a rollback, a plain round reads them)."""
+    """The policy's choice within the call's bounds: the tokens left, the draft length limit at this offset, the
+    rows one forward may read (a rotating cache takes SLACK + 1 at most; past MAX_PENDING tokens given back
+    by a rollback, a plain round reads them), and whether the source can draft now (its `ready()`, where it has
+    one: the MTP layer drafts from the position before the last token)."""
     tokens = d.caches.tokens
     pending = len(tokens) - d.caches.main_offset
     room = SLACK + 1 - pending if pending <= MAX_PENDING else 0
+    source = d.sources.get(choice.source)
+    if source is not None and not getattr(source, "ready", lambda: True)():
+        room = 0
     num_draft = max(0, min(choice.num_draft, left - 1, d.max_draft(len(tokens) - 1), room))
     return choice._replace(num_draft=num_draft, source=choice.source if num_draft > 0 else PLAIN)
 

@@ -216,6 +216,10 @@ class MTPSource:
             return True
         return bool(chunks) and chunks[0][0] <= self.offset and chunks[-1][0] + chunks[-1][1].shape[0] >= main_offset
 
+    def ready(self) -> bool:
+        """Whether the conversation has a position before its last token, whose hidden state drafts."""
+        return len(self.caches.tokens) >= 2
+
     def keep(self, position: int, hidden: mx.array):
         """Keep `hidden` (L, D), the main model's last hidden states at positions `position`.. (newer than any
         kept at those positions: a rejected round's are overwritten by the next pass)."""

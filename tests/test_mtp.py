@@ -66,7 +66,9 @@ def test_greedy_with_lookup_and_auto_equals_plain_decoding(qwen):
     stats = GenerationStats()
     assert [t for t, _, _ in speculative_generate_step(prompt, model, "mtp", max_tokens=60, stats=stats)] == expected
     assert stats.rounds_by_source["mtp"] > 0 and stats.rounds_by_source["lookup"] > 0
-    assert mlx_spec.generate(model, None or _tokenizer(qwen), PROMPT, draft_model="mtp", max_tokens=20) == (
+    one_token = speculative_generate_step([5], model, "mtp", num_draft_tokens=K, max_tokens=12, prompt_lookup=False)
+    assert [t for t, _, _ in one_token] == reference(model, [5], 12)  # the first round cannot draft: plain
+    assert mlx_spec.generate(model, _tokenizer(qwen), PROMPT, draft_model="mtp", max_tokens=20) == (
         mlx_spec.generate(model, _tokenizer(qwen), PROMPT, max_tokens=20)
     )
 
@@ -156,3 +158,25 @@ def test_zero_centred_norms_are_detected_in_an_export(qwen, tmp_path):
         (export / "config.json").write_text(json.dumps(json.loads((folder / "config.json").read_text())))
         head = dict(tree_flatten(load_head(model, export).parameters()))
         assert all(np.allclose(np.array(head[k]), np.array(w)) for k, w in reference_head.items())
+
+
+def test_command_line_drafts_with_mtp_and_names_a_folder_without(qwen, tmp_path, capsys):
+    from mlx_spec.chat import MAGENTA, paint
+    from mlx_spec.cli import main
+
+    _, folder = qwen
+    # transformers reads the toy tokenizer as Qwen3.5's own, which knows the special tokens only
+    prompt = "<s><unk></s><unk><unk><s>"
+    args = ["generate", "--model", str(folder), "-p", prompt, "--ignore-chat-template", "-m", "24", "--json"]
+    args += ["--no-prompt-lookup"]
+    assert main(args + ["--draft-model", "mtp", "--num-draft-tokens", "3"]) == 0
+    drafted = json.loads(capsys.readouterr().out)
+    assert main(args + ["--no-draft"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert drafted["tokens"] == plain["tokens"] and drafted["draft_model"] == "mtp"
+    assert drafted["mtp_draft_tokens"] == drafted["total_draft_tokens"] > 0
+    assert drafted["rounds_by_source"]["mtp"] > 0
+    assert paint("x", True, True, "mtp") == f"{MAGENTA}x\x1b[0m"
+    without = write_folder(tmp_path / "plain", vocab=97, with_mtp=False)
+    assert main(["generate", "--model", str(without), "-p", "w5", "--draft-model", "mtp"]) == 1
+    assert f"{without} holds no MTP tensors" in " ".join(capsys.readouterr().err.split())
