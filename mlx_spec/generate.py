@@ -101,8 +101,9 @@ def speculative_generate_step(
           `sampler`: temperature (0: greedy), nucleus mass, top tokens kept,
           minimum probability relative to the top token.
         seed (int, optional): Seed of the sampling, for a reproducible run.
-        draft_vocab_size (int, optional): Cut the draft's output layer to the
-          first N token ids (cheaper draft steps, same output).
+        draft_vocab_size (int, optional): Cut the draft's output layer (or, with
+          draft_model="mtp", that of the MTP layer's steps) to the first N token
+          ids (cheaper draft steps, same output).
         prompt_lookup (bool): Let rounds copy draft tokens from the conversation
           itself (every token of the cache: prompt, earlier turns, this reply)
           where it repeats; with `draft_model=None` generation is then still
@@ -219,7 +220,7 @@ def _mtp_source(model, head, caches: CachePair, opts: GenerationOptions, vocab_s
     layer never saw (made or last used without it, or cut back past what it kept) decodes without it."""
     if head is None:
         return None
-    source = MTPSource(model, head, caches, opts.sampling, vocab_size, logits_processors)
+    source = MTPSource(model, head, caches, opts.sampling, vocab_size, logits_processors, opts.draft_vocab_size)
     if not source.covers():
         warnings.warn(
             f"the prompt cache holds {caches.main_offset} tokens the MTP layer has not read: this call decodes "

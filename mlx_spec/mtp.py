@@ -27,7 +27,7 @@ from mlx_lm.models.cache import KVCache
 
 from . import facts
 from .cache import CachePair
-from .draft import propose
+from .draft import first_rows, propose
 from .sampling import SamplingParams, fit_vocab
 from .verify import body_and_head
 
@@ -194,10 +194,21 @@ class MTPSource:
     """
 
     def __init__(
-        self, model, head: MTPHead, caches: CachePair, params: SamplingParams, vocab_size: int, logits_processors=None
+        self,
+        model,
+        head: MTPHead,
+        caches: CachePair,
+        params: SamplingParams,
+        vocab_size: int,
+        logits_processors=None,
+        shortlist: int | None = None,
     ):
         body, self.output = body_and_head(model)
         self.embed = body.embed_tokens
+        layer = body_and_head(model, layer_only=True)[1]
+        if shortlist and layer.weight.shape[0] > shortlist and getattr(layer, "bias", None) is None:
+            # draft_vocab_size: the output layer cut to the first ids, as the draft model's (draft.DraftModel)
+            self.output = lambda hidden: first_rows(layer, hidden, shortlist)
         self.head, self.caches, self.params = head, caches, params
         self.vocab_size, self.logits_processors = vocab_size, logits_processors
         if caches.mtp is None:

@@ -21,10 +21,11 @@ def output_layer(model):
     return model.model.embed_tokens if layer is None else layer
 
 
-def body_and_head(model):
+def body_and_head(model, layer_only: bool = False):
     """(body, head): `body(inputs, cache)` gives the main model's last hidden states (after its final norm),
     `head(hidden)` their logits, for HEADED_TYPES and the models that carry MTP layers (Qwen3.5 / Qwen3-Next,
-    whose multimodal wrapper holds a `language_model`, and DeepSeek-V3); None for other models."""
+    whose multimodal wrapper holds a `language_model`, and DeepSeek-V3); None for other models. With
+    `layer_only`, head is the output layer itself (an `lm_head`, or the tied embedding)."""
     text = getattr(model, "language_model", model)
     kind = type(text).__module__.rsplit(".", 1)[-1]
     if getattr(text, "sharding_group", None) is not None or not hasattr(text, "model"):
@@ -36,8 +37,9 @@ def body_and_head(model):
         layer = output_layer(text)
     if layer is None:
         return None
-    head = layer.as_linear if hasattr(layer, "as_linear") else layer
-    return text.model, head
+    if layer_only:
+        return text.model, layer
+    return text.model, layer.as_linear if hasattr(layer, "as_linear") else layer
 
 
 def last_logits(model, inputs: mx.array, cache: list, rows: int) -> mx.array:

@@ -66,6 +66,10 @@ def test_greedy_with_lookup_and_auto_equals_plain_decoding(qwen):
     stats = GenerationStats()
     assert [t for t, _, _ in speculative_generate_step(prompt, model, "mtp", max_tokens=60, stats=stats)] == expected
     assert stats.rounds_by_source["mtp"] > 0 and stats.rounds_by_source["lookup"] > 0
+    shortlisted = speculative_generate_step(
+        PROMPT, model, "mtp", num_draft_tokens=K, max_tokens=40, draft_vocab_size=50
+    )
+    assert [t for t, _, _ in shortlisted] == reference(model, PROMPT, 40)  # drafts among the first 50 ids only
     one_token = speculative_generate_step([5], model, "mtp", num_draft_tokens=K, max_tokens=12, prompt_lookup=False)
     assert [t for t, _, _ in one_token] == reference(model, [5], 12)  # the first round cannot draft: plain
     assert mlx_spec.generate(model, _tokenizer(qwen), PROMPT, draft_model="mtp", max_tokens=20) == (

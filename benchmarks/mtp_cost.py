@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""What one MTP draft step costs against a main decoding step, at the Qwen3.5 4B shape (random weights, float32).
+
+  flock /tmp/mlx_spec_bench.lock python3 benchmarks/mtp_cost.py                 # ~3 min on a 2-core CPU
+  flock /tmp/mlx_spec_bench.lock python3 benchmarks/mtp_cost.py --repeats 9 --json mtp_cost.json
+
+The 4B shape (hidden 2560, 32 layers: 8 times 3 GatedDeltaNet layers and 1 full-attention layer, intermediate
+9216, vocabulary 248320, tied embeddings; see benchmarks/hybrid_cost.py) needs ~17 GB in float32. It is
+measured in parts that fit beside other work, each part whole at its real shape, in one process, the variants
+interleaved pass by pass (medians over `--repeats` passes after a warm-up):
+
+- a block of the body, the 4 layers the body repeats 8 times, over 1 .. 5 rows after a `--context`-token
+  cache (a main step reads 1 row; a verify of k drafts k + 1);
+- the output layer over a quarter of the vocabulary (62080 rows: a matrix-vector product costs what its bytes
+  cost, so the whole layer is 4 of them), and over its first 32768 ids (`--draft-vocab-size 32768`);
+- the MTP layer's step: its two input norms, `fc`, the full-attention decoder layer after a `--context`-entry
+  cache, its norm (mlx_spec.mtp.MTPHead), without the output layer.
+
+main step = 8 blocks(1 row) + 4 quarters;  MTP step = MTP layer + 4 quarters (or + the first 32768 ids).
+Target: MTP step / main step <= 0.1. Then the projection of the speed-up for acceptance a per depth (each
+draft accepted with probability a once those before it were): E(k) = 1 + a + a^2 + ... + a^k tokens per round,
+a round costs verify(k + 1 rows) + k MTP steps, speed-up(k) = E(k) * main step / round; the best k is printed.
+
+Last, the host reads: the engine's rounds on the 4-layer model with the MTP layer (vocabulary cut to 62080),
+16 tokens, fixed k = 3: `GenerationStats.host_syncs` (the engine's `HostReads` count, one per `.tolist()` of
+a round's result) against the rounds.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hybrid_cost import COMMON, ROPE_THETA, SHAPES, fill_weights  # noqa: E402
+
+from mlx_spec import GenerationStats, facts, speculative_generate_step  # noqa: E402
+from mlx_spec.draft import first_rows  # noqa: E402
+from mlx_spec.mtp import MTPHead  # noqa: E402
+
+QUARTER = COMMON["vocab_size"] // 4  # 62080
+SHORTLIST = 32768
+BLOCK = 4  # layers the 4B body repeats: 3 GatedDeltaNet, 1 full attention
+NUM_BLOCKS = SHAPES["4b"]["num_hidden_layers"] // BLOCK
+MAX_K = 4
+
+
+def block_model(seed: int):
+    """mlx-lm's Qwen3.5 at the 4B shape with one block of 4 layers and a quarter of the vocabulary."""
+    from mlx_lm.models import qwen3_5
+
+    rope = dict(rope_type="default", rope_theta=ROPE_THETA, partial_rotary_factor=0.25, mrope_section=[11, 11, 10])
+    text = dict(
+        model_type="qwen3_5_text",
+        **{**SHAPES["4b"], "num_hidden_layers": BLOCK},
+        **{**COMMON, "vocab_size": QUARTER},
+        linear_conv_kernel_dim=4,
+        full_attention_interval=4,
+        rope_parameters=rope,
+    )
+    model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(dict(model_type="qwen3_5", text_config=text)))
+    fill_weights(model, 0.02, seed)
+    model.eval()
+    return model
+
+
+def mtp_head(model, seed: int) -> MTPHead:
+    text = model.language_model
+    args = text.args
+    head = MTPHead(type(text.model.layers[0])(args, args.full_attention_interval - 1), args.hidden_size, 1e-6)
+    fill_weights(head, 0.02, seed + 1)
+    head.eval()
+    return head
+
+
+def timed(fn, state_of) -> float:
+    start = time.perf_counter()
+    out = fn()
+    mx.eval(out, state_of())
+    return time.perf_counter() - start
+
+
+def measure(model, head, context: int, repeats: int) -> dict:
+    """Median seconds of each part (see the module docstring)."""
+    body, embed = model.language_model.model, model.language_model.model.embed_tokens
+    prompt = mx.random.randint(0, QUARTER, (1, context))
+    main_cache = mlx_lm_cache(model)
+    body(prompt, cache=main_cache)
+    mx.eval([c.state for c in main_cache])
+    hidden = mx.random.normal((1, context, body.norm.weight.shape[0])) * 0.5
+    mtp_cache = [KVCache()]
+    head(embed(prompt), hidden, mtp_cache)
+    mx.eval(mtp_cache[0].state)
+    states = [list(c.state) if hasattr(c, "keys") else list(c.cache) for c in main_cache]
+    row = mx.random.normal((1, 1, hidden.shape[-1]))
+
+    def body_rows(n):
+        def run():
+            for cache, state in zip(main_cache, states):  # back to the context's end, as a rollback would
+                if hasattr(cache, "keys"):
+                    cache.offset = context
+                else:
+                    cache.cache = list(state)
+            return body(mx.random.randint(0, QUARTER, (1, n)), cache=main_cache)
+
+        return run
+
+    def mtp_step():
+        mtp_cache[0].offset = context
+        return head(embed(mx.array([[7]])), row, mtp_cache)
+
+    layer = model.language_model.model.embed_tokens
+    parts = {f"block x{n}": body_rows(n) for n in range(1, MAX_K + 2)}
+    parts |= {
+        f"quarter x{n}": (lambda n=n: layer.as_linear(mx.random.normal((n, row.shape[-1]))))
+        for n in range(1, MAX_K + 2)
+    }
+    parts["first 32768 ids"] = lambda: first_rows(layer, row[0], SHORTLIST)
+    parts["mtp layer"] = mtp_step
+    names = list(parts)
+    seconds = {name: [] for name in names}
+    state_of = lambda: [c.state for c in main_cache] + [mtp_cache[0].state]  # noqa: E731
+    for name in names:  # warm-up
+        timed(parts[name], state_of)
+    for rep in range(repeats):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:  # a rotated order each pass
+            seconds[name].append(timed(parts[name], state_of))
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def host_reads(model, head) -> tuple[int, int, int]:
+    """(host syncs, rounds, MTP rounds) of the engine's rounds with the MTP layer (facts: as `head_for` keeps
+    it)."""
+    facts.of(model).mtp = head
+    stats = GenerationStats()
+    prompt = mx.random.randint(0, QUARTER, (32,)).tolist()
+    for _ in speculative_generate_step(
+        prompt, model, "mtp", num_draft_tokens=3, max_tokens=16, prompt_lookup=False, stats=stats
+    ):
+        pass
+    return stats.host_syncs, stats.num_rounds, stats.rounds_by_source["mtp"]
+
+
+def project(main_step: float, verify: dict, mtp_step: float, acceptance: float) -> tuple[float, int]:
+    """(best speed-up over plain decoding, its k) for acceptance `acceptance` per depth."""
+    best = (1.0, 0)
+    for k in range(1, MAX_K + 1):
+        expected = sum(acceptance**i for i in range(k + 1))
+        best = max(best, (expected * main_step / (verify[k] + k * mtp_step), k))
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--context", type=int, default=256, help="tokens in the caches before the step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the numbers here")
+    args = parser.parse_args()
+    try:
+        from mlx_spec.blas import ensure_openblas
+    except ImportError:
+        pass
+    else:
+        ensure_openblas()  # may re-execute this process with OpenBLAS preloaded
+    mx.random.seed(args.seed)
+    model = block_model(args.seed)
+    head = mtp_head(model, args.seed)
+    t = measure(model, head, args.context, args.repeats)
+    for name, value in t.items():
+        print(f"{name:>18}: {1e3 * value:8.2f} ms")
+    output_layer = 4 * t["quarter x1"]
+    main_step = NUM_BLOCKS * t["block x1"] + output_layer
+    verify = {k: NUM_BLOCKS * t[f"block x{k + 1}"] + 4 * t[f"quarter x{k + 1}"] for k in range(1, MAX_K + 1)}
+    mtp_full = t["mtp layer"] + output_layer
+    mtp_short = t["mtp layer"] + t["first 32768 ids"]
+    print(f"main step (composed): {1e3 * main_step:.1f} ms; verify of k+1 rows / main step: "
+          + ", ".join(f"k={k} {v / main_step:.2f}" for k, v in verify.items()))  # fmt: skip
+    print(f"MTP step / main step: {mtp_full / main_step:.3f} (whole vocabulary), "
+          f"{mtp_short / main_step:.3f} (--draft-vocab-size {SHORTLIST})")  # fmt: skip
+    syncs, rounds, mtp_rounds = host_reads(model, head)
+    print(f"host reads: {syncs} in {rounds} rounds ({mtp_rounds} of them drafted by the MTP layer)")
+    projection = {}
+    for a in (0.6, 0.75, 0.9):
+        full, short = project(main_step, verify, mtp_full, a), project(main_step, verify, mtp_short, a)
+        projection[a] = dict(whole=full, shortlist=short)
+        print(f"acceptance {a}: {full[0]:.2f}x (k={full[1]}), with the shortlist {short[0]:.2f}x (k={short[1]})")
+    if args.json:
+        out = dict(parts=t, main_step=main_step, verify=verify, mtp_step=dict(whole=mtp_full, shortlist=mtp_short))
+        out |= dict(host_syncs=syncs, rounds=rounds, mtp_rounds=mtp_rounds, projection=projection, args=vars(args))
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
