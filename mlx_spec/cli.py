@@ -323,7 +323,12 @@ def serve_command(args) -> int:
 
 
 def add_convert_arguments(p):
-    p.add_argument("gguf", metavar="FILE.gguf", help="a llama.cpp GGUF model file (qwen2 or llama)")
+    p.add_argument(
+        "gguf",
+        metavar="SOURCE",
+        help="a llama.cpp GGUF model file (qwen2 or llama), or a Hugging Face checkpoint folder (its MTP tensors "
+        "are kept, for --draft-model mtp)",
+    )
     p.add_argument("out_dir", metavar="OUT_DIR", help="the MLX model folder to write (must not exist)")
     p.add_argument(
         "--dtype",
@@ -331,12 +336,30 @@ def add_convert_arguments(p):
         help="weight type (default: float16 on Apple GPUs, float32 on CPUs)",
     )
     p.add_argument("--q-bits", type=int, choices=(4, 8), help="re-quantize the weights to this many bits")
+    p.add_argument(
+        "--mtp-bits",
+        type=int,
+        choices=(4, 8),
+        help="quantize the MTP layer of a Hugging Face checkpoint to this many bits (default: --dtype, unquantized)",
+    )
 
 
 def convert_command(args) -> int:
-    """convert a GGUF file into an MLX model folder"""
+    """convert a GGUF file or a Hugging Face checkpoint (its MTP tensors kept) into an MLX model folder"""
     from .gguf import convert_gguf, default_dtype
 
+    if Path(args.gguf).is_dir():
+        from .mtp import convert
+
+        if Path(args.out_dir).exists():
+            raise ValueError(f"{args.out_dir} exists: give a folder to create")
+        convert(
+            args.gguf, args.out_dir, dtype=args.dtype or default_dtype(), q_bits=args.q_bits, mtp_bits=args.mtp_bits
+        )
+        note(f"wrote {args.out_dir}")
+        return 0
+    if args.mtp_bits is not None:
+        raise ValueError("--mtp-bits is for a Hugging Face checkpoint folder: a GGUF file has no MTP tensors")
     if not Path(args.gguf).is_file():
         raise ValueError(f"GGUF file not found: {args.gguf}")
     try:

@@ -303,3 +303,36 @@ class _Chain:
 
 def nbytes(head: MTPHead) -> int:
     return sum(w.nbytes for _, w in tree_flatten(head.parameters()))
+
+
+def convert(hf_folder, out_dir, dtype: str | None = None, q_bits: int | None = None, mtp_bits: int | None = None):
+    """Convert a Hugging Face checkpoint folder with mlx-lm (quantized to `q_bits` if given) and keep its MTP
+    tensors beside, in `out_dir`/mtp.safetensors: as MTPHead holds them (norms shifted, experts stacked), in
+    `dtype`, quantized to `mtp_bits` if given (the MTP layer may keep more bits than the body). A checkpoint
+    without MTP tensors converts as mlx-lm converts it."""
+    from mlx_lm import convert as mlx_lm_convert
+
+    hf_folder, out_dir = Path(hf_folder), Path(out_dir)
+    mlx_lm_convert(str(hf_folder), str(out_dir), quantize=q_bits is not None, q_bits=q_bits, dtype=dtype)
+    if not any(_read_mtp(hf_folder)[0]):
+        return out_dir
+    import mlx_lm
+
+    model, _ = mlx_lm.load(str(out_dir))
+    head = load_head(model, hf_folder)
+    if dtype is not None:
+        head.set_dtype(getattr(mx, dtype))
+    metadata = {NORMS_KEY: "shifted"}
+    if mtp_bits is not None:
+        quantization = {"group_size": 64, "bits": mtp_bits}
+        nn.quantize(
+            head,
+            **quantization,
+            class_predicate=lambda _, m: (
+                hasattr(m, "to_quantized") and not isinstance(m, nn.Embedding) and m.weight.shape[-1] % 64 == 0
+            ),
+        )
+        metadata["quantization"] = json.dumps(quantization)
+    weights = {f"mtp.{k}": v for k, v in tree_flatten(head.parameters())}
+    mx.save_safetensors(str(out_dir / MTP_FILE), weights, metadata=metadata)
+    return out_dir

@@ -184,3 +184,26 @@ def test_command_line_drafts_with_mtp_and_names_a_folder_without(qwen, tmp_path,
     without = write_folder(tmp_path / "plain", vocab=97, with_mtp=False)
     assert main(["generate", "--model", str(without), "-p", "w5", "--draft-model", "mtp"]) == 1
     assert f"{without} holds no MTP tensors" in " ".join(capsys.readouterr().err.split())
+
+
+def test_convert_keeps_the_mtp_tensors(qwen, tmp_path, capsys):
+    """`mlx-spec convert` of a Hugging Face folder: mlx-lm's conversion, and mtp.safetensors beside it, which
+    gives the layer read from the original (or, with --mtp-bits 8, that layer quantized)."""
+    from mlx_spec.cli import main
+
+    model, folder = qwen
+    original = dict(tree_flatten(head_for(model).parameters()))
+    for extra in ([], ["--mtp-bits", "8"]):
+        out = tmp_path / f"converted{len(extra)}"
+        assert main(["convert", str(folder), str(out), "--dtype", "float32", *extra]) == 0
+        converted, _ = mlx_spec.load(str(out))
+        head = dict(tree_flatten(head_for(converted).parameters()))
+        if extra:
+            assert head["fc.scales"].size > 0 and "fc.scales" not in original
+        else:
+            assert all(np.allclose(np.array(head[k]), np.array(w), atol=1e-6) for k, w in original.items())
+        expected = reference(converted, PROMPT, 24)
+        steps = speculative_generate_step(PROMPT, converted, "mtp", num_draft_tokens=3, max_tokens=24)
+        assert [t for t, _, _ in steps] == expected
+    assert main(["convert", str(folder), str(tmp_path / "converted0")]) == 1
+    assert "exists" in capsys.readouterr().err
