@@ -35,6 +35,8 @@ MTP = "mtp"  # the draft_model value, and the name of the source
 MTP_FILE = "mtp.safetensors"  # where `mlx-spec convert` keeps the MTP tensors of a converted folder
 NORMS_KEY = "mlx_spec_mtp_norms"  # its metadata: "shifted" (as mlx-lm's RMSNorm reads them)
 QWEN_KINDS = ("qwen3_5", "qwen3_next")
+DEEPSEEK_NAMES = {"enorm": "pre_fc_norm_embedding", "hnorm": "pre_fc_norm_hidden", "eh_proj": "fc"}
+DEEPSEEK_NAMES["shared_head.norm"] = "norm"
 # Hidden states kept after the MTP cache read them: a conversation cut back (a stop inside a round, a chat turn
 # rendered otherwise) by up to this many tokens below the MTP cache reads them again. Cut back further, the MTP
 # layer cannot draft for the rest of the conversation (its cache would need the main model's states again).
@@ -48,22 +50,27 @@ WHERE_TO_GET = (
 class MTPHead(nn.Module):
     """The MTP layer: two input norms, the projection `fc`, one decoder layer of the model's own class, `norm`.
 
-    `__call__(hidden (1, L, D), tokens (L,), cache)` gives g (1, L, D), the normed output whose last row the
-    main model's output layer turns into logits, and which the next chained step reads as its hidden state.
+    `__call__(embedded (1, L, D), hidden (1, L, D), cache)` gives g (1, L, D), the normed output whose last row
+    the main model's output layer turns into logits, and what the next chained step reads as its hidden state:
+    g (Qwen), or the output before `norm` (DeepSeek-V3, whose layer is `enorm`, `hnorm`, `eh_proj`, a decoder
+    layer and `shared_head.norm`, stored as the decoder layer after the last).
     """
 
-    def __init__(self, layer: nn.Module, hidden_size: int, eps: float):
+    def __init__(self, layer: nn.Module, hidden_size: int, eps: float, chain_normed: bool = True):
         super().__init__()
+        self.chain_normed = chain_normed  # Qwen: a chained step reads g; DeepSeek-V3: the output before `norm`
         self.pre_fc_norm_embedding = nn.RMSNorm(hidden_size, eps=eps)
         self.pre_fc_norm_hidden = nn.RMSNorm(hidden_size, eps=eps)
         self.fc = nn.Linear(2 * hidden_size, hidden_size, bias=False)
         self.layers = [layer]
         self.norm = nn.RMSNorm(hidden_size, eps=eps)
 
-    def __call__(self, embedded: mx.array, hidden: mx.array, cache: list) -> mx.array:
+    def __call__(self, embedded: mx.array, hidden: mx.array, cache: list) -> tuple[mx.array, mx.array]:
+        """(what a chained step reads, g): both (1, L, D)."""
         x = self.fc(mx.concatenate([self.pre_fc_norm_embedding(embedded), self.pre_fc_norm_hidden(hidden)], -1))
-        mask = create_attention_mask(x, cache[0])
-        return self.norm(self.layers[0](x, mask, cache[0]))
+        x = self.layers[0](x, create_attention_mask(x, cache[0], return_array=True), cache[0])
+        normed = self.norm(x)
+        return (normed if self.chain_normed else x), normed
 
 
 class MissingMTPError(ValueError):
@@ -88,21 +95,28 @@ def load_head(model, folder: Path) -> MTPHead:
     """Read the MTP tensors of `folder` and build the layer for `model` (ValueError naming the folder if none)."""
     text = getattr(model, "language_model", model)
     kind = type(text).__module__.rsplit(".", 1)[-1]
-    if kind not in QWEN_KINDS:
+    if kind not in (*QWEN_KINDS, "deepseek_v3"):
         raise MissingMTPError(
-            f"draft_model='mtp' drafts with the MTP layers of Qwen3.5 / Qwen3.6 / Qwen3-Next checkpoints; "
-            f"{folder} holds a {kind} model"
+            f"draft_model='mtp' drafts with the MTP layers of Qwen3.5 / Qwen3.6 / Qwen3-Next and DeepSeek-V3 "
+            f"checkpoints; {folder} holds a {kind} model"
         )
-    raw, metadata, hf_layout = _read_mtp(folder)
+    args = text.args
+    if kind == "deepseek_v3":
+        return _deepseek_head(text, folder)
+    raw, metadata, hf_layout = _read_mtp(folder, _qwen_name)
     if not raw:
         raise MissingMTPError(f"{folder} holds no MTP tensors (mtp.*): {WHERE_TO_GET}")
-    args = text.args
     layer_index = args.full_attention_interval - 1  # a full-attention layer, with the model's MLP kind
     layer = type(text.model.layers[0])(args, layer_index)
     head = MTPHead(layer, args.hidden_size, args.rms_norm_eps)
     weights = _stack_experts(raw)
     if metadata.get(NORMS_KEY) != "shifted" and _zero_centred(weights, text, hf_layout, folder):
         weights = {k: v + 1.0 if _is_norm(k, v) else v for k, v in weights.items()}
+    return _loaded(head, weights, metadata, folder, kind)
+
+
+def _loaded(head: MTPHead, weights: dict, metadata: dict, folder: Path, kind: str) -> MTPHead:
+    """`head` with `weights` (quantized first where the file says so), evaluated."""
     if "quantization" in metadata:  # as `mlx-spec convert --mtp-bits` wrote it
         quantized = {k.rsplit(".", 1)[0] for k in weights if k.endswith(".scales")}
         nn.quantize(head, class_predicate=lambda path, _: path in quantized, **json.loads(metadata["quantization"]))
@@ -114,14 +128,39 @@ def load_head(model, folder: Path) -> MTPHead:
     return head
 
 
-def _read_mtp(folder: Path) -> tuple[dict, dict, bool]:
-    """(the MTP tensors, named as in MTPHead; the metadata of the file that held them; whether the folder is in
-    the Hugging Face layout (mlx-lm's sanitize has not run on it: conv1d weights (C, 1, K)))."""
+def _qwen_name(key: str) -> str | None:
+    return key[key.index("mtp.") + 4 :] if key.startswith(_MTP_PREFIXES) else None
+
+
+def _deepseek_head(text, folder: Path) -> MTPHead:
+    """DeepSeek-V3's MTP layer: the decoder layer after the last (`model.layers.{num_hidden_layers}`), its
+    weights through mlx-lm's own sanitize (as layer 0: MLA's kv_b_proj split, experts stacked, fp8 read)."""
+    args = text.args
+    prefix = f"model.layers.{args.num_hidden_layers}."
+    raw, metadata, _ = _read_mtp(folder, lambda k: k[len(prefix) :] if k.startswith(prefix) else None)
+    if not raw:
+        raise MissingMTPError(f"{folder} holds no MTP tensors ({prefix}*): {WHERE_TO_GET}")
+    own = {k: v for k, v in raw.items() if k.split(".")[0] in ("enorm", "hnorm", "eh_proj", "shared_head")}
+    layer = {f"model.layers.0.{k}": v for k, v in raw.items() if k not in own and not k.startswith("embed_tokens")}
+    weights = {k.replace("model.layers.0.", "layers.0.", 1): v for k, v in text.sanitize(layer).items()}
+    for name, value in own.items():
+        module = name.rsplit(".", 1)[0]
+        if module in DEEPSEEK_NAMES:  # shared_head.head is the main model's output layer
+            weights[f"{DEEPSEEK_NAMES[module]}.{name.rsplit('.', 1)[1]}"] = value
+    layer_class = type(text.model.layers[-1])
+    head = MTPHead(layer_class(args, args.num_hidden_layers), args.hidden_size, args.rms_norm_eps, False)
+    return _loaded(head, weights, metadata, folder, "deepseek_v3")
+
+
+def _read_mtp(folder: Path, rename) -> tuple[dict, dict, bool]:
+    """(the MTP tensors, as `rename(key)` names them (None: not one); the metadata of the file that held them;
+    whether the folder is in the Hugging Face layout (mlx-lm's sanitize has not run on it: conv1d weights
+    (C, 1, K)))."""
     weights, metadata, hf_layout = {}, {}, False
     for file in sorted(folder.glob("*.safetensors")):
         header = _header(file)
         hf_layout |= any(k.endswith("conv1d.weight") and v["shape"][-1] != 1 for k, v in header.items() if k[0] != "_")
-        names = {k: k[k.index("mtp.") + 4 :] for k in header if k.startswith(_MTP_PREFIXES)}
+        names = {k: rename(k) for k in header if k != "__metadata__" and rename(k) is not None}
         if names:
             loaded, file_metadata = mx.load(str(file), return_metadata=True)
             weights.update({new: loaded[old] for old, new in names.items()})
@@ -296,9 +335,9 @@ class _Chain:
 
     def __call__(self, inputs: mx.array, cache: list) -> mx.array:
         source = self.source
-        out = source.head(source.embed(inputs[None]), self.hidden, cache)
-        self.hidden = out[:, -1:]
-        return fit_vocab(source.output(out[0, -1:]), self.vocab_size)
+        chained, normed = source.head(source.embed(inputs[None]), self.hidden, cache)
+        self.hidden = chained[:, -1:]
+        return fit_vocab(source.output(normed[0, -1:]), self.vocab_size)
 
 
 def nbytes(head: MTPHead) -> int:
@@ -314,7 +353,7 @@ def convert(hf_folder, out_dir, dtype: str | None = None, q_bits: int | None = N
 
     hf_folder, out_dir = Path(hf_folder), Path(out_dir)
     mlx_lm_convert(str(hf_folder), str(out_dir), quantize=q_bits is not None, q_bits=q_bits, dtype=dtype)
-    if not any(_read_mtp(hf_folder)[0]):
+    if not any(_read_mtp(hf_folder, _qwen_name)[0]):
         return out_dir
     import mlx_lm
 
