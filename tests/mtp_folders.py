@@ -114,3 +114,61 @@ def write_folder(folder, vocab: int = 97, seed: int = 0, with_mtp: bool = True, 
     tokenizer_config.pop("backend", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return folder
+
+
+DEEPSEEK_LAYERS = 61  # mlx-lm's deepseek_v3 drops the MTP layer only at index 61, DeepSeek-V3's own
+
+
+def write_deepseek_folder(folder, vocab: int = 97, seed: int = 0, mixing: float = 0.02) -> tuple[Path, dict]:
+    """A tiny DeepSeek-V3 folder (61 layers, MLA, MoE) whose 62nd layer is an MTP layer in the Hugging Face
+    layout (per-expert tensors, MLA's kv_b_proj), with enorm / hnorm / eh_proj / shared_head, made to guess the
+    token after next as the Qwen one is. Returns the folder and the MTP decoder layer's weights as mlx-lm's
+    class holds them."""
+    from mlx_lm.models import deepseek_v3
+
+    mx.random.seed(seed)
+    config = dict(
+        model_type="deepseek_v3", vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=128,
+        moe_intermediate_size=32, num_hidden_layers=DEEPSEEK_LAYERS, num_attention_heads=4, num_key_value_heads=4,
+        n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=1024, rope_theta=10000.0,
+    )  # fmt: skip
+    args = deepseek_v3.ModelArgs.from_dict(config)
+    model = deepseek_v3.Model(args)
+    mtp_layer = deepseek_v3.DeepseekV3DecoderLayer(args, DEEPSEEK_LAYERS)
+    for module in (model, mtp_layer):
+        module.update(
+            tree_unflatten(
+                [
+                    (k, w * mixing if k.endswith(("o_proj.weight", "down_proj.weight")) else w)
+                    for k, w in tree_flatten(module.parameters())
+                ]
+            )
+        )
+    mx.eval(model.parameters(), mtp_layer.parameters())
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    prefix = f"model.layers.{DEEPSEEK_LAYERS}."
+    for key, w in tree_flatten(mtp_layer.parameters()):
+        if ".switch_mlp." in key:  # Hugging Face: one tensor per expert
+            for e in range(w.shape[0]):
+                weights[prefix + key.replace("switch_mlp", f"experts.{e}")] = w[e]
+        elif key == "self_attn.embed_q.weight":  # Hugging Face: MLA's kv_b_proj, split by mlx-lm's sanitize
+            unembed = dict(tree_flatten(mtp_layer.parameters()))["self_attn.unembed_out.weight"]
+            kv_b = mx.concatenate([w.swapaxes(-1, -2), unembed], axis=1)
+            weights[prefix + "self_attn.kv_b_proj.weight"] = kv_b.reshape(-1, kv_b.shape[-1])
+        elif key != "self_attn.unembed_out.weight":
+            weights[prefix + key] = w
+    eye = mx.eye(HIDDEN)
+    weights[prefix + "eh_proj.weight"] = mx.concatenate([eye * 2.0, 0.3 * mx.random.normal((HIDDEN, HIDDEN)) / 8], 1)
+    weights[prefix + "enorm.weight"] = mx.ones(HIDDEN)
+    weights[prefix + "hnorm.weight"] = mx.ones(HIDDEN)
+    weights[prefix + "shared_head.norm.weight"] = model.model.norm.weight
+    weights[prefix + "shared_head.head.weight"] = model.lm_head.weight
+    weights[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    toy_tokenizer(vocab).save_pretrained(str(folder))
+    return folder, dict(tree_flatten(mtp_layer.parameters()))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
-from mtp_folders import write_folder
+from mtp_folders import write_deepseek_folder, write_folder
 from test_accept import chi_squared
 from test_recurrent import CRITICAL_12, first_three_marginals
 from tiny import reference
@@ -207,3 +207,27 @@ def test_convert_keeps_the_mtp_tensors(qwen, tmp_path, capsys):
         assert [t for t, _, _ in steps] == expected
     assert main(["convert", str(folder), str(tmp_path / "converted0")]) == 1
     assert "exists" in capsys.readouterr().err
+
+
+def test_deepseek_v3_mtp_layer(tmp_path):
+    """DeepSeek-V3 keeps its MTP layer as the decoder layer after the last (mlx-lm drops it, at index 61 only):
+    greedy output with it equals plain decoding, its rounds draft, and its cache is exact."""
+    folder, layer = write_deepseek_folder(tmp_path / "deepseek")
+    model, _ = mlx_spec.load(str(folder))
+    head = head_for(model)
+    assert head.chain_normed is False
+    loaded = dict(tree_flatten(head.layers[0].parameters()))
+    assert loaded.keys() == layer.keys() and all(
+        np.allclose(np.array(loaded[k]), np.array(w)) for k, w in layer.items()
+    )
+    caches = make_prompt_cache(model, "mtp")
+    stats = GenerationStats()
+    steps = speculative_generate_step(
+        PROMPT, model, "mtp", num_draft_tokens=3, max_tokens=24, prompt_lookup=False, stats=stats, prompt_cache=caches
+    )
+    assert [t for t, _, _ in steps] == reference(model, PROMPT, 24)
+    assert stats.rounds_by_source["mtp"] > 3 and stats.accepted_draft_tokens > 0
+    mtp = caches.mtp[0]
+    expected = sequential_mtp_cache(model, caches.tokens, mtp.offset)
+    for got, want in ((mtp.keys, expected.keys), (mtp.values, expected.values)):  # MLA: latent and rope keys
+        assert np.allclose(np.array(got[..., : mtp.offset, :]), np.array(want[..., : mtp.offset, :]), atol=1e-4)
