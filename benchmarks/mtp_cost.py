@@ -87,7 +87,7 @@ def timed(fn, state_of) -> float:
 
 
 def measure(model, head, context: int, repeats: int) -> dict:
-    """Median seconds of each part (see the module docstring)."""
+    """Seconds of each part (see the module docstring), one list per part: a value per pass."""
     body, embed = model.language_model.model, model.language_model.model.embed_tokens
     prompt = mx.random.randint(0, QUARTER, (1, context))
     main_cache = mlx_lm_cache(model)
@@ -131,7 +131,7 @@ def measure(model, head, context: int, repeats: int) -> dict:
     for rep in range(repeats):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:  # a rotated order each pass
             seconds[name].append(timed(parts[name], state_of))
-    return {name: statistics.median(values) for name, values in seconds.items()}
+    return seconds
 
 
 def host_reads(model, head) -> tuple[int, int, int]:
@@ -172,14 +172,24 @@ def main():
     mx.random.seed(args.seed)
     model = block_model(args.seed)
     head = mtp_head(model, args.seed)
-    t = measure(model, head, args.context, args.repeats)
-    for name, value in t.items():
-        print(f"{name:>18}: {1e3 * value:8.2f} ms")
+    from mlx_spec.blas import blas_info
+
+    print(f"BLAS: {blas_info()}")
+    passes = measure(model, head, args.context, args.repeats)
+    t = {name: statistics.median(values) for name, values in passes.items()}
+    for name, values in passes.items():
+        print(f"{name:>18}: {1e3 * t[name]:8.2f} ms (median; {1e3 * min(values):.1f}..{1e3 * max(values):.1f})")
     output_layer = 4 * t["quarter x1"]
     main_step = NUM_BLOCKS * t["block x1"] + output_layer
     verify = {k: NUM_BLOCKS * t[f"block x{k + 1}"] + 4 * t[f"quarter x{k + 1}"] for k in range(1, MAX_K + 1)}
     mtp_full = t["mtp layer"] + output_layer
     mtp_short = t["mtp layer"] + t["first 32768 ids"]
+    per_pass = [  # the ratio within each pass: the parts of one pass ran back to back
+        (passes["mtp layer"][i] + 4 * passes["quarter x1"][i])
+        / (NUM_BLOCKS * passes["block x1"][i] + 4 * passes["quarter x1"][i])
+        for i in range(args.repeats)
+    ]
+    print(f"MTP step / main step per pass: {', '.join(f'{r:.3f}' for r in sorted(per_pass))}")
     print(f"main step (composed): {1e3 * main_step:.1f} ms; verify of k+1 rows / main step: "
           + ", ".join(f"k={k} {v / main_step:.2f}" for k, v in verify.items()))  # fmt: skip
     print(f"MTP step / main step: {mtp_full / main_step:.3f} (whole vocabulary), "
@@ -192,7 +202,14 @@ def main():
         projection[a] = dict(whole=full, shortlist=short)
         print(f"acceptance {a}: {full[0]:.2f}x (k={full[1]}), with the shortlist {short[0]:.2f}x (k={short[1]})")
     if args.json:
-        out = dict(parts=t, main_step=main_step, verify=verify, mtp_step=dict(whole=mtp_full, shortlist=mtp_short))
+        out = dict(
+            parts=t,
+            passes=passes,
+            per_pass=per_pass,
+            main_step=main_step,
+            verify=verify,
+            mtp_step=dict(whole=mtp_full, shortlist=mtp_short),
+        )
         out |= dict(host_syncs=syncs, rounds=rounds, mtp_rounds=mtp_rounds, projection=projection, args=vars(args))
         Path(args.json).write_text(json.dumps(out, indent=2))
 

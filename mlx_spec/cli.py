@@ -81,6 +81,11 @@ def add_model_arguments(p):
     )
     p.add_argument("--no-draft", action="store_true", help="run the main model alone, for comparison")
     p.add_argument(
+        "--mtp",
+        action="store_true",
+        help="also draft with the main model's MTP layer, beside --draft-model (chosen round by round)",
+    )
+    p.add_argument(
         "--no-prompt-lookup",
         action="store_true",
         help="do not copy draft tokens from the conversation (with --no-draft: plain decoding)",
@@ -142,6 +147,7 @@ def settings_from(args) -> GenerationOptions:
         kv_bits=args.kv_bits,
         draft_vocab_size=args.draft_vocab_size or None,
         prompt_lookup=not args.no_prompt_lookup,
+        mtp=args.mtp and not args.no_draft,
     )
 
 
@@ -154,6 +160,8 @@ def load_models(args):
         main_source, default_draft = fetch_default_pair(progress=note)
         draft_source = draft_source or default_draft
     model, tokenizer = load(str(main_source))
+    if args.mtp and not args.no_draft:
+        head_for(model)  # a folder without MTP tensors fails here, before anything is generated
     if args.no_draft or draft_source is None:
         return model, tokenizer, None
     if draft_source == MTP:

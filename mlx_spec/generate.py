@@ -59,6 +59,7 @@ def speculative_generate_step(
     seed: int | None = _DEFAULT.seed,
     draft_vocab_size: int | None = _DEFAULT.draft_vocab_size,
     prompt_lookup: bool = _DEFAULT.prompt_lookup,
+    mtp: bool = _DEFAULT.mtp,
     stats: GenerationStats | None = None,
 ) -> Iterator[tuple[int, mx.array, bool]]:
     """A generator of token ids: the main model's own output, drafted by a smaller model.
@@ -108,6 +109,10 @@ def speculative_generate_step(
           itself (every token of the cache: prompt, earlier turns, this reply)
           where it repeats; with `draft_model=None` generation is then still
           speculative. Default: ``True``.
+        mtp (bool): Also draft with the main model's own MTP layer (its
+          checkpoint's `mtp.*` tensors), beside `draft_model`: each round the
+          controller chooses among them. `draft_model="mtp"` drafts with the
+          MTP layer alone. Default: ``False``.
         stats (GenerationStats, optional): Filled as generation goes.
 
     Yields:
@@ -116,7 +121,7 @@ def speculative_generate_step(
           conversation; `stats.last_source` says which) proposed it.
     """
     tokens = _token_list(prompt)
-    draft_model, mtp_head = _drafter(model, draft_model)
+    draft_model, mtp_head = _drafter(model, draft_model, mtp)
     opts = GenerationOptions(
         max_tokens=max_tokens,
         num_draft_tokens=num_draft_tokens,
@@ -133,6 +138,7 @@ def speculative_generate_step(
         prefill_step_size=prefill_step_size,
         sampler=sampler,
         prompt_lookup=prompt_lookup,
+        mtp=mtp,
     )
     stats = stats if stats is not None else GenerationStats()
     # 1) check the inputs, 2) get the caches
@@ -206,10 +212,11 @@ def _checked(tokens: list[int], model, draft_model) -> int:
     return vocab_size
 
 
-def _drafter(model, draft_model):
-    """(draft model or None, MTP layer or None): draft_model="mtp" drafts with the main model's own MTP layer."""
+def _drafter(model, draft_model, mtp: bool = False):
+    """(draft model or None, MTP layer or None): draft_model="mtp" drafts with the main model's own MTP layer
+    alone, `mtp` beside a draft model."""
     if not isinstance(draft_model, str):
-        return draft_model, None
+        return draft_model, head_for(model) if mtp else None
     if draft_model != MTP:
         raise ValueError(f"draft_model must be a model, None or 'mtp', got {draft_model!r}")
     return None, head_for(model)

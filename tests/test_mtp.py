@@ -231,3 +231,18 @@ def test_deepseek_v3_mtp_layer(tmp_path):
     expected = sequential_mtp_cache(model, caches.tokens, mtp.offset)
     for got, want in ((mtp.keys, expected.keys), (mtp.values, expected.values)):  # MLA: latent and rope keys
         assert np.allclose(np.array(got[..., : mtp.offset, :]), np.array(want[..., : mtp.offset, :]), atol=1e-4)
+
+
+def test_mtp_beside_a_draft_model(qwen):
+    """mtp=True with a draft model: the controller has both (and plain) to choose from each round; the output
+    stays the main model's, and both draft sources serve rounds (the first drafting round is the draft model's,
+    while nothing is learnt of the pair)."""
+    from tiny import first_layers
+
+    model, _ = qwen
+    draft = first_layers(model, 2)  # the body's first two layers: cheaper, and they agree often (near-bigram)
+    stats = GenerationStats()
+    steps = speculative_generate_step(PROMPT, model, draft, mtp=True, max_tokens=80, stats=stats, prompt_lookup=False)
+    assert [t for t, _, _ in steps] == reference(model, PROMPT, 80)
+    assert stats.rounds_by_source["mtp"] > 0 and stats.rounds_by_source["draft"] > 0, stats.rounds_by_source
+    assert stats.mtp_draft_tokens + stats.model_draft_tokens + stats.lookup_draft_tokens == stats.total_draft_tokens
