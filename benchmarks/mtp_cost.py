@@ -21,6 +21,10 @@ Target: MTP step / main step <= 0.1. Then the projection of the speed-up for acc
 draft accepted with probability a once those before it were): E(k) = 1 + a + a^2 + ... + a^k tokens per round,
 a round costs verify(k + 1 rows) + k MTP steps, speed-up(k) = E(k) * main step / round; the best k is printed.
 
+Beside it, the bandwidth-bound projection (Apple GPUs, where a decoding step reads every weight once and a verify
+of up to 9 rows costs about one step): verify(k + 1 rows) = 1 main step, MTP step = its weight bytes over the main
+model's (the whole 4B shape, counted without building it), k up to 8.
+
 Last, the host reads: the engine's rounds on the 4-layer model with the MTP layer (vocabulary cut to 62080),
 16 tokens, fixed k = 3: `GenerationStats.host_syncs` (the engine's `HostReads` count, one per `.tolist()` of
 a round's result) against the rounds.
@@ -38,7 +42,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hybrid_cost import COMMON, ROPE_THETA, SHAPES, fill_weights  # noqa: E402
+from hybrid_cost import COMMON, ROPE_THETA, SHAPES, fill_weights, hybrid_model, num_params  # noqa: E402
 
 from mlx_spec import GenerationStats, facts, speculative_generate_step  # noqa: E402
 from mlx_spec.draft import first_rows  # noqa: E402
@@ -147,10 +151,23 @@ def host_reads(model, head) -> tuple[int, int, int]:
     return stats.host_syncs, stats.num_rounds, stats.rounds_by_source["mtp"]
 
 
+def bytes_ratios() -> tuple[float, float]:
+    """(MTP step / main step, the same with the first 32768 ids) in weight bytes read, at the whole 4B shape (built
+    lazily: nothing is allocated). Where a step is bound by memory bandwidth (Apple GPUs), this is its cost ratio."""
+    model = hybrid_model("4b")
+    text = model.language_model
+    args = text.args
+    head = MTPHead(type(text.model.layers[0])(args, args.full_attention_interval - 1), args.hidden_size, 1e-6)
+    output_layer = args.vocab_size * args.hidden_size  # tied: the embedding table, read whole by the output layer
+    main = num_params(model)  # the embedding table counted once: a step reads one row of it for the input
+    return (num_params(head) + output_layer) / main, (num_params(head) + SHORTLIST * args.hidden_size) / main
+
+
 def project(main_step: float, verify: dict, mtp_step: float, acceptance: float) -> tuple[float, int]:
-    """(best speed-up over plain decoding, its k) for acceptance `acceptance` per depth."""
+    """(best speed-up over plain decoding, its k) for acceptance `acceptance` per depth; `verify[k]`: seconds of a
+    verify over k + 1 rows."""
     best = (1.0, 0)
-    for k in range(1, MAX_K + 1):
+    for k in verify:
         expected = sum(acceptance**i for i in range(k + 1))
         best = max(best, (expected * main_step / (verify[k] + k * mtp_step), k))
     return best
@@ -194,13 +211,22 @@ def main():
           + ", ".join(f"k={k} {v / main_step:.2f}" for k, v in verify.items()))  # fmt: skip
     print(f"MTP step / main step: {mtp_full / main_step:.3f} (whole vocabulary), "
           f"{mtp_short / main_step:.3f} (--draft-vocab-size {SHORTLIST})")  # fmt: skip
+    by_bytes = bytes_ratios()
+    print(f"MTP step / main step in weight bytes read: {by_bytes[0]:.3f} (whole vocabulary), {by_bytes[1]:.3f} "
+          f"(--draft-vocab-size {SHORTLIST})")  # fmt: skip
     syncs, rounds, mtp_rounds = host_reads(model, head)
     print(f"host reads: {syncs} in {rounds} rounds ({mtp_rounds} of them drafted by the MTP layer)")
     projection = {}
+    bound = {k: 1.0 for k in range(1, 9)}  # bandwidth-bound (Apple GPUs): a verify of k + 1 <= 9 rows, one step
     for a in (0.6, 0.75, 0.9):
         full, short = project(main_step, verify, mtp_full, a), project(main_step, verify, mtp_short, a)
-        projection[a] = dict(whole=full, shortlist=short)
-        print(f"acceptance {a}: {full[0]:.2f}x (k={full[1]}), with the shortlist {short[0]:.2f}x (k={short[1]})")
+        gpu_full, gpu_short = project(1.0, bound, by_bytes[0], a), project(1.0, bound, by_bytes[1], a)
+        projection[a] = dict(whole=full, shortlist=short, bound_whole=gpu_full, bound_shortlist=gpu_short)
+        print(
+            f"acceptance {a}: this CPU {full[0]:.2f}x (k={full[1]}), with the shortlist {short[0]:.2f}x "
+            f"(k={short[1]}); bandwidth-bound {gpu_full[0]:.2f}x (k={gpu_full[1]}), with the shortlist "
+            f"{gpu_short[0]:.2f}x (k={gpu_short[1]})"
+        )
     if args.json:
         out = dict(
             parts=t,
@@ -210,7 +236,14 @@ def main():
             verify=verify,
             mtp_step=dict(whole=mtp_full, shortlist=mtp_short),
         )
-        out |= dict(host_syncs=syncs, rounds=rounds, mtp_rounds=mtp_rounds, projection=projection, args=vars(args))
+        out |= dict(
+            bytes_ratios=by_bytes,
+            host_syncs=syncs,
+            rounds=rounds,
+            mtp_rounds=mtp_rounds,
+            projection=projection,
+            args=vars(args),
+        )
         Path(args.json).write_text(json.dumps(out, indent=2))
 
 
