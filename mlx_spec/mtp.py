@@ -10,7 +10,7 @@ main model's last hidden state at position j and the embedding of token j + 1, a
     g_j = norm(layer(x_j)),   logits of t_{j+2} = lm_head(g_j)
 
 Drafting chains it: draft i + 1 reads g (the MTP's own output) at the previous draft's position and the
-embedding of draft i. The main model's hidden states come from every pass over it (prefill, verify): they wait
+embedding of draft i. DeepSeek-V3 stores its MTP layer as the decoder layer after the last, with other names. The main model's hidden states come from every pass over it (prefill, verify): they wait
 in `CachePair.mtp_hidden` until the next MTP round reads them with its first draft step; the chained entries
 leave the cache when the round's drafts are made, and rollback cuts it as every other cache.
 """
@@ -35,8 +35,13 @@ MTP = "mtp"  # the draft_model value, and the name of the source
 MTP_FILE = "mtp.safetensors"  # where `mlx-spec convert` keeps the MTP tensors of a converted folder
 NORMS_KEY = "mlx_spec_mtp_norms"  # its metadata: "shifted" (as mlx-lm's RMSNorm reads them)
 QWEN_KINDS = ("qwen3_5", "qwen3_next")
-DEEPSEEK_NAMES = {"enorm": "pre_fc_norm_embedding", "hnorm": "pre_fc_norm_hidden", "eh_proj": "fc"}
-DEEPSEEK_NAMES["shared_head.norm"] = "norm"
+# DeepSeek-V3's names of the MTPHead's own parts (its `shared_head.head` is the main model's output layer)
+DEEPSEEK_NAMES = {
+    "enorm": "pre_fc_norm_embedding",
+    "hnorm": "pre_fc_norm_hidden",
+    "eh_proj": "fc",
+    "shared_head.norm": "norm",
+}
 # Hidden states kept after the MTP cache read them: a conversation cut back (a stop inside a round, a chat turn
 # rendered otherwise) by up to this many tokens below the MTP cache reads them again. Cut back further, the MTP
 # layer cannot draft for the rest of the conversation (its cache would need the main model's states again).

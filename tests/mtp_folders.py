@@ -46,15 +46,29 @@ def text_config(vocab: int, layers: int = 4) -> dict:
     }
 
 
-def build(vocab: int, seed: int = 0, mixing: float = 0.15, scale: float = 2.0):
-    """(model, mtp weights as MTPHead names): a random Qwen3.5 whose attention and MLP outputs are scaled by
-    `mixing` (the next token depends mostly on the current one, but context still matters) and an MTP layer
-    built to guess the token after next: it reads the next token's embedding as the main model's first layers
-    would, so that its drafts are often, not always, right."""
+def next_config(vocab: int) -> dict:
+    """Qwen3-Next: the Qwen3.5 text model's sizes, mixture-of-experts layers but the first, no multimodal wrapper."""
+    config = {k: v for k, v in text_config(vocab).items() if k != "rope_parameters"}
+    moe = dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[0])
+    moe |= dict(shared_expert_intermediate_size=32, moe_intermediate_size=32, norm_topk_prob=True)
+    return config | moe | dict(model_type="qwen3_next", rope_theta=10000.0, partial_rotary_factor=0.5)
+
+
+def build(vocab: int, seed: int = 0, mixing: float = 0.15, scale: float = 2.0, kind: str = "qwen3_5"):
+    """(model, config, mtp weights as MTPHead names): a random Qwen3.5 (or Qwen3-Next) whose attention and MLP
+    outputs are scaled by `mixing` (the next token depends mostly on the current one, but context still matters)
+    and an MTP layer built to guess the token after next: it reads the next token's embedding as the main
+    model's first layers would, so that its drafts are often, not always, right."""
+    from mlx_lm.models import qwen3_next
+
     mx.random.seed(seed)
     rng = np.random.default_rng(seed)
-    config = {"model_type": "qwen3_5", "text_config": text_config(vocab)}
-    model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(copy.deepcopy(config)))
+    if kind == "qwen3_5":
+        config = {"model_type": "qwen3_5", "text_config": text_config(vocab)}
+        model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(copy.deepcopy(config)))
+    else:
+        config = next_config(vocab)
+        model = qwen3_next.Model(qwen3_next.ModelArgs.from_dict(copy.deepcopy(config)))
     params = []
     for key, w in tree_flatten(model.parameters()):
         w = w.astype(mx.float32)
@@ -67,7 +81,7 @@ def build(vocab: int, seed: int = 0, mixing: float = 0.15, scale: float = 2.0):
         params.append((key, w))
     model.update(tree_unflatten(params))
     mx.eval(model.parameters())
-    text = model.language_model
+    text = getattr(model, "language_model", model)
     args = text.args
     head = MTPHead(type(text.model.layers[1])(args, 1), args.hidden_size, args.rms_norm_eps)
     donor = text.model.layers[1]  # a full-attention layer of the body: its weights, with some noise
@@ -87,8 +101,9 @@ def build(vocab: int, seed: int = 0, mixing: float = 0.15, scale: float = 2.0):
 
 
 def write_folder(folder, vocab: int = 97, seed: int = 0, with_mtp: bool = True, **kwargs) -> Path:
-    """A Hugging Face Qwen3.5 folder (model.language_model.* tensors, conv1d as (C, 1, K), zero-centred norms
-    stored as w - 1, `mtp.*` tensors) with a word-level tokenizer, as `mlx_spec.load` reads it."""
+    """A Hugging Face Qwen3.5 (or, kind="qwen3_next", Qwen3-Next) folder (model.language_model.* tensors (Qwen3.5)
+    or model.*, conv1d as (C, 1, K), one tensor per expert, zero-centred norms stored as w - 1, `mtp.*` tensors)
+    with a word-level tokenizer, as `mlx_spec.load` reads it."""
     model, config, mtp = build(vocab, seed, **kwargs)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,10 +116,10 @@ def write_folder(folder, vocab: int = 97, seed: int = 0, with_mtp: bool = True, 
             w = w.moveaxis(2, 1)  # (C, K, 1) -> Hugging Face's (C, 1, K)
         elif w.ndim == 1 and key.endswith(ZERO_CENTRED):
             w = w - 1.0  # Qwen3.5 stores (1 + w) norms as w
-        hf[name] = w
+        hf |= _per_expert(name, w)
     if with_mtp:
         for key, w in mtp.items():
-            hf[f"mtp.{key}"] = w - 1.0 if w.ndim == 1 and "norm" in key.rsplit(".", 2)[-2] else w
+            hf |= _per_expert(f"mtp.{key}", w - 1.0 if w.ndim == 1 and "norm" in key.rsplit(".", 2)[-2] else w)
     mx.save_safetensors(str(folder / "model.safetensors"), hf, metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer = toy_tokenizer(vocab)
@@ -114,6 +129,13 @@ def write_folder(folder, vocab: int = 97, seed: int = 0, with_mtp: bool = True, 
     tokenizer_config.pop("backend", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return folder
+
+
+def _per_expert(name: str, w: mx.array) -> dict:
+    """Hugging Face's layout of an expert weight: one tensor per expert (mlx-lm stacks them in `switch_mlp`)."""
+    if ".switch_mlp." not in name:
+        return {name: w}
+    return {name.replace("switch_mlp", f"experts.{e}"): w[e] for e in range(w.shape[0])}
 
 
 DEEPSEEK_LAYERS = 61  # mlx-lm's deepseek_v3 drops the MTP layer only at index 61, DeepSeek-V3's own

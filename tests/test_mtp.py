@@ -246,3 +246,16 @@ def test_mtp_beside_a_draft_model(qwen):
     assert [t for t, _, _ in steps] == reference(model, PROMPT, 80)
     assert stats.rounds_by_source["mtp"] > 0 and stats.rounds_by_source["draft"] > 0, stats.rounds_by_source
     assert stats.mtp_draft_tokens + stats.model_draft_tokens + stats.lookup_draft_tokens == stats.total_draft_tokens
+
+
+def test_qwen3_next_mtp_layer(tmp_path):
+    """Qwen3-Next (no multimodal wrapper, mixture-of-experts layers stored one tensor per expert): its MTP
+    layer loads and drafts, and greedy output equals plain decoding."""
+    model, _ = mlx_spec.load(str(write_folder(tmp_path / "next", vocab=97, mixing=0.02, kind="qwen3_next")))
+    assert "switch_mlp.gate_proj.weight" in " ".join(k for k, _ in tree_flatten(head_for(model).parameters()))
+    stats = GenerationStats()
+    steps = speculative_generate_step(
+        PROMPT, model, "mtp", num_draft_tokens=3, max_tokens=30, prompt_lookup=False, stats=stats
+    )
+    assert [t for t, _, _ in steps] == reference(model, PROMPT, 30)
+    assert stats.rounds_by_source["mtp"] > 3 and 0 < stats.accepted_draft_tokens < stats.total_draft_tokens
