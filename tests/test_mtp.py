@@ -112,30 +112,35 @@ def test_mtp_cache_is_exact_after_rejections(qwen):
 
 
 SAMPLED_VOCAB = 12
-RUNS = 240
+RUNS = 400
 
 
 def test_sampled_tokens_follow_the_main_distribution(tmp_path):
-    """Tokens 1-3 at temp 1 with MTP drafts of 3 (rejection sampling with the MTP layer's q) follow the main
-    model's distribution: the chi-squared test of each against the enumerated marginals."""
+    """Tokens 1-3 at temp 1 with MTP drafts of 3 follow the main model's distribution: the chi-squared test of
+    each against the enumerated marginals, by rejection sampling with the MTP layer's q (no seed), and by coupled
+    sampling (a seed)."""
     folder = write_folder(tmp_path / "small", vocab=SAMPLED_VOCAB, mixing=0.02, scale=1.0)
     model, _ = mlx_spec.load(str(folder))
     prompt = [3, 7, 1]
     marginals = first_three_marginals(model, prompt, 1.0)
-    stats, samples = GenerationStats(), []
-    for seed in range(RUNS):
-        steps = speculative_generate_step(
-            prompt, model, "mtp", num_draft_tokens=3, max_tokens=6, temp=1.0, seed=seed, stats=stats,
-            prompt_lookup=False,
-        )  # fmt: skip
-        samples.append([t for t, _, _ in itertools.islice(steps, 3)])
-        steps.close()
-    samples = np.array(samples)
-    for position, p in enumerate(marginals):
-        stat, dof = chi_squared(np.bincount(samples[:, position], minlength=SAMPLED_VOCAB), p)
-        assert stat < CRITICAL_12[dof], (position, np.bincount(samples[:, position], minlength=SAMPLED_VOCAB), p * RUNS)
-    assert stats.rounds_by_source["mtp"] > RUNS / 2
-    assert 0 < stats.accepted_draft_tokens < stats.total_draft_tokens  # accepted and rejected, rolled back
+    for seeded in (False, True):
+        stats, samples = GenerationStats(), []
+        for seed in range(RUNS):
+            mx.random.seed(seed)
+            steps = speculative_generate_step(
+                prompt, model, "mtp", num_draft_tokens=3, max_tokens=6, temp=1.0, stats=stats, prompt_lookup=False,
+                seed=seed if seeded else None,
+            )  # fmt: skip
+            samples.append([t for t, _, _ in itertools.islice(steps, 3)])
+            steps.close()
+        assert stats.acceptance_rule == ("coupled sampling" if seeded else "rejection sampling")
+        samples = np.array(samples)
+        for position, p in enumerate(marginals):
+            counts = np.bincount(samples[:, position], minlength=SAMPLED_VOCAB)
+            stat, dof = chi_squared(counts, p)
+            assert stat < CRITICAL_12[dof], (seeded, position, counts, p * RUNS)
+        assert stats.rounds_by_source["mtp"] > RUNS / 2
+        assert 0 < stats.accepted_draft_tokens < stats.total_draft_tokens  # accepted and rejected, rolled back
 
 
 def test_a_folder_without_mtp_tensors_is_a_clear_error(tmp_path):
