@@ -264,3 +264,17 @@ def test_qwen3_next_mtp_layer(tmp_path):
     )
     assert [t for t, _, _ in steps] == reference(model, PROMPT, 30)
     assert stats.rounds_by_source["mtp"] > 3 and 0 < stats.accepted_draft_tokens < stats.total_draft_tokens
+
+
+def test_a_cache_the_mtp_layer_has_not_read_decodes_without_it(qwen):
+    """A prompt cache filled without the MTP layer holds hidden states it never saw: the next call warns and
+    decodes without it (exactly, with lookup and plain rounds)."""
+    model, _ = qwen
+    caches = make_prompt_cache(model)
+    first = [t for t, _, _ in speculative_generate_step(PROMPT, model, max_tokens=8, prompt_cache=caches)]
+    stats = GenerationStats()
+    with pytest.warns(UserWarning, match=r"holds \d+ tokens the MTP layer has not read"):
+        steps = speculative_generate_step([11, 4], model, "mtp", max_tokens=8, prompt_cache=caches, stats=stats)
+        second = [t for t, _, _ in steps]
+    assert first == reference(model, PROMPT, 8)
+    assert second == reference(model, PROMPT + first + [11, 4], 8) and "mtp" not in stats.rounds_by_source
