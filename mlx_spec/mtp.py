@@ -84,6 +84,8 @@ class MissingMTPError(ValueError):
 
 def head_for(model) -> MTPHead:
     """The model's MTP layer, loaded from the folder `mlx_spec.load` read it from (once per model)."""
+    if body_and_head(model) is None:  # the output layer split over machines: its logits need a gather
+        raise ValueError("draft_model='mtp' needs the model's output layer whole: a sharded model cannot draft with it")
     known = facts.of(model)
     if known.mtp is None:
         source = known.source

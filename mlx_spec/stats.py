@@ -75,7 +75,8 @@ class GenerationStats:
         self.rounds_by_source[source if num_draft else "plain"] += 1
 
     def record_token(self, source: str | None = None):
-        """One token yielded; `source`: "draft" or "lookup" for an accepted draft token, None for the main model's."""
+        """One token yielded; `source`: "draft", "lookup" or "mtp" for an accepted draft token, None for the main
+        model's."""
         self.last_source = source
         now = time.perf_counter() - self._start
         if self.generation_tokens == 0:
