@@ -94,21 +94,23 @@ def sequential_mtp_cache(model, tokens: list[int], num_entries: int) -> KVCache:
 
 
 def test_mtp_cache_is_exact_after_rejections(qwen):
+    """Turns on one pair, each stopped inside a round (the caches are cut back): after each, the MTP cache holds
+    what feeding it one entry at a time from a fresh main pass gives; over the turns, rounds rejected at every
+    position and accepted all."""
     model, _ = qwen
-    caches = make_prompt_cache(model)
-    flags = []
-    for turn in [PROMPT, [11, 4, 60]]:  # two calls on one pair: the second continues the MTP cache
+    caches, accepted, rng = make_prompt_cache(model, "mtp"), set(), np.random.default_rng(1)
+    for turn in [PROMPT] + [rng.integers(3, 97, 3).tolist() for _ in range(5)]:
         steps = speculative_generate_step(
-            turn, model, "mtp", num_draft_tokens=K, max_tokens=30, prompt_lookup=False, prompt_cache=caches
+            turn, model, "mtp", num_draft_tokens=K, max_tokens=40, prompt_lookup=False, prompt_cache=caches
         )
-        flags += [f for _, _, f in itertools.islice(steps, 27)]  # stops inside a round: the caches are cut back
+        accepted |= set(rounds_of([f for _, _, f in itertools.islice(steps, 37)])[1:])
         steps.close()
-    assert 0 in rounds_of(flags) and max(rounds_of(flags)) == K
-    mtp = caches.mtp[0]
-    assert 0 < mtp.offset <= len(caches.tokens) - 2
-    expected = sequential_mtp_cache(model, caches.tokens, mtp.offset)
-    for got, want in ((mtp.keys, expected.keys), (mtp.values, expected.values)):
-        assert np.allclose(np.array(got[..., : mtp.offset, :]), np.array(want[..., : mtp.offset, :]), atol=1e-4)
+        mtp = caches.mtp[0]
+        assert 0 < mtp.offset <= len(caches.tokens) - 2
+        expected = sequential_mtp_cache(model, caches.tokens, mtp.offset)
+        for got, want in ((mtp.keys, expected.keys), (mtp.values, expected.values)):
+            assert np.allclose(np.array(got[..., : mtp.offset, :]), np.array(want[..., : mtp.offset, :]), atol=1e-4)
+    assert accepted == set(range(K + 1))
 
 
 SAMPLED_VOCAB = 12
