@@ -71,8 +71,9 @@ def speculative_generate_step(
     Args:
         prompt (mx.array or List[int]): The prompt's token ids.
         model (nn.Module): The main model.
-        draft_model (nn.Module, optional): The draft model; None decodes plainly
-          through the same rounds.
+        draft_model (nn.Module or "mtp", optional): The draft model; "mtp": the
+          main model's own MTP layer (read from the folder `load` read it
+          from); None decodes plainly through the same rounds.
         num_draft_tokens (int or "auto"): Draft tokens per round, 1..32, or
           "auto" to choose each round's draft length (plain decoding included)
           from the acceptance and costs measured. Default: ``"auto"``.
@@ -413,8 +414,9 @@ def stream_generate(
         tokenizer (PreTrainedTokenizer or TokenizerWrapper): The tokenizer.
         prompt (str, mx.array or List[int]): The prompt text or its token ids.
         max_tokens (int): The maximum number of tokens to generate; -1 for no limit. Default: ``256``.
-        draft_model (nn.Module, optional): A draft model speaking the main
-          model's vocabulary; None decodes plainly. Default: ``None``.
+        draft_model (nn.Module or "mtp", optional): A draft model speaking the
+          main model's vocabulary, or "mtp" (the main model's own MTP layer);
+          None decodes plainly. Default: ``None``.
         kwargs: The other options of :func:`speculative_generate_step`
           (sampler, logits_processors, prompt_cache, num_draft_tokens, ...).
 
