@@ -107,19 +107,30 @@ def load_head(model, folder: Path) -> MTPHead:
             f"draft_model='mtp' drafts with the MTP layers of Qwen3.5 / Qwen3.6 / Qwen3-Next and DeepSeek-V3 "
             f"checkpoints; {folder} holds a {kind} model"
         )
-    args = text.args
+    if (folder / MTP_FILE).is_file():  # as `mlx-spec convert` wrote it: MTPHead's own names, ready
+        weights, metadata = mx.load(str(folder / MTP_FILE), return_metadata=True)
+        return _loaded(_empty_head(text, kind), {k[4:]: v for k, v in weights.items()}, metadata, folder, kind)
     if kind == "deepseek_v3":
         return _deepseek_head(text, folder)
     raw, metadata, hf_layout = _read_mtp(folder, _qwen_name)
     if not raw:
         raise MissingMTPError(f"{folder} holds no MTP tensors (mtp.*): {WHERE_TO_GET}")
-    layer_index = args.full_attention_interval - 1  # a full-attention layer, with the model's MLP kind
-    layer = type(text.model.layers[0])(args, layer_index)
-    head = MTPHead(layer, args.hidden_size, args.rms_norm_eps)
+    head = _empty_head(text, kind)
     weights = _stack_experts(raw)
     if metadata.get(NORMS_KEY) != "shifted" and _zero_centred(weights, text, hf_layout, folder):
         weights = {k: v + 1.0 if _is_norm(k, v) else v for k, v in weights.items()}
     return _loaded(head, weights, metadata, folder, kind)
+
+
+def _empty_head(text, kind: str) -> MTPHead:
+    """The MTP layer of `text`'s kind, its weights still mlx-lm's initial ones. Qwen: a full-attention layer
+    with the model's MLP kind; DeepSeek-V3: the decoder layer after the last."""
+    args = text.args
+    if kind == "deepseek_v3":
+        layer = type(text.model.layers[-1])(args, args.num_hidden_layers)
+        return MTPHead(layer, args.hidden_size, args.rms_norm_eps, chain_normed=False)
+    layer = type(text.model.layers[0])(args, args.full_attention_interval - 1)
+    return MTPHead(layer, args.hidden_size, args.rms_norm_eps)
 
 
 def _loaded(head: MTPHead, weights: dict, metadata: dict, folder: Path, kind: str) -> MTPHead:
@@ -133,6 +144,19 @@ def _loaded(head: MTPHead, weights: dict, metadata: dict, folder: Path, kind: st
         raise ValueError(f"the MTP tensors of {folder} do not fit a {kind} MTP layer: {error}") from error
     mx.eval(head.parameters())
     return head
+
+
+def _has_mtp(folder: Path) -> bool:
+    """Whether `folder`'s safetensors name MTP tensors (Qwen's `mtp.*`, or a decoder layer after the last), from
+    their headers only."""
+    config = json.loads((folder / "config.json").read_text())
+    layers = config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers")
+    after_last = f"model.layers.{layers}."
+    return any(
+        key.startswith(_MTP_PREFIXES) or key.startswith(after_last)
+        for file in folder.glob("*.safetensors")
+        for key in _header(file)
+    )
 
 
 def _qwen_name(key: str) -> str | None:
@@ -154,9 +178,7 @@ def _deepseek_head(text, folder: Path) -> MTPHead:
         module = name.rsplit(".", 1)[0]
         if module in DEEPSEEK_NAMES:  # shared_head.head is the main model's output layer
             weights[f"{DEEPSEEK_NAMES[module]}.{name.rsplit('.', 1)[1]}"] = value
-    layer_class = type(text.model.layers[-1])
-    head = MTPHead(layer_class(args, args.num_hidden_layers), args.hidden_size, args.rms_norm_eps, False)
-    return _loaded(head, weights, metadata, folder, "deepseek_v3")
+    return _loaded(_empty_head(text, "deepseek_v3"), weights, metadata, folder, "deepseek_v3")
 
 
 def _read_mtp(folder: Path, rename) -> tuple[dict, dict, bool]:
@@ -356,16 +378,18 @@ def convert(hf_folder, out_dir, dtype: str | None = None, q_bits: int | None = N
     tensors beside, in `out_dir`/mtp.safetensors: as MTPHead holds them (norms shifted, experts stacked), in
     `dtype`, quantized to `mtp_bits` if given (the MTP layer may keep more bits than the body). A checkpoint
     without MTP tensors converts as mlx-lm converts it."""
+    import mlx_lm
     from mlx_lm import convert as mlx_lm_convert
 
     hf_folder, out_dir = Path(hf_folder), Path(out_dir)
     mlx_lm_convert(str(hf_folder), str(out_dir), quantize=q_bits is not None, q_bits=q_bits, dtype=dtype)
-    if not any(_read_mtp(hf_folder, _qwen_name)[0]):
+    if not _has_mtp(hf_folder):
         return out_dir
-    import mlx_lm
-
-    model, _ = mlx_lm.load(str(out_dir))
-    head = load_head(model, hf_folder)
+    model, _ = mlx_lm.load(str(out_dir), lazy=True)
+    try:
+        head = load_head(model, hf_folder)
+    except MissingMTPError:  # no MTP layer, or a model kind without one: converted as mlx-lm converts it
+        return out_dir
     if dtype is not None:
         head.set_dtype(getattr(mx, dtype))
     metadata = {NORMS_KEY: "shifted"}

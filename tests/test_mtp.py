@@ -280,3 +280,20 @@ def test_a_cache_the_mtp_layer_has_not_read_decodes_without_it(qwen):
         second = [t for t, _, _ in steps]
     assert first == reference(model, PROMPT, 8)
     assert second == reference(model, PROMPT + first + [11, 4], 8) and "mtp" not in stats.rounds_by_source
+
+
+def test_convert_keeps_deepseek_v3s_mtp_layer(tmp_path):
+    """mlx-lm's conversion drops DeepSeek-V3's layer after the last; `mlx-spec convert` keeps it beside, and
+    the converted folder drafts with it as the original does."""
+    from mlx_spec.cli import main
+
+    folder, _ = write_deepseek_folder(tmp_path / "deepseek")
+    original, _ = mlx_spec.load(str(folder))
+    assert main(["convert", str(folder), str(tmp_path / "converted"), "--dtype", "float32"]) == 0
+    converted, _ = mlx_spec.load(str(tmp_path / "converted"))
+    heads = [dict(tree_flatten(head_for(m).parameters())) for m in (original, converted)]
+    assert heads[0].keys() == heads[1].keys()
+    assert all(np.allclose(np.array(heads[0][k]), np.array(heads[1][k])) for k in heads[0])
+    assert head_for(converted).chain_normed is False
+    steps = speculative_generate_step(PROMPT, converted, "mtp", num_draft_tokens=3, max_tokens=16)
+    assert [t for t, _, _ in steps] == reference(converted, PROMPT, 16)
