@@ -33,7 +33,7 @@ from .verify import body_and_head
 
 MTP = "mtp"  # the draft_model value, and the name of the source
 MTP_FILE = "mtp.safetensors"  # where `mlx-spec convert` keeps the MTP tensors of a converted folder
-NORMS_KEY = "mlx_spec_mtp_norms"  # its metadata: "shifted" (as mlx-lm's RMSNorm reads them)
+NORMS_KEY = "mlx_spec_mtp_norms"  # its metadata: "shifted" (as mlx-lm's RMSNorm reads them, for other readers)
 QWEN_KINDS = ("qwen3_5", "qwen3_next")
 # DeepSeek-V3's names of the MTPHead's own parts (its `shared_head.head` is the main model's output layer)
 DEEPSEEK_NAMES = {
@@ -117,7 +117,7 @@ def load_head(model, folder: Path) -> MTPHead:
         raise MissingMTPError(f"{folder} holds no MTP tensors (mtp.*): {WHERE_TO_GET}")
     head = _empty_head(text, kind)
     weights = _stack_experts(raw)
-    if metadata.get(NORMS_KEY) != "shifted" and _zero_centred(weights, text, hf_layout, folder):
+    if _zero_centred(weights, text, hf_layout, folder):
         weights = {k: v + 1.0 if _is_norm(k, v) else v for k, v in weights.items()}
     return _loaded(head, weights, metadata, folder, kind)
 
