@@ -195,12 +195,12 @@ def test_command_line_drafts_with_mtp_and_names_a_folder_without(qwen, tmp_path,
 
 def test_convert_keeps_the_mtp_tensors(qwen, tmp_path, capsys):
     """`mlx-spec convert` of a Hugging Face folder: mlx-lm's conversion, and mtp.safetensors beside it, which
-    gives the layer read from the original (or, with --mtp-bits 8, that layer quantized)."""
+    gives the layer read from the original (or, with --mtp-bits, that layer quantized; with --q-bits the body is)."""
     from mlx_spec.cli import main
 
     model, folder = qwen
     original = dict(tree_flatten(head_for(model).parameters()))
-    for extra in ([], ["--mtp-bits", "8"]):
+    for extra in ([], ["--mtp-bits", "8"], ["--q-bits", "8", "--mtp-bits", "4"]):  # the body quantized too
         out = tmp_path / f"converted{len(extra)}"
         assert main(["convert", str(folder), str(out), "--dtype", "float32", *extra]) == 0
         converted, _ = mlx_spec.load(str(out))
@@ -210,7 +210,9 @@ def test_convert_keeps_the_mtp_tensors(qwen, tmp_path, capsys):
         else:
             assert all(np.allclose(np.array(head[k]), np.array(w), atol=1e-6) for k, w in original.items())
         expected = reference(converted, PROMPT, 24)
-        steps = speculative_generate_step(PROMPT, converted, "mtp", num_draft_tokens=3, max_tokens=24)
+        steps = speculative_generate_step(  # the MTP step's output layer cut too (quantized, with --q-bits)
+            PROMPT, converted, "mtp", num_draft_tokens=3, max_tokens=24, draft_vocab_size=50
+        )
         assert [t for t, _, _ in steps] == expected
     assert main(["convert", str(folder), str(tmp_path / "converted0")]) == 1
     assert "exists" in capsys.readouterr().err
