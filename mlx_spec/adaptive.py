@@ -1,9 +1,12 @@
-"""Before each round: choose its source (plain, draft model, lookup) and length for the most tokens per second.
+"""Before each round: choose its source (plain, draft model, MTP layer, lookup) and length for the most tokens per
+second.
 
-A round is a `Choice`. PLAIN: the main model decodes one token. DRAFT: the draft model proposes k tokens;
-LOOKUP: k tokens are copied from what followed an earlier occurrence of the text's last tokens in the
-conversation (a `lookup.Match`); either way the main model verifies them in one pass, which adds a token of its
-own. The `Controller` is pure and deterministic: it learns only from what `record` tells it after each round
+A round is a `Choice`. PLAIN: the main model decodes one token. DRAFT: the draft model proposes k tokens; MTP: the
+main model's own MTP layer chains k steps (mtp.py); LOOKUP: k tokens are copied from what followed an earlier
+occurrence of the text's last tokens in the conversation (a `lookup.Match`); either way the main model verifies
+them in one pass, which adds a token of its own. MTP is priced as a draft model is (its own `CostLine`, prior slope
+`mtp_ratio` + VERIFY_SLOPE plain steps per token: an MTP step reads its layer and the output layer; its own
+`RelativeAcceptance`, prior MTP_PRIOR), but never falls behind: the main model's passes feed its cache. The `Controller` is pure and deterministic: it learns only from what `record` tells it after each round
 (source, k, tokens accepted, the round's seconds, the draft's catching up, what an unused match would have
 copied). The module is laid out as this text: cost model, acceptance model, what is kept, choice rule.
 
@@ -52,7 +55,7 @@ from typing import NamedTuple
 
 from . import facts
 
-PLAIN, DRAFT, LOOKUP = "plain", "draft", "lookup"
+PLAIN, DRAFT, LOOKUP, MTP = "plain", "draft", "lookup", "mtp"
 
 
 class Choice(NamedTuple):
@@ -163,6 +166,7 @@ LOOKUP_PRIORS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.8, 0.15)  # prior acceptance of each
 # its rejection at once, while one that drafted too little was all accepted and never sees how much
 # further it could have gone (replay, 128 tokens, fresh: quicksort 0.92 of the best k at 0.8, 0.99 here).
 DRAFT_PRIOR = 0.85
+MTP_PRIOR = 0.75  # the MTP layer's prior acceptance (MTPLX and vLLM report 0.6-0.9 per depth on Qwen3.5/3-Next)
 RELATIVE_PRIOR = 8.0  # observations' worth of "as the pooled rate" in the draft's rate at a position
 MAX_RATE = 0.99  # the most a position's acceptance is expected to be
 
@@ -276,6 +280,9 @@ class Learnt:
     draft_cost: CostLine = field(default_factory=lambda: CostLine(untried=UNTRIED))
     draft: RelativeAcceptance = field(default_factory=lambda: RelativeAcceptance(DRAFT_PRIOR))
     catch_up: Ratio = field(default_factory=Ratio)  # the draft's seconds per token caught up on
+    # the main model's own MTP layer (mtp.py), a draft source of its own: it never falls behind
+    mtp_cost: CostLine = field(default_factory=lambda: CostLine(untried=UNTRIED))
+    mtp: RelativeAcceptance = field(default_factory=lambda: RelativeAcceptance(MTP_PRIOR))
     num_rounds: int = 0
 
 
@@ -334,6 +341,8 @@ class Controller:
         probe_every: int = 4,
         max_probe_gap: int = 64,
         first_draft: int = 3,
+        max_mtp: int = 0,
+        mtp_ratio: float = 0.05,
     ):
         self.learnt = learnt if learnt is not None else Learnt()
         self.max_draft = max_draft if has_draft else 0
@@ -343,13 +352,14 @@ class Controller:
         self.probe_every = probe_every
         self.max_probe_gap = max_probe_gap
         self.first_draft = first_draft
+        self.max_mtp, self.mtp_ratio = max_mtp, mtp_ratio
         self.fresh = self.learnt.num_rounds == 0  # nothing known yet: the first round drafts first_draft
         self.first_round = True  # of this call
         self.plain_streak = 0
         self.probe_gap = probe_every
         self.probe_left = 0
         if not self.fresh:  # a new call's text: what was accepted before is a prior the call soon outweighs
-            for acceptance in (self.learnt.draft, *self.learnt.main.lookup):
+            for acceptance in (self.learnt.draft, self.learnt.mtp, *self.learnt.main.lookup):
                 acceptance.weigh(CARRY)
 
     # --- cost model -------------------------------------------------------------------
@@ -357,7 +367,12 @@ class Controller:
         learnt = self.learnt
         if learnt.main.plain.seen:
             return learnt.main.plain.value(1.0)
-        for line, prior in ((learnt.draft_cost, self.cost_ratio), (learnt.main.lookup_cost, VERIFY_SLOPE)):
+        lines = (
+            (learnt.draft_cost, self.cost_ratio),
+            (learnt.mtp_cost, self.mtp_ratio),
+            (learnt.main.lookup_cost, VERIFY_SLOPE),
+        )
+        for line, prior in lines:
             if line.seen:  # T0 unseen: taken as A of a line whose slope leans on a prior relative to it
                 w, wk, _, wt, _ = line.sums
                 t0 = (wt / w) / (1.0 + prior * wk / w)  # the mean round's seconds at the prior slope
@@ -369,11 +384,11 @@ class Controller:
         if source == PLAIN or k == 0:
             return t0
         learnt = self.learnt
-        line, prior, min_share = (
-            (learnt.draft_cost, self.cost_ratio, MIN_DRAFT_SLOPE)
-            if source == DRAFT
-            else (learnt.main.lookup_cost, VERIFY_SLOPE, 0.0)  # rows of a verify pass may come almost free
-        )
+        line, prior, min_share = {
+            DRAFT: (learnt.draft_cost, self.cost_ratio, MIN_DRAFT_SLOPE),
+            MTP: (learnt.mtp_cost, self.mtp_ratio + VERIFY_SLOPE, MIN_DRAFT_SLOPE),  # an MTP step and a row
+            LOOKUP: (learnt.main.lookup_cost, VERIFY_SLOPE, 0.0),  # rows of a verify pass may come almost free
+        }[source]
         if not line.seen:
             return t0 + prior * t0 * k
         floor = t0 if learnt.main.plain.seen else 0.0  # the line's: no verify beats a plain step
@@ -396,6 +411,8 @@ class Controller:
         source, k = choice.source, choice.num_draft
         if source == DRAFT:
             learnt.draft.record(k, num_accepted)
+        elif source == MTP:
+            learnt.mtp.record(k, num_accepted)
         elif source == LOOKUP:
             main.lookup[choice.bucket].record(k, num_accepted)
         if unused is not None:
@@ -410,7 +427,7 @@ class Controller:
             if source == PLAIN:
                 main.plain.record(1.0, seconds, d)
             else:
-                (learnt.draft_cost if source == DRAFT else main.lookup_cost).record(k, seconds)
+                {DRAFT: learnt.draft_cost, MTP: learnt.mtp_cost, LOOKUP: main.lookup_cost}[source].record(k, seconds)
         if self.max_lookup > 0:  # how much of the text copying leaves to other rounds, where it may copy
             emitted = num_accepted + 1
             main.uncopied.record(emitted, 0 if source == LOOKUP and num_accepted > 0 else emitted, d)
@@ -420,12 +437,13 @@ class Controller:
 
     def _cost_seen(self, source: str) -> bool:
         learnt, main = self.learnt, self.learnt.main
-        return {PLAIN: main.plain.seen, DRAFT: learnt.draft_cost.seen, LOOKUP: main.lookup_cost.seen}[source]
+        lines = {PLAIN: main.plain, DRAFT: learnt.draft_cost, MTP: learnt.mtp_cost, LOOKUP: main.lookup_cost}
+        return lines[source].seen
 
     # --- choice rule ------------------------------------------------------------------
     def best(self, source: str, max_k: int, bucket: int = 0) -> tuple[float, int]:
         """(tokens per second, k) of the best length of `source`."""
-        acceptance = self.learnt.draft if source == DRAFT else self.learnt.main.lookup[bucket]
+        acceptance = {DRAFT: self.learnt.draft, MTP: self.learnt.mtp}.get(source) or self.learnt.main.lookup[bucket]
         expected = acceptance.expected_tokens(max_k)
         rate, k = max((expected[k] / self.round_seconds(source, k), -k) for k in range(1, max_k + 1))
         return rate, -k
@@ -471,6 +489,9 @@ class Controller:
         options = [(1.0 / self.plain_seconds(), Choice(PLAIN, 0))]
         if draft is not None:
             options.append((draft[0], Choice(DRAFT, draft[1])))
+        if self.max_mtp > 0:
+            rate, k = self.best(MTP, self.max_mtp)
+            options.append((rate, Choice(MTP, k)))
         if lookup is not None:
             options.append((lookup[0], Choice(LOOKUP, lookup[1], bucket)))
         choice = max(options, key=lambda o: (o[0], -o[1].num_draft))[1]

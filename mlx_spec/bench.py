@@ -33,6 +33,7 @@ from .bench_report import (  # the variants' names, shared with the report
     save,
 )
 from .generate import speculative_generate_step
+from .mtp import MTP, head_for
 from .options import MAX_DRAFT_TOKENS
 from .stats import GenerationStats
 
@@ -370,7 +371,7 @@ def run_benchmark(main, draft, tokenizer, cfg: Config, progress: Callable[[str],
     for variant, k in plan:
         run_once(variant, k, main, draft, first_prompt, 4, 0.0, 0, "warm-up", cfg.lookup)
     cost = {}
-    if draft is not None:
+    if draft is not None and not isinstance(draft, str):  # "mtp": benchmarks/mtp_cost.py measures its step
         for name, prompt in encoded.items():
             ratio = decode_step_seconds(draft, prompt) / decode_step_seconds(main, prompt)
             verify = {k: verify_cost_ratio(main, prompt, k) for k in cfg.draft_lengths if k != "auto"}
@@ -533,7 +534,9 @@ def parse_temps(text: str) -> list[float]:
 def add_arguments(p):
     p.add_argument("--model", help="main model (MLX folder, hub id or .gguf); default: the default pair")
     p.add_argument(
-        "--draft-model", help="draft model, or 'auto': the best compatible local one; default: the pair's draft"
+        "--draft-model",
+        help="draft model, 'auto': the best compatible local one, or 'mtp': the main model's own MTP layer; "
+        "default: the pair's draft",
     )
     p.add_argument("--prompt", action="append", help=f"a prompt name ({', '.join(ALL_PROMPTS)}) or text; repeatable")
     p.add_argument("--prompt-file", help="a file with one prompt per line")
@@ -615,10 +618,14 @@ def run(args, progress: Callable[[str], None] = lambda s: print(s, file=sys.stde
     for i, (main_path, draft_path, prompts, published) in enumerate(pairs):
         progress(f"loading {main_path}" + (f" and {draft_path}" if draft_path else ""))
         main, tokenizer = load(str(main_path))
-        draft = load(str(draft_path))[0] if draft_path else None
         pair_cfg = Config(**{**asdict(cfg), "prompts": prompts})
+        if draft_path == MTP:  # the main model's own MTP layer: mlx-lm cannot draft with it
+            head_for(main)
+            draft, pair_cfg.peer = MTP, False
+        else:
+            draft = load(str(draft_path))[0] if draft_path else None
         result = run_benchmark(main, draft, tokenizer, pair_cfg, progress)
-        result["machine"] = machine(model_dtype(main), draft and model_dtype(draft))
+        result["machine"] = machine(model_dtype(main), draft and (MTP if draft == MTP else model_dtype(draft)))
         result["models"] = dict(main=str(main_path), draft=draft_path and str(draft_path))
         text = markdown(result)
         if published:

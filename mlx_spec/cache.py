@@ -264,6 +264,11 @@ class CachePair:
     tokens: list[int] = field(default_factory=list)  # the conversation; the caches hold a prefix of it
     draft_start: int = 0  # the token the draft cache's first entry stands for (a draft cache begun late)
     models: dict[str, str | None] | None = None  # {"main": fingerprint, "draft": fingerprint or None}
+    # The main model's MTP layer (mtp.py): its cache (entry j reads token j + 1: at most all tokens but the
+    # last two), and the main model's last hidden states as (position of the first, (L, D)) chunks, those not
+    # yet in it and a few before; None while the pair has not drafted with MTP.
+    mtp: list[Any] | None = None
+    mtp_hidden: list = field(default_factory=list)
 
     @property
     def main_offset(self) -> int:
@@ -277,7 +282,11 @@ class CachePair:
     def rollback(self) -> bool:
         """Trim both caches to at most all tokens but the last. False (nothing changed) if impossible."""
         length = len(self.tokens) - 1
-        sides = [(self.main, length), (self.draft or [], length - self.draft_start)]
+        sides = [
+            (self.main, length),
+            (self.draft or [], length - self.draft_start),
+            (self.mtp or [], max(length - 1, 0)),
+        ]
         cuts = [cut_length(layers, keep) if keep >= 0 else None for layers, keep in sides]
         if None in cuts:
             return False
@@ -376,8 +385,9 @@ def make_prompt_cache(model, draft_model=None, max_kv_size: int | None = None) -
 
     Args:
         model (nn.Module): The main model.
-        draft_model (nn.Module, optional): The draft model; without one, a draft
-          cache is added when the pair is first used with a draft model.
+        draft_model (nn.Module or "mtp", optional): The draft model; without one, a draft
+          cache is added when the pair is first used with a draft model. "mtp" (the main
+          model's MTP layer): its cache is added when the pair is first used.
         max_kv_size (int, optional): A rotating (sliding-window) cache of this
           many tokens, as in mlx-lm (the first 4 tokens are always kept).
 
@@ -386,6 +396,8 @@ def make_prompt_cache(model, draft_model=None, max_kv_size: int | None = None) -
     """
     if max_kv_size is not None and max_kv_size <= KEEP:
         raise ValueError(f"max_kv_size must be larger than {KEEP}, got {max_kv_size}")
+    if isinstance(draft_model, str):  # "mtp": the main model's own layer, whose cache the first call adds
+        draft_model = None
     return CachePair(
         main=model_cache(model, max_kv_size, "main"),
         draft=None if draft_model is None else model_cache(draft_model, max_kv_size, "draft"),

@@ -15,7 +15,8 @@ from .load import model_name
 from .options import MAX_DRAFT_TOKENS, GenerationOptions, parse_num_draft_tokens
 from .stats import GenerationStats
 
-GREEN, CYAN, DIM, RESET = "\x1b[32m", "\x1b[36m", "\x1b[2m", "\x1b[0m"
+GREEN, CYAN, MAGENTA, DIM, RESET = "\x1b[32m", "\x1b[36m", "\x1b[35m", "\x1b[2m", "\x1b[0m"
+COLORS = {"lookup": CYAN, "mtp": MAGENTA}  # an accepted draft token's colour by its source; else GREEN
 PROMPT = ">>> "
 LEAVE_HINT = "(Ctrl-D or /quit leaves)"
 
@@ -26,13 +27,23 @@ def use_color(stream, no_color: bool = False) -> bool:
 
 
 def paint(text: str, from_draft: bool, color: bool, source: str | None = "draft") -> str:
-    """Draft tokens in green, tokens copied from the conversation in cyan, the main model's own tokens plain."""
+    """Draft tokens in green, tokens copied from the conversation in cyan, those of the main model's MTP layer
+    in magenta, the main model's own tokens plain."""
     if not (color and from_draft and text):
         return text
-    return f"{CYAN if source == 'lookup' else GREEN}{text}{RESET}"
+    return f"{COLORS.get(source, GREEN)}{text}{RESET}"
 
 
 LEGEND = f"{GREEN}green{RESET}: draft tokens the main model accepted; {CYAN}cyan{RESET}: copied from the conversation"
+MTP_LEGEND = (
+    f"{MAGENTA}magenta{RESET}: drafted by the main model's MTP layer and accepted; "
+    f"{CYAN}cyan{RESET}: copied from the conversation"
+)
+
+
+def legend(draft_model) -> str:
+    """What the colours mean with this draft (a model, None, or "mtp")."""
+    return MTP_LEGEND if isinstance(draft_model, str) else LEGEND
 
 
 def conversation_tokens(tokenizer, messages, system_prompt: str | None = None):
@@ -218,7 +229,7 @@ class ChatSession:
             per_round = "draft length chosen each round" if k == "auto" else f"{k} draft tokens per round"
             self.say(f"draft {model_name(self.draft_model)}; {per_round}")
         if self.color and (self.draft_model is not None or self.settings.prompt_lookup):
-            self.say(f"{LEGEND}; plain: the main model's own")
+            self.say(f"{legend(self.draft_model)}; plain: the main model's own")
         self.say("/help lists the commands; Ctrl-C stops a reply; Ctrl-D or /quit leaves")
 
 

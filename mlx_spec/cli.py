@@ -9,10 +9,11 @@ import sys
 import traceback
 from pathlib import Path
 
-from .chat import LEGEND, ChatSession, conversation_tokens, interact, paint, use_color
+from .chat import ChatSession, conversation_tokens, interact, legend, paint, use_color
 from .discover import find_drafts, report, resolve_draft
 from .generate import stream_generate
 from .load import check_draft, load, model_source
+from .mtp import MTP, head_for
 from .options import (
     DEFAULT_DRAFT_VOCAB_SIZE,
     KV_BITS,
@@ -75,10 +76,15 @@ def add_model_arguments(p):
     p.add_argument(
         "--draft-model",
         metavar="PATH",
-        help="draft model, or 'auto': the best compatible local one (see `mlx-spec drafts`); "
-        "default: none with --model, the pair's draft without",
+        help="draft model, 'auto': the best compatible local one (see `mlx-spec drafts`), or 'mtp': the main "
+        "model's own MTP layer (Qwen3.5 / Qwen3-Next checkpoints); default: none with --model, the pair's draft without",
     )
     p.add_argument("--no-draft", action="store_true", help="run the main model alone, for comparison")
+    p.add_argument(
+        "--mtp",
+        action="store_true",
+        help="also draft with the main model's MTP layer, beside --draft-model (chosen round by round)",
+    )
     p.add_argument(
         "--no-prompt-lookup",
         action="store_true",
@@ -141,11 +147,12 @@ def settings_from(args) -> GenerationOptions:
         kv_bits=args.kv_bits,
         draft_vocab_size=args.draft_vocab_size or None,
         prompt_lookup=not args.no_prompt_lookup,
+        mtp=args.mtp and not args.no_draft,
     )
 
 
 def load_models(args):
-    """(model, tokenizer, draft_model or None); the default pair when no --model is given."""
+    """(model, tokenizer, draft_model or None or "mtp"); the default pair when no --model is given."""
     main_source, draft_source = args.model, args.draft_model
     if main_source is None:
         from .fetch import fetch_default_pair
@@ -153,8 +160,13 @@ def load_models(args):
         main_source, default_draft = fetch_default_pair(progress=note)
         draft_source = draft_source or default_draft
     model, tokenizer = load(str(main_source))
+    if args.mtp and not args.no_draft:
+        head_for(model)  # a folder without MTP tensors fails here, before anything is generated
     if args.no_draft or draft_source is None:
         return model, tokenizer, None
+    if draft_source == MTP:
+        head_for(model)  # a folder without MTP tensors fails here, before anything is generated
+        return model, tokenizer, MTP
     draft_source = resolve_draft(main_source, draft_source, progress=note)
     draft_model, draft_tokenizer = load(str(draft_source))
     check_draft(model, draft_model, tokenizer, draft_tokenizer)
@@ -221,7 +233,7 @@ def generate_command(args) -> int:
             f"{stats.host_syncs} host syncs; draft lengths: {dict(sorted(stats.draft_lengths.items()))}"
         )
     if color and (draft_model is not None or settings.prompt_lookup):
-        lines.append(f"{LEGEND}.")
+        lines.append(f"{legend(draft_model)}.")
     print("\n".join(lines), file=sys.stderr)
     return 0
 
@@ -319,7 +331,12 @@ def serve_command(args) -> int:
 
 
 def add_convert_arguments(p):
-    p.add_argument("gguf", metavar="FILE.gguf", help="a llama.cpp GGUF model file (qwen2 or llama)")
+    p.add_argument(
+        "gguf",
+        metavar="SOURCE",
+        help="a llama.cpp GGUF model file (qwen2 or llama), or a Hugging Face checkpoint folder (its MTP tensors "
+        "are kept, for --draft-model mtp)",
+    )
     p.add_argument("out_dir", metavar="OUT_DIR", help="the MLX model folder to write (must not exist)")
     p.add_argument(
         "--dtype",
@@ -327,12 +344,30 @@ def add_convert_arguments(p):
         help="weight type (default: float16 on Apple GPUs, float32 on CPUs)",
     )
     p.add_argument("--q-bits", type=int, choices=(4, 8), help="re-quantize the weights to this many bits")
+    p.add_argument(
+        "--mtp-bits",
+        type=int,
+        choices=(4, 8),
+        help="quantize the MTP layer of a Hugging Face checkpoint to this many bits (default: --dtype, unquantized)",
+    )
 
 
 def convert_command(args) -> int:
-    """convert a GGUF file into an MLX model folder"""
+    """convert a GGUF file or a Hugging Face checkpoint (its MTP tensors kept) into an MLX model folder"""
     from .gguf import convert_gguf, default_dtype
 
+    if Path(args.gguf).is_dir():
+        from .mtp import convert
+
+        if Path(args.out_dir).exists():
+            raise ValueError(f"{args.out_dir} exists: give a folder to create")
+        convert(
+            args.gguf, args.out_dir, dtype=args.dtype or default_dtype(), q_bits=args.q_bits, mtp_bits=args.mtp_bits
+        )
+        note(f"wrote {args.out_dir}")
+        return 0
+    if args.mtp_bits is not None:
+        raise ValueError("--mtp-bits is for a Hugging Face checkpoint folder: a GGUF file has no MTP tensors")
     if not Path(args.gguf).is_file():
         raise ValueError(f"GGUF file not found: {args.gguf}")
     try:

@@ -1,7 +1,7 @@
 """The round loop: propose, verify, accept in one lazy graph; one host sync; rollback; yield.
 
 Each round the policy picks a source of draft tokens (the conversation, the
-draft model, or none) and a length; both sources share one interface,
+draft model, the main model's MTP layer, or none) and a length; the sources share one interface,
 `propose(num_draft, key, history, noise) -> (draft_tokens, q)`. A plain round (no
 source, or none chosen) queues the next step before its own token is read, as
 mlx-lm's generate_step does, while the policy keeps to plain decoding: with no
@@ -18,13 +18,12 @@ import mlx.core as mx
 
 from .accept import accept, accept_coupled, accept_exact, accept_greedy
 from .adaptive import DRAFT, LOOKUP, PLAIN, Choice
-from .cache import SLACK, CachePair, SlackRotatingCache
-from .draft import DraftSource
-from .lookup import MAX_MATCH, LookupSource, Match
+from .cache import SLACK, CachePair, SlackRotatingCache, pair_offset
+from .lookup import MAX_MATCH, Match
 from .options import PREFILL_STEP_SIZE
 from .recurrent import MAX_PENDING, advance
 from .sampling import NoDraws, SamplingParams, filtered_scores
-from .verify import score
+from .verify import body_and_head, score
 
 FIXED_MIN_MATCH = 3  # a fixed draft length copies from the conversation when its last 3 tokens occurred before
 
@@ -33,7 +32,7 @@ class Round(NamedTuple):
     """What one round produced: `tokens` = accepted draft tokens + one main token."""
 
     tokens: list[int]
-    source: str  # PLAIN, DRAFT or LOOKUP: where the draft tokens came from
+    source: str  # PLAIN, DRAFT, LOOKUP or MTP: where the draft tokens came from
     num_draft: int
     num_accepted: int
     logprobs: mx.array  # (k+1, V): the main model's log-probabilities at each verified position
@@ -66,15 +65,16 @@ class Verdict(NamedTuple):
 
 
 class FixedDraft:
-    """A fixed draft length k: copied from the conversation where it has a match, else drafted."""
+    """A fixed draft length k: copied from the conversation where it has a match, else drafted (by the draft
+    model, or by the MTP layer with `drafter=adaptive.MTP`)."""
 
-    def __init__(self, num_draft: int, has_draft: bool = True):
-        self.num_draft, self.has_draft = num_draft, has_draft
+    def __init__(self, num_draft: int, has_draft: bool = True, drafter: str = DRAFT):
+        self.num_draft, self.has_draft, self.drafter = num_draft, has_draft, drafter
 
     def choose(self, match: Match | None = None, behind: int = 1, left: int | None = None) -> Choice:
         if match is not None and match.length >= min(FIXED_MIN_MATCH, MAX_MATCH):
             return Choice(LOOKUP, self.num_draft)
-        return Choice(DRAFT, self.num_draft) if self.has_draft and self.num_draft > 0 else Choice(PLAIN, 0)
+        return Choice(self.drafter, self.num_draft) if self.has_draft and self.num_draft > 0 else Choice(PLAIN, 0)
 
     def keeps_plain(self, match: Match | None = None, behind: int = 1, left: int | None = None) -> bool:
         return self.choose(match).source == PLAIN
@@ -102,19 +102,28 @@ def prefill(
     kv_quantize: Callable,
     chunk: int = PREFILL_STEP_SIZE,
     progress: Callable[[int], None] | None = None,
+    keep_hidden: Callable[[int, mx.array], list] | None = None,
 ):
     """Feed `tokens` through `model` into `layers`, `chunk` tokens at a time, evaluating each chunk.
 
-    `progress`, if given, is called with the number of tokens fed after each chunk.
+    `progress`, if given, is called with the number of tokens fed after each chunk. With `keep_hidden` (an MTP
+    source's), the model's last hidden states go to `keep_hidden(position, hidden)` instead of its output layer;
+    the arrays it returns are evaluated with the chunk.
     """
     if any(isinstance(c, SlackRotatingCache) for c in layers):
         chunk = SLACK + 1  # a continued rotating cache takes few tokens at a time
+    body = body_and_head(model)[0] if keep_hidden is not None else None
     for start in range(0, len(tokens), chunk):
         inputs = tokens[start : start + chunk]
-        model(mx.array(inputs, mx.int32)[None], cache=layers)
+        kept = []
+        if body is None:
+            model(mx.array(inputs, mx.int32)[None], cache=layers)
+        else:
+            position = pair_offset(layers)
+            kept = keep_hidden(position, body(mx.array(inputs, mx.int32)[None], cache=layers)[0])
         advance(layers, len(inputs))
         kv_quantize(caches)
-        mx.eval([c.state for c in layers])
+        mx.eval([c.state for c in layers], kept)
         if progress is not None:
             progress(min(start + chunk, len(tokens)))
 
@@ -123,7 +132,9 @@ def verify(d: "Decoding", last, draft_tokens, draft_probs, history, accept_key, 
     """Score [last, d_1..d_k] with the main model and accept, lazily (see verify.score, accept): by the rule of
     `d.params`, and with `noise` (the positions' Gumbel noise of a seeded call) by coupled sampling."""
     params = d.params
-    logprobs, main_probs = score(d.model, d.caches.main, last, draft_tokens, params, history, d.logits_processors)
+    logprobs, main_probs = score(
+        d.model, d.caches.main, last, draft_tokens, params, history, d.logits_processors, d.keep_hidden
+    )
     if params.greedy:
         num_accepted, next_token = accept_greedy(draft_tokens, logprobs)
     elif noise is not None:
@@ -143,7 +154,7 @@ class Decoding:
 
     model: Any  # the main model
     caches: CachePair  # both models' caches and the conversation's tokens
-    sources: dict[str, DraftSource | LookupSource]  # DRAFT, LOOKUP -> those available (none: plain decoding)
+    sources: dict[str, Any]  # DRAFT, LOOKUP, MTP -> those available (DraftSource, ...; none: plain decoding)
     policy: Any  # chooses each round's source and length (adaptive.Controller or FixedDraft), learns from it
     params: SamplingParams  # how tokens are drawn and accepted
     draws: NoDraws  # the random numbers of each round (sampling.draws_for)
@@ -152,6 +163,7 @@ class Decoding:
     host: HostReads = field(default_factory=HostReads)  # reads the device, counting
     logits_processors: list | None = None
     history_start: int = 0  # where this call's prompt starts in caches.tokens: what logits processors see
+    keep_hidden: Callable | None = None  # takes the main model's last hidden states of each pass (an MTP source)
 
 
 def rounds(d: Decoding, max_tokens: int, plain_first: bool = False) -> Iterator[Round]:
@@ -207,12 +219,16 @@ def rounds(d: Decoding, max_tokens: int, plain_first: bool = False) -> Iterator[
 
 
 def _bounded(d: Decoding, choice: Choice, left: int) -> Choice:
-    """The policy's choice within the call's bounds: the tokens left, the draft length limit at this offset, and
-    the rows one forward may read (a rotating cache takes SLACK + 1 at most; past MAX_PENDING tokens given back
-    by a rollback, a plain round reads them)."""
+    """The policy's choice within the call's bounds: the tokens left, the draft length limit at this offset, the
+    rows one forward may read (a rotating cache takes SLACK + 1 at most; past MAX_PENDING tokens given back
+    by a rollback, a plain round reads them), and whether the source can draft now (its `ready()`, where it has
+    one: the MTP layer drafts from the position before the last token)."""
     tokens = d.caches.tokens
     pending = len(tokens) - d.caches.main_offset
     room = SLACK + 1 - pending if pending <= MAX_PENDING else 0
+    source = d.sources.get(choice.source)
+    if source is not None and not getattr(source, "ready", lambda: True)():
+        room = 0
     num_draft = max(0, min(choice.num_draft, left - 1, d.max_draft(len(tokens) - 1), room))
     return choice._replace(num_draft=num_draft, source=choice.source if num_draft > 0 else PLAIN)
 

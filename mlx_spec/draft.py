@@ -33,20 +33,23 @@ class DraftModel:
         if self.head is None:
             return fit_vocab(self.model(inputs[None], cache=cache)[0, -1:], self.vocab_size)
         hidden = self.model.model(inputs[None], cache=cache)[0, -1:]
-        rows, head = slice(0, self.shortlist), self.head
-        if hasattr(head, "scales"):  # quantized weights
-            logits = mx.quantized_matmul(
-                hidden,
-                head.weight[rows],
-                head.scales[rows],
-                head.biases[rows],
-                transpose=True,
-                group_size=head.group_size,
-                bits=head.bits,
-            )
-        else:
-            logits = hidden @ head.weight[rows].T
-        return fit_vocab(logits, self.vocab_size)
+        return fit_vocab(first_rows(self.head, hidden, self.shortlist), self.vocab_size)
+
+
+def first_rows(head, hidden: mx.array, shortlist: int) -> mx.array:
+    """Logits of the first `shortlist` token ids only: `hidden` (n, D) through the output layer's first rows."""
+    rows = slice(0, shortlist)
+    if hasattr(head, "scales"):  # quantized weights
+        return mx.quantized_matmul(
+            hidden,
+            head.weight[rows],
+            head.scales[rows],
+            head.biases[rows],
+            transpose=True,
+            group_size=head.group_size,
+            bits=head.bits,
+        )
+    return hidden @ head.weight[rows].T
 
 
 def propose(

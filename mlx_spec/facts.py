@@ -28,6 +28,7 @@ class ModelFacts:
     description: str | None = None
     tokenizer: Any = None
     fingerprint: str | None = None  # cache.fingerprint, once computed
+    mtp: Any = None  # mtp.MTPHead: the model's MTP layer, once loaded (draft_model="mtp")
     # adaptive.MainFacts of this model as the main model (plain and lookup rounds), per store: None the
     # process's own, (name,) that of adaptive.kept_apart(name)
     main_facts: dict = field(default_factory=dict)

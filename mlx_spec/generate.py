@@ -1,6 +1,7 @@
 """The public generation API, mirroring mlx-lm's: speculative_generate_step, stream_generate, generate."""
 
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -13,18 +14,19 @@ from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from transformers import PreTrainedTokenizer
 
-from .adaptive import DRAFT, LOOKUP, Controller, learnt_for
+from .adaptive import DRAFT, LOOKUP, MTP, Controller, learnt_for
 from .cache import CachePair, SlackRotatingCache, not_rolling_back
 from .decode import Decoding, FixedDraft, prefill, rounds
 from .draft import DraftModel, DraftSource
 from .load import check_draft, output_size
 from .lookup import LookupSource
+from .mtp import MTPSource, head_for
 from .options import GenerationOptions
 from .prompt_cache import pair_for_call
 from .recurrent import has_state, leaves, mark
 from .sampling import CoupledDraws, LogitsProcessor, Sampler, acceptance_rule, draws_for
 from .stats import GenerationStats
-from .verify import output_layer
+from .verify import body_and_head, output_layer
 
 _DEFAULT = GenerationOptions()
 ROTATING = (RotatingKVCache, SlackRotatingCache)
@@ -57,6 +59,7 @@ def speculative_generate_step(
     seed: int | None = _DEFAULT.seed,
     draft_vocab_size: int | None = _DEFAULT.draft_vocab_size,
     prompt_lookup: bool = _DEFAULT.prompt_lookup,
+    mtp: bool = _DEFAULT.mtp,
     stats: GenerationStats | None = None,
 ) -> Iterator[tuple[int, mx.array, bool]]:
     """A generator of token ids: the main model's own output, drafted by a smaller model.
@@ -68,8 +71,9 @@ def speculative_generate_step(
     Args:
         prompt (mx.array or List[int]): The prompt's token ids.
         model (nn.Module): The main model.
-        draft_model (nn.Module, optional): The draft model; None decodes plainly
-          through the same rounds.
+        draft_model (nn.Module or "mtp", optional): The draft model; "mtp": the
+          main model's own MTP layer (read from the folder `load` read it
+          from); None decodes plainly through the same rounds.
         num_draft_tokens (int or "auto"): Draft tokens per round, 1..32, or
           "auto" to choose each round's draft length (plain decoding included)
           from the acceptance and costs measured. Default: ``"auto"``.
@@ -99,12 +103,17 @@ def speculative_generate_step(
           `sampler`: temperature (0: greedy), nucleus mass, top tokens kept,
           minimum probability relative to the top token.
         seed (int, optional): Seed of the sampling, for a reproducible run.
-        draft_vocab_size (int, optional): Cut the draft's output layer to the
-          first N token ids (cheaper draft steps, same output).
+        draft_vocab_size (int, optional): Cut the draft's output layer (or, with
+          draft_model="mtp", that of the MTP layer's steps) to the first N token
+          ids (cheaper draft steps, same output).
         prompt_lookup (bool): Let rounds copy draft tokens from the conversation
           itself (every token of the cache: prompt, earlier turns, this reply)
           where it repeats; with `draft_model=None` generation is then still
           speculative. Default: ``True``.
+        mtp (bool): Also draft with the main model's own MTP layer (its
+          checkpoint's `mtp.*` tensors), beside `draft_model`: each round the
+          controller chooses among them. `draft_model="mtp"` drafts with the
+          MTP layer alone. Default: ``False``.
         stats (GenerationStats, optional): Filled as generation goes.
 
     Yields:
@@ -113,6 +122,7 @@ def speculative_generate_step(
           conversation; `stats.last_source` says which) proposed it.
     """
     tokens = _token_list(prompt)
+    draft_model, mtp_head = _drafter(model, draft_model, mtp)
     opts = GenerationOptions(
         max_tokens=max_tokens,
         num_draft_tokens=num_draft_tokens,
@@ -129,11 +139,12 @@ def speculative_generate_step(
         prefill_step_size=prefill_step_size,
         sampler=sampler,
         prompt_lookup=prompt_lookup,
+        mtp=mtp,
     )
     stats = stats if stats is not None else GenerationStats()
     # 1) check the inputs, 2) get the caches
     vocab_size = _checked(tokens, model, draft_model)
-    caches, write_back, opts = _caches_for(prompt_cache, model, draft_model, opts)
+    caches, write_back, opts = _caches_for(prompt_cache, model, draft_model, opts, mtp_head is not None)
     params = opts.sampling
     draws = draws_for(params, opts.seed, vocab_size)
     stats.acceptance_rule = acceptance_rule(params, draws)
@@ -152,18 +163,26 @@ def speculative_generate_step(
         stats.start()
         stats.prompt_tokens = num_known - caches.main_offset
         # 3) read the prompt, 4) make the sources, 5) run the rounds
-        plain_first = _read_prompt(model, draft_model, caches, opts, kv_quantize, num_before, progress)
+        mtp_source = _mtp_source(model, mtp_head, caches, opts, vocab_size, logits_processors)
+        keep_hidden = mtp_source.keep if mtp_source is not None else None
+        plain_first = _read_prompt(
+            model, draft_model, caches, opts, kv_quantize, num_before, progress, mtp_source and mtp_source.keep_and_feed
+        )
+        sources = _sources(caches, opts, draft_model, vocab_size, kv_quantize, logits_processors, draws)
+        if mtp_source is not None:
+            sources[MTP] = mtp_source
         decoding = Decoding(
             model,
             caches,
-            _sources(caches, opts, draft_model, vocab_size, kv_quantize, logits_processors, draws),
-            _policy(opts, model, draft_model),
+            sources,
+            _policy(opts, model, draft_model, mtp_head if mtp_source is not None else None),
             params,
             draws,
             opts.max_draft,
             kv_quantize,
             logits_processors=logits_processors,
             history_start=num_before,
+            keep_hidden=keep_hidden,
         )
         for round_ in rounds(decoding, opts.token_limit, plain_first):
             stats.record_round(round_.num_draft, round_.num_accepted, round_.source)
@@ -194,11 +213,38 @@ def _checked(tokens: list[int], model, draft_model) -> int:
     return vocab_size
 
 
-def _caches_for(prompt_cache, model, draft_model, opts: GenerationOptions):
+def _drafter(model, draft_model, mtp: bool = False):
+    """(draft model or None, MTP layer or None): draft_model="mtp" drafts with the main model's own MTP layer
+    alone, `mtp` beside a draft model."""
+    if not isinstance(draft_model, str):
+        return draft_model, head_for(model) if mtp else None
+    if draft_model != MTP:
+        raise ValueError(f"draft_model must be a model, None or 'mtp', got {draft_model!r}")
+    return None, head_for(model)
+
+
+def _mtp_source(model, head, caches: CachePair, opts: GenerationOptions, vocab_size: int, logits_processors):
+    """The MTP layer as a source, where the caches let it draft: a pair whose main cache holds tokens the MTP
+    layer never saw (made or last used without it, or cut back past what it kept) decodes without it."""
+    if head is None:
+        return None
+    source = MTPSource(model, head, caches, opts.sampling, vocab_size, logits_processors, opts.draft_vocab_size)
+    if not source.covers():
+        warnings.warn(
+            f"the prompt cache holds {caches.main_offset} tokens the MTP layer has not read: this call decodes "
+            "without it (use a prompt cache with draft_model='mtp' from its first call on)",
+            stacklevel=3,
+        )
+        return None
+    return source
+
+
+def _caches_for(prompt_cache, model, draft_model, opts: GenerationOptions, mtp: bool = False):
     """(caches, write_back, opts): the call's CachePair (see prompt_cache.pair_for_call), and the options it
-    allows: a model whose cache kind cannot roll back decodes plainly (lookup off), and takes no draft model."""
+    allows: a model whose cache kind cannot roll back decodes plainly (lookup off), and takes no draft model
+    (nor its MTP layer)."""
     caches, write_back = pair_for_call(prompt_cache, model, draft_model, opts.max_kv_size)
-    if draft_model is not None and (kind := not_rolling_back(caches.main + caches.draft)):
+    if (draft_model is not None or mtp) and (kind := not_rolling_back(caches.main + (caches.draft or []))):
         raise ValueError(
             f"a {kind} cache cannot be rolled back, so its model cannot be drafted for: "
             "decode without a draft model (draft_model=None)"
@@ -208,14 +254,16 @@ def _caches_for(prompt_cache, model, draft_model, opts: GenerationOptions):
     return caches, write_back, opts
 
 
-def _read_prompt(model, draft_model, caches: CachePair, opts, kv_quantize, num_before: int, progress) -> bool:
+def _read_prompt(
+    model, draft_model, caches: CachePair, opts, kv_quantize, num_before: int, progress, keep_hidden=None
+) -> bool:
     """Read the prompt into the caches but for its last step, which the first round reads (see _folded); the
     draft's cache too, unless it waits (_draft_waits). Returns whether the first round decodes plainly.
 
     The prompt goes in in steps, after the last token of the previous call: with it, or alone into a rotating
     cache (as mlx-lm's decoding step fed it: a rotating cache attends differently to a token fed with others).
     Afterwards rotating caches are slack ones, and recurrent layers keep their state (a request for the same
-    prompt goes back to it)."""
+    prompt goes back to it). `keep_hidden`: an MTP source's, which reads the main model's hidden states."""
     num_known, offset = len(caches.tokens), caches.main_offset
     num_prompt = num_known - num_before
     progress(0, num_prompt)
@@ -234,6 +282,7 @@ def _read_prompt(model, draft_model, caches: CachePair, opts, kv_quantize, num_b
             kv_quantize,
             opts.prefill_step_size,
             lambda done, start=start: progress(max(0, start + done - num_before), num_prompt),
+            keep_hidden,
         )
     if draft_model is not None and not _draft_waits(opts, caches, plain_first):
         prefill(
@@ -298,21 +347,27 @@ def _draft_waits(opts: GenerationOptions, caches: CachePair, plain_first: bool) 
     return (opts.prompt_lookup or plain_first) and not any(isinstance(c, ROTATING) for c in leaves(caches.draft))
 
 
-def _policy(opts: GenerationOptions, model, draft_model):
+def _policy(opts: GenerationOptions, model, draft_model, mtp_head=None):
     if opts.num_draft_tokens != "auto":
-        return FixedDraft(opts.num_draft_tokens, draft_model is not None)
+        drafter = DRAFT if draft_model is not None or mtp_head is None else MTP
+        return FixedDraft(opts.num_draft_tokens, draft_model is not None or mtp_head is not None, drafter)
     ratio = _nbytes(draft_model) / _nbytes(model) if draft_model is not None else 1.0
+    # an MTP step reads its layer and the output layer
+    mtp_ratio = (_nbytes(mtp_head) + _nbytes(body_and_head(model)[1])) / _nbytes(model) if mtp_head else 0.0
     return Controller(
         learnt_for(model, draft_model),
         max_draft=opts.auto_max_draft,
         max_lookup=opts.auto_max_lookup if opts.prompt_lookup else 0,
         has_draft=draft_model is not None,
         cost_ratio=ratio,
+        max_mtp=opts.auto_max_draft if mtp_head is not None else 0,
+        mtp_ratio=mtp_ratio,
     )
 
 
 def _nbytes(model) -> int:
     """Bytes of weights: a decoding step reads them all, so their ratio predicts the cost ratio."""
+    model = getattr(model, "__self__", model)  # a bound method (an embedding's as_linear): its module
     return sum(w.nbytes for _, w in tree_flatten(model.parameters()))
 
 
@@ -359,8 +414,9 @@ def stream_generate(
         tokenizer (PreTrainedTokenizer or TokenizerWrapper): The tokenizer.
         prompt (str, mx.array or List[int]): The prompt text or its token ids.
         max_tokens (int): The maximum number of tokens to generate; -1 for no limit. Default: ``256``.
-        draft_model (nn.Module, optional): A draft model speaking the main
-          model's vocabulary; None decodes plainly. Default: ``None``.
+        draft_model (nn.Module or "mtp", optional): A draft model speaking the
+          main model's vocabulary, or "mtp" (the main model's own MTP layer);
+          None decodes plainly. Default: ``None``.
         kwargs: The other options of :func:`speculative_generate_step`
           (sampler, logits_processors, prompt_cache, num_draft_tokens, ...).
 
@@ -375,7 +431,7 @@ def stream_generate(
         tokenizer = TokenizerWrapper(tokenizer)
     if isinstance(prompt, str):
         prompt = encode_prompt(tokenizer, prompt)
-    if draft_model is not None:
+    if draft_model is not None and not isinstance(draft_model, str):  # "mtp": the model's own
         check_draft(model, draft_model, tokenizer)
     stats = kwargs.pop("stats", None) or GenerationStats()
     detokenizer = tokenizer.detokenizer

@@ -100,6 +100,8 @@ def model_dtype(model) -> str:
 def model_name(model) -> str:
     """One line naming the model and where it came from, e.g. 'Qwen2.5 Coder 1.5B Instruct (float32, from Q4_K_M
     qwen2.5-coder-1.5b-instruct.gguf, ~/.cache/mlx_spec/converted/...)'; models built in code: '<llama model>'."""
+    if isinstance(model, str):  # draft_model="mtp"
+        return "the main model's MTP layer"
     known = facts.known(model)
     if known is not None and known.description is not None:
         return known.description
@@ -107,7 +109,10 @@ def model_name(model) -> str:
 
 
 def model_source(model) -> str | None:
-    """What `load` was given for this model (folder, hub id or .gguf file); None for models built in code."""
+    """What `load` was given for this model (folder, hub id or .gguf file); None for models built in code;
+    "mtp" for draft_model="mtp"."""
+    if isinstance(model, str):
+        return model
     known = facts.known(model)
     return known.source if known is not None else None
 

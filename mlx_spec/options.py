@@ -47,6 +47,7 @@ class GenerationOptions:
     prefill_step_size: int = PREFILL_STEP_SIZE  # prompt tokens per prefill chunk
     prompt_lookup: bool = True  # rounds may copy draft tokens from the conversation where it repeats
     sampler: Sampler | None = None  # a sampler (mlx-lm's make_sampler or any callable) instead of temp, top_p, ...
+    mtp: bool = False  # also draft with the main model's MTP layer, beside a draft model (draft_model="mtp": alone)
 
     def __post_init__(self):
         if self.sampler is not None:
@@ -76,6 +77,8 @@ class GenerationOptions:
             raise ValueError(f"draft_vocab_size must be a positive integer or None, got {self.draft_vocab_size!r}")
         if not isinstance(self.prompt_lookup, bool):
             raise ValueError(f"prompt_lookup must be True or False, got {self.prompt_lookup!r}")
+        if not isinstance(self.mtp, bool):
+            raise ValueError(f"mtp must be True or False, got {self.mtp!r}")
         if not _is_int(self.prefill_step_size) or self.prefill_step_size < 1:
             raise ValueError(f"prefill_step_size must be a positive integer, got {self.prefill_step_size!r}")
         if self.max_kv_size is not None:

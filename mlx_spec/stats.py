@@ -18,23 +18,25 @@ class GenerationStats:
     accepted_draft_tokens: int = 0
     lookup_draft_tokens: int = 0  # of those, copied from the conversation (prompt lookup)
     lookup_accepted_tokens: int = 0
+    mtp_draft_tokens: int = 0  # of those, drafted by the main model's own MTP layer (draft_model="mtp")
+    mtp_accepted_tokens: int = 0
     num_rounds: int = 0
     host_syncs: int = 0  # device -> host waits while decoding; one per round
     acceptance_rule: str = ""  # "greedy", "rejection sampling" or "exact match" (a sampler of unknown settings)
     draft_lengths: Counter = field(default_factory=Counter)  # draft length -> rounds
-    rounds_by_source: Counter = field(default_factory=Counter)  # "plain", "draft", "lookup" -> rounds
-    last_source: str | None = None  # where the last token came from: "draft", "lookup", or None (the main model)
+    rounds_by_source: Counter = field(default_factory=Counter)  # "plain", "draft", "lookup", "mtp" -> rounds
+    last_source: str | None = None  # where the last token came from: "draft", "lookup", "mtp", None (the main model)
     peak_memory: float = 0.0  # GB
     _start: float = field(default_factory=time.perf_counter, repr=False)
 
     @property
     def model_draft_tokens(self) -> int:
         """Drafted by the draft model."""
-        return self.total_draft_tokens - self.lookup_draft_tokens
+        return self.total_draft_tokens - self.lookup_draft_tokens - self.mtp_draft_tokens
 
     @property
     def model_accepted_tokens(self) -> int:
-        return self.accepted_draft_tokens - self.lookup_accepted_tokens
+        return self.accepted_draft_tokens - self.lookup_accepted_tokens - self.mtp_accepted_tokens
 
     @property
     def rejected_draft_tokens(self) -> int:
@@ -66,14 +68,15 @@ class GenerationStats:
         self.num_rounds += 1
         self.total_draft_tokens += num_draft
         self.accepted_draft_tokens += num_accepted
-        if source == "lookup":
-            self.lookup_draft_tokens += num_draft
-            self.lookup_accepted_tokens += num_accepted
+        if source in ("lookup", "mtp"):
+            setattr(self, f"{source}_draft_tokens", getattr(self, f"{source}_draft_tokens") + num_draft)
+            setattr(self, f"{source}_accepted_tokens", getattr(self, f"{source}_accepted_tokens") + num_accepted)
         self.draft_lengths[num_draft] += 1
         self.rounds_by_source[source if num_draft else "plain"] += 1
 
     def record_token(self, source: str | None = None):
-        """One token yielded; `source`: "draft" or "lookup" for an accepted draft token, None for the main model's."""
+        """One token yielded; `source`: "draft", "lookup" or "mtp" for an accepted draft token, None for the main
+        model's."""
         self.last_source = source
         now = time.perf_counter() - self._start
         if self.generation_tokens == 0:
@@ -93,6 +96,8 @@ class GenerationStats:
             "accepted_draft_tokens",
             "lookup_draft_tokens",
             "lookup_accepted_tokens",
+            "mtp_draft_tokens",
+            "mtp_accepted_tokens",
             "num_rounds",
             "host_syncs",
         ):
@@ -135,10 +140,16 @@ class GenerationStats:
                 f"{self.mean_tokens_per_round:.2f} tokens per round, "
                 f"draft length {self.mean_draft_length:.1f} on average"
             )
-            if self.lookup_draft_tokens:
-                lines.append(
-                    f"  from the conversation {self.lookup_accepted_tokens}/{self.lookup_draft_tokens}, "
-                    f"from the draft model {self.model_accepted_tokens}/{self.model_draft_tokens}"
+            parts = [
+                f"from {name} {accepted}/{drafted}"
+                for name, accepted, drafted in (
+                    ("the conversation", self.lookup_accepted_tokens, self.lookup_draft_tokens),
+                    ("the MTP layer", self.mtp_accepted_tokens, self.mtp_draft_tokens),
+                    ("the draft model", self.model_accepted_tokens, self.model_draft_tokens),
                 )
+                if drafted
+            ]
+            if self.lookup_draft_tokens or self.mtp_draft_tokens:
+                lines.append("  " + ", ".join(parts))
         lines.append(f"Peak memory: {self.peak_memory:.3f} GB")
         return "\n".join(lines)
