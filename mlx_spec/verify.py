@@ -37,18 +37,21 @@ def score(
     params: SamplingParams,
     history: mx.array | None = None,
     logits_processors=None,
+    logits: mx.array | None = None,
 ) -> tuple[mx.array, mx.array | None]:
     """One main forward over [last, d_1..d_k]: k+1 positions (`last_token`: (1,) int32, or the tokens not yet
     in the cache, of which only the last is scored).
 
     Returns (logprobs, main_probs): the main model's log-probabilities after
     logits processors, (k+1, V), in the model's dtype as plain decoding computes
-    them; and, for rejection sampling, p, the distributions to sample from (else None).
+    them; and, for rejection sampling, p, the distributions to sample from (else None). `logits` (k+1, V), where
+    given, are those positions' logits from a forward already run (a batched round's, see batch.py).
     """
-    inputs = mx.concatenate([last_token, draft_tokens])
-    mark(main_cache)  # recurrent layers keep their state from before the pass: a rejection goes back to it
-    logits = last_logits(main_model, inputs[None], main_cache, draft_tokens.size + 1)[0]
-    advance(main_cache, inputs.size)
+    if logits is None:
+        inputs = mx.concatenate([last_token, draft_tokens])
+        mark(main_cache)  # recurrent layers keep their state from before the pass: a rejection goes back to it
+        logits = last_logits(main_model, inputs[None], main_cache, draft_tokens.size + 1)[0]
+        advance(main_cache, inputs.size)
     logits = process(logits, history, draft_tokens, logits_processors)
     logprobs = log_probs(logits)
     if params.greedy or params.exact_match:

@@ -1,0 +1,255 @@
+"""Batched rounds: the rounds of several requests verified in one main forward (the server's continuous batching).
+
+Each request keeps its own `decode.Decoding` (caches, sources, policy, sampling, seed, logits processors) and
+runs its rounds with the pieces of `decode.rounds`: it finds its match and proposes alone (`situation`,
+`propose`); the main model then reads every request's pending tokens and drafts in ONE forward, B sequences
+right-padded to the longest; each request accepts from its own rows (`verify` with those logits); all
+verdicts come back in one host read; each settles alone (`settle`: learns, extends, rolls back). So a request's
+tokens are those it would get alone: greedy the same argmax, sampled the same draws (coupled sampling keys its
+noise by seed and position, rejection sampling by the request's own key), up to the float rounding of a
+batched matmul.
+
+The batch is gathered each round from the requests' own KV caches (`GatheredCache`): per layer, each
+request's new keys and values go into its own cache, which is then left-padded to the longest and stacked.
+Positions stay each request's (a RoPE offset per sequence), padding is masked, and rollback, prompt caches,
+joining and leaving are those of a request alone. The price is a copy of the batch's cached keys and values
+per round, small beside the weights a forward reads at these sizes (a cache with per-sequence holes would
+avoid it, at the cost of masks that grow with the rejected rows). Only standard `KVCache`s of the models in
+GATHERED_TYPES are gathered; other requests (rotating, quantized or recurrent caches) forward alone in the
+same round. Within a batch the rounds copy from the conversation (prompt lookup) or decode plainly; the draft
+model drafts for a request alone (its steps, one request at a time, would cost more than they save).
+
+Draft length under load: a forward over R rows costs about T(R) = t0 + t1 * R (learnt from the rounds,
+`RowCost`), so one more row costs c = B * t1 / T(B) of the B tokens a plain batched round emits; a request
+drafts the k that maximises E(k) - c * k, E(k) its expected tokens at its learnt acceptance. Where rows are
+nearly free (an Apple GPU at small batches) c is near 0 and k stays long; where the forward is compute-bound
+c grows with B and k falls to 0: speculation never costs throughput, at worst a round is a batched plain step.
+"""
+
+import time
+from typing import NamedTuple
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from .adaptive import LOOKUP, PLAIN, Choice, Controller, bucket_of
+from .decode import Decoding, Round, Verdict, bounded, propose, rounds, settle, situation, verify
+from .recurrent import leaves
+
+# Model types whose attention reads `cache.offset` for RoPE, calls `update_and_fetch` and takes its mask from
+# `cache.make_mask` (mlx-lm's create_attention_mask): a gathered batch of their caches is exact.
+GATHERED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+PRIOR_ROW_SHARE = 0.1  # t1 / t0 before the batch has measured it: a row costs a tenth of a forward's fixed part
+PRIOR_WEIGHT = 2.0  # rounds' worth of weight the prior keeps
+DECAY = 0.95  # weight of earlier rounds in the cost fit, per round
+PRIOR_ACCEPTANCE = 0.5  # per-position acceptance of a FixedDraft policy's copies, which learns none
+
+
+class GatheredCache:
+    """One layer's caches of B requests as one left-padded batch, for one forward of `num_rows` rows each.
+
+    `offset` (B,) gives each sequence its own RoPE positions; `update_and_fetch` writes each sequence's new
+    keys and values into its own cache and returns them all, left-padded to the longest; `make_mask` hides the
+    padding and keeps each query causal.
+    """
+
+    def __init__(self, layers: list[KVCache]):
+        self.layers = layers
+        self.offsets = [c.offset for c in layers]
+        self.offset = mx.array(self.offsets)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        fetched = [c.update_and_fetch(keys[i : i + 1], values[i : i + 1]) for i, c in enumerate(self.layers)]
+        length = max(k.shape[2] for k, _ in fetched)
+
+        def padded(x: mx.array) -> mx.array:
+            pad = length - x.shape[2]
+            return x if pad == 0 else mx.pad(x, [(0, 0), (0, 0), (pad, 0), (0, 0)])
+
+        return (
+            mx.concatenate([padded(k) for k, _ in fetched]),
+            mx.concatenate([padded(v) for _, v in fetched]),
+        )
+
+    def make_mask(self, num_rows: int, return_array: bool = False, window_size: int | None = None) -> mx.array:
+        """(B, 1, rows, slots) bool: query i of sequence b sees slot s if s is no padding and s <= its position."""
+        assert window_size is None, "a windowed layer keeps a rotating cache, which is never gathered"
+        length = max(self.offsets) + num_rows
+        slots = mx.arange(length)
+        causal = slots[None] <= (length - num_rows + mx.arange(num_rows))[:, None]  # (rows, slots)
+        left_padding = length - num_rows - self.offset  # (B,)
+        return causal[None, None] & (slots[None, None, None] >= left_padding[:, None, None, None])
+
+    @property
+    def state(self):
+        return [c.state for c in self.layers]
+
+
+def gatherable(model, d: Decoding) -> bool:
+    """Whether a request's main cache can join a gathered forward: standard KVCaches of a GATHERED_TYPES model."""
+    kind = type(model).__module__.rsplit(".", 1)[-1]
+    return kind in GATHERED_TYPES and all(type(c) is KVCache for c in leaves(d.caches.main))
+
+
+def batched_logits(model, inputs: list[mx.array], layers: list[list[KVCache]]) -> mx.array:
+    """One forward over B sequences: `inputs[b]` (L_b,) int32 into request b's caches `layers[b]`.
+
+    Returns logits (B, L, V), L = max L_b, row j of sequence b at its position offset_b + j; rows past L_b are
+    padding, written into b's caches too (the caller rolls them back).
+    """
+    length = max(x.size for x in inputs)
+    tokens = mx.stack([mx.pad(x, [(0, length - x.size)]) for x in inputs])
+    gathered = [GatheredCache([request[i] for request in layers]) for i in range(len(layers[0]))]
+    return model(tokens, cache=gathered)
+
+
+class RowCost:
+    """T(R) = t0 + t1 * R: the seconds of a batched round over R rows, a decayed least-squares fit of the rounds
+    measured, leaning on t1 = PRIOR_ROW_SHARE * t0 until rounds of different sizes tell them apart."""
+
+    def __init__(self):
+        self.sums = [0.0] * 5  # decayed sums of 1, R, R^2, T, R*T
+
+    def record(self, rows: int, seconds: float):
+        self.sums = [s * DECAY + x for s, x in zip(self.sums, (1.0, rows, rows * rows, seconds, rows * seconds))]
+
+    def row_share(self) -> float:
+        """t1 / t0, the prior's where the rounds say little."""
+        w, x, xx, y, xy = self.sums
+        if w == 0:
+            return PRIOR_ROW_SHARE
+        mean_x, mean_y = x / w, y / w
+        var_x, cov = xx / w - mean_x**2, xy / w - mean_x * mean_y
+        # The prior as PRIOR_WEIGHT rounds' worth of slope at the measured level: t1 = share * t0.
+        prior_t1 = PRIOR_ROW_SHARE * mean_y / (1 + PRIOR_ROW_SHARE * mean_x)
+        t1 = max((cov * w + PRIOR_WEIGHT * prior_t1) / (var_x * w + PRIOR_WEIGHT), 0.0)
+        t0 = max(mean_y - t1 * mean_x, 1e-9)
+        return t1 / t0
+
+    def tokens_per_row(self, batch_size: int) -> float:
+        """c = B * t1 / T(B): the tokens of a plain batched round that one more row costs."""
+        share = self.row_share()
+        return batch_size * share / (1 + share * batch_size)
+
+
+def best_length(expected: list[float], row_tokens: float) -> int:
+    """The k maximising expected[k] - row_tokens * k (expected[k]: tokens a round of k drafts emits)."""
+    return max(range(len(expected)), key=lambda k: (expected[k] - row_tokens * k, -k))
+
+
+class Stats(NamedTuple):
+    """What the batch has done: rounds run and the requests they served."""
+
+    num_rounds: int
+    num_request_rounds: int  # sum over rounds of the requests in it
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.num_request_rounds / self.num_rounds if self.num_rounds else 0.0
+
+
+class Request:
+    """One request's rounds, as the batch runs them: its Decoding and how far it is."""
+
+    def __init__(self, d: Decoding, max_tokens: int, plain_first: bool):
+        self.d, self.max_tokens, self.plain_first = d, max_tokens, plain_first
+        self.num_emitted = 0
+        self.alone = None  # decode.rounds, while the request is the only one: the round loop of one call
+
+    @property
+    def left(self) -> int:
+        return self.max_tokens - self.num_emitted
+
+    def leave_alone(self):
+        """Stop the loop of one call; a plain step it queued is rolled back."""
+        if self.alone is not None:
+            self.alone.close()
+            self.alone = None
+            self.d.caches.rollback()
+
+
+class Batch:
+    """Runs one round of every request at once; `step(requests)` -> each request's Round."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cost = RowCost()
+        self.no_draft = None  # an empty draft, made on the engine's thread
+        self.stats = Stats(0, 0)
+
+    def step(self, requests: list[Request]) -> list[Round]:
+        self.stats = Stats(self.stats.num_rounds + 1, self.stats.num_request_rounds + len(requests))
+        if self.no_draft is None:
+            self.no_draft = mx.zeros((0,), mx.int32)
+        if len(requests) == 1:  # alone: the loop of one call, which queues plain steps ahead
+            request = requests[0]
+            if request.alone is None:
+                request.alone = rounds(request.d, request.left, request.plain_first)
+                request.plain_first = False
+            round_ = next(request.alone)
+            request.num_emitted += len(round_.tokens)
+            return [round_]
+        for request in requests:
+            request.leave_alone()
+        return self._together(requests)
+
+    def _choice(self, request: Request, here, row_tokens: float) -> Choice:
+        """A request's source and draft length within the batch: a copy from the conversation where its match
+        pays at this batch's row cost, else plain."""
+        d, found = request.d, here.found
+        if request.plain_first or found is None:
+            return Choice(PLAIN, 0)
+        policy = d.policy
+        if isinstance(policy, Controller):
+            if policy.max_lookup == 0:
+                return Choice(PLAIN, 0)
+            bucket = bucket_of(found)
+            expected = policy.learnt.main.lookup[bucket].expected_tokens(policy.max_lookup)
+        else:  # a fixed draft length: at most that, at a prior acceptance
+            choice = policy.choose(found, here.behind, here.left)
+            if choice.source != LOOKUP:
+                return Choice(PLAIN, 0)
+            bucket = choice.bucket
+            expected = [sum(PRIOR_ACCEPTANCE**i for i in range(k + 1)) for k in range(choice.num_draft + 1)]
+        k = best_length(expected, row_tokens)
+        return Choice(LOOKUP, k, bucket) if k > 0 else Choice(PLAIN, 0)
+
+    def _together(self, requests: list[Request]) -> list[Round]:
+        start = time.perf_counter()
+        row_tokens = self.cost.tokens_per_row(len(requests))
+        # 1) choose and 2) propose, each request alone
+        plans = []
+        for request in requests:
+            here = situation(request.d, request.left)
+            choice = bounded(request.d, self._choice(request, here, row_tokens), here.left)
+            plans.append((here, choice, propose(request.d, choice, here.history, self.no_draft)))
+        # 3) one main forward over the gathered requests; the others forward alone
+        gathered = [i for i, r in enumerate(requests) if gatherable(self.model, r.d)]
+        inputs = {i: mx.concatenate([plans[i][2].pending, plans[i][2].draft_tokens]) for i in gathered}
+        logits, length = {}, max((x.size for x in inputs.values()), default=0)
+        if len(gathered) > 1:
+            out = batched_logits(
+                self.model, [inputs[i] for i in gathered], [requests[i].d.caches.main for i in gathered]
+            )
+            for row, i in enumerate(gathered):
+                size, num_scored = inputs[i].size, plans[i][1].num_draft + 1
+                logits[i] = out[row, size - num_scored : size]
+        verified = []
+        for i, (request, (here, _, proposal)) in enumerate(zip(requests, plans)):
+            verified.append(verify(request.d, *proposal[:3], here.history, *proposal[3:], logits=logits.get(i)))
+        # 4) one host read for all
+        values = requests[0].d.host(mx.concatenate([v.readout for v in verified]))
+        # 5) each request settles alone: learns (untimed: the time is the batch's), extends, rolls back
+        out_rounds, at = [], 0
+        for i, (request, (here, choice, _), v) in enumerate(zip(requests, plans, verified)):
+            size = choice.num_draft + 2
+            verdict = Verdict(values[at : at + size - 2], values[at + size - 2], values[at + size - 1])
+            at += size
+            padded = i in logits and inputs[i].size < length
+            new_tokens = settle(request.d, here, choice, verdict, not request.plain_first, timed=False, padded=padded)
+            request.plain_first = False
+            request.num_emitted += len(new_tokens)
+            out_rounds.append(Round(new_tokens, choice.source, choice.num_draft, verdict.num_accepted, v.logprobs))
+        if len(gathered) == len(requests):
+            self.cost.record(len(requests) * length, time.perf_counter() - start)
+        return out_rounds

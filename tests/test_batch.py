@@ -1,0 +1,126 @@
+"""Batched rounds (batch.py): each request's tokens equal its solo output, whoever else is in the batch."""
+
+import mlx.core as mx
+import pytest
+from tiny import make_model, perturbed, repetitive, spec
+
+from mlx_spec.batch import Batch, GatheredCache, Request, RowCost, best_length
+from mlx_spec.cache import make_prompt_cache
+from mlx_spec.generate import begin_call
+from mlx_spec.options import GenerationOptions
+from mlx_spec.stats import GenerationStats
+
+PROMPTS = [
+    [5, 9, 14, 5, 9, 14, 22, 5, 9],
+    list(range(3, 40)),
+    [7, 8],
+    [11, 12, 13, 14, 11, 12, 13, 14, 11, 12, 13, 50, 60, 11, 12],
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return repetitive(make_model("qwen2", layers=2, seed=3))
+
+
+def start(model, prompt, draft=None, **options):
+    """A Request for `prompt` on fresh caches, as the server's engine starts one."""
+    opts = GenerationOptions(**options)
+    caches = make_prompt_cache(model, draft)
+    call = begin_call(list(prompt), model, draft, opts, caches, GenerationStats())
+    return Request(call.decoding, opts.token_limit, call.plain_first), call
+
+
+def run_batched(model, jobs, draft=None, leave=None):
+    """Run `jobs` = [(prompt, join_round, options)] through one Batch; requests join at their round, leave when
+    done (or at `leave` = {index: round}); returns each one's tokens."""
+    batch, active, out, round_no = Batch(model), {}, {i: [] for i in range(len(jobs))}, 0
+    while round_no == 0 or active or any(j[1] >= round_no for j in jobs):
+        for i, (prompt, join, options) in enumerate(jobs):
+            if join == round_no:
+                active[i] = start(model, prompt, draft, **options)
+        if leave:
+            for i, at in leave.items():
+                if at == round_no and i in active:
+                    request, call = active.pop(i)
+                    request.leave_alone()
+                    call.end(len(out[i]))
+        if active:
+            order = list(active)
+            rounds = batch.step([active[i][0] for i in order])
+            for i, round_ in zip(order, rounds):
+                out[i].extend(round_.tokens)
+                request, call = active[i]
+                if request.left <= 0:
+                    del out[i][call.opts.token_limit :]
+                    request.leave_alone()
+                    call.end(len(out[i]))
+                    del active[i]
+        round_no += 1
+    return [out[i] for i in range(len(jobs))], batch
+
+
+def test_gathered_forward_equals_solo_forwards(model):
+    """One forward over ragged sequences gives each one's logits as its own forward does (float32)."""
+    caches = [make_prompt_cache(model).main for _ in PROMPTS]
+    for layers, prompt in zip(caches, PROMPTS):
+        model(mx.array(prompt)[None], cache=layers)
+    solo_caches = [make_prompt_cache(model).main for _ in PROMPTS]
+    for layers, prompt in zip(solo_caches, PROMPTS):
+        model(mx.array(prompt)[None], cache=layers)
+    rows = [[3, 4, 5], [6], [7, 8], [9, 10, 11]]
+    length = max(len(r) for r in rows)
+    tokens = mx.array([r + [0] * (length - len(r)) for r in rows])
+    gathered = [GatheredCache([c[i] for c in caches]) for i in range(len(model.layers))]
+    out = model(tokens, cache=gathered)
+    for b, (r, layers) in enumerate(zip(rows, solo_caches)):
+        alone = model(mx.array(r)[None], cache=layers)[0]
+        assert mx.allclose(out[b, : len(r)], alone, atol=1e-4).item()
+        assert caches[b][0].offset == len(PROMPTS[b]) + length
+
+
+def test_greedy_joining_at_different_times_equals_solo(model):
+    jobs = [(p, join, dict(max_tokens=n)) for p, join, n in zip(PROMPTS, [0, 0, 3, 7], [40, 25, 30, 12])]
+    batched, batch = run_batched(model, jobs)
+    for (prompt, _, options), tokens in zip(jobs, batched):
+        assert tokens == spec(prompt, model, None, **options)
+    assert batch.stats.mean_batch_size > 1.5
+
+
+def test_sampled_with_seed_equals_solo(model):
+    jobs = [
+        (PROMPTS[0], 0, dict(max_tokens=30, temp=0.8, seed=7)),
+        (PROMPTS[1], 1, dict(max_tokens=30)),
+        (PROMPTS[3], 2, dict(max_tokens=20, temp=1.0, top_p=0.9, seed=11)),
+    ]
+    batched, _ = run_batched(model, jobs)
+    for (prompt, _, options), tokens in zip(jobs, batched):
+        assert tokens == spec(prompt, model, None, **options)
+
+
+def test_with_a_draft_model_and_lookup_equals_solo(model):
+    draft = perturbed(model, 0.05)
+    jobs = [(p, join, dict(max_tokens=24, num_draft_tokens=3)) for p, join in zip(PROMPTS, [0, 1, 1, 4])]
+    batched, _ = run_batched(model, jobs, draft)
+    for (prompt, _, options), tokens in zip(jobs, batched):
+        assert tokens == spec(prompt, model, draft, **options)
+
+
+def test_a_request_leaving_leaves_the_others_exact(model):
+    jobs = [(p, 0, dict(max_tokens=30)) for p in PROMPTS]
+    batched, _ = run_batched(model, jobs, leave={1: 3})
+    for i, ((prompt, _, options), tokens) in enumerate(zip(jobs, batched)):
+        if i != 1:
+            assert tokens == spec(prompt, model, None, **options)
+
+
+def test_draft_length_shrinks_as_rows_cost():
+    expected = [1.0, 1.8, 2.4, 2.8, 3.0]
+    assert best_length(expected, 0.0) == 4
+    assert best_length(expected, 0.5) == 2
+    assert best_length(expected, 0.9) == 0
+    cost = RowCost()
+    for rows in [4, 8, 12, 16] * 5:
+        cost.record(rows, 1.0 + 0.25 * rows)  # t1 / t0 = 0.25
+    assert cost.row_share() == pytest.approx(0.25, rel=0.05)
+    assert cost.tokens_per_row(4) == pytest.approx(0.5, rel=0.05)
