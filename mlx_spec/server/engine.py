@@ -1,5 +1,6 @@
-"""The engine thread: runs every generation in arrival order, keeps the prompt caches of the last few
-conversations and streams events (text cut at stop strings, logprobs) back to the request handlers."""
+"""The engine thread: generates the requests together (batched rounds, joining and leaving between rounds), keeps the
+prompt caches of the last few conversations and streams events (text cut at stop strings, logprobs) back to the
+request handlers."""
 
 import asyncio
 import logging
@@ -7,14 +8,14 @@ import math
 import queue
 import threading
 import time
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 
+from ..batch import Batch, Request
 from ..cache import CachePair, common_prefix_length, make_prompt_cache, reuse_prefix
-from ..generate import stream_generate
+from ..generate import _token_list, begin_call
 from ..load import model_name, model_source
 from ..options import GenerationOptions
 from ..stats import GenerationStats
@@ -181,21 +182,117 @@ class PromptCaches:
         del self.entries[: -self.size]
 
 
-class Engine:
-    """Runs every generation on one thread (MLX's default stream is per thread), in arrival order.
+MAX_BATCH = 8  # requests generating at once; more wait in the queue
 
-    At most `max_queue` jobs wait; `submit` raises QueueFull past that.
+
+class _Active:
+    """A request that generates: its call's rounds in the batch, and the reply its tokens become."""
+
+    def __init__(self, engine: "Engine", job: Job):
+        self.engine, self.job, self.start = engine, job, time.perf_counter()
+        self.draft_model = engine.draft_model if job.use_draft else None
+        self.cache, new_tokens = engine.caches.take(job.prompt_tokens, self.draft_model is not None)
+        self.stats, self.reply = GenerationStats(), Reply(job.stops)
+        self.detokenizer = engine.tokenizer.detokenizer
+        self.num_yielded, self.num_from_draft = 0, 0
+        self.finish_reason, self.stop_reason = "length", "maxPredictedTokensReached"
+        opts = job.options
+        try:
+            self.call = begin_call(
+                _token_list(new_tokens),
+                engine.model,
+                self.draft_model,
+                opts,
+                self.cache,
+                self.stats,
+                job.logits_processors,
+            )
+        except Exception:
+            engine.caches.put(self.cache, len(job.prompt_tokens))
+            raise
+        self.request = Request(self.call.decoding, self.call.opts.token_limit, self.call.plain_first)
+
+    def take(self, round_) -> bool:
+        """Send a round's tokens to the client as text and logprobs; True once the reply is complete."""
+        job, stats, eos = self.job, self.stats, self.engine.tokenizer.eos_token_ids
+        stats.record_round(round_.num_draft, round_.num_accepted, round_.source)
+        stats.host_syncs = self.call.decoding.host.count
+        for i, token in enumerate(round_.tokens):
+            if self.num_yielded == 0:
+                stats.prompt_done()
+            self.num_yielded += 1
+            from_draft = i < round_.num_accepted
+            stats.record_token(round_.source if from_draft else None)
+            self.num_from_draft += from_draft
+            end_token = token in eos
+            last = end_token or self.num_yielded == self.call.opts.token_limit
+            if end_token:
+                self.detokenizer.finalize()
+            else:
+                self.detokenizer.add_token(token)
+                if last:
+                    self.detokenizer.finalize()
+            entry = None
+            if job.num_top_logprobs is not None and not end_token:
+                entry = self.engine._logprob(token, round_.logprobs[i], job.num_top_logprobs)
+            text, entries, stopped = self.reply.add(self.detokenizer.last_segment, entry)
+            if stopped or last:
+                if not stopped:
+                    rest, more = self.reply.finish()
+                    text, entries = text + rest, entries + more
+                self.finish_reason = "stop" if stopped or end_token else "length"
+                self.stop_reason = "stopStringFound" if stopped else "eosFound" if end_token else self.stop_reason
+            if text or entries:
+                job.send(Delta(text, entries))
+            if stopped or last:
+                return True
+        return False
+
+    def leave(self, failed: Failed | None = None):
+        """Leave the batch: the caches hold exactly the tokens generated and go back to the pool; the answer."""
+        engine, job = self.engine, self.job
+        self.request.leave_alone()
+        self.call.end(self.num_yielded)
+        engine.caches.put(self.cache, len(job.prompt_tokens))
+        engine.mean_seconds = 0.8 * engine.mean_seconds + 0.2 * (time.perf_counter() - self.start)
+        if failed is not None:
+            job.send(failed)
+            return
+        done = engine._done(
+            job, self.stats, self.num_from_draft, self.finish_reason, self.stop_reason, self.draft_model is not None
+        )
+        if job.cancelled.is_set():
+            why = "the server is stopping" if engine.stopping else "the client left"
+            log.info(f"generation stopped after {self.stats.generation_tokens} tokens: {why}")
+        job.send(Failed(STOPPING, 503) if engine.stopping else done)
+
+
+class Engine:
+    """Runs every generation on one thread (MLX's default stream is per thread): up to `max_batch` requests at
+    once, their rounds batched (batch.py); requests join and leave between rounds, in arrival order.
+
+    At most `max_queue` jobs wait for a place in the batch; `submit` raises QueueFull past that.
     """
 
-    def __init__(self, model, tokenizer, draft_model, max_kv_size, max_queue: int, num_prompt_caches: int):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        draft_model,
+        max_kv_size,
+        max_queue: int,
+        num_prompt_caches: int,
+        max_batch: int = MAX_BATCH,
+    ):
         self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
-        self.max_queue = max_queue
-        self.caches = PromptCaches(model, draft_model, max_kv_size, num_prompt_caches)
+        self.max_queue, self.max_batch = max_queue, max_batch
+        self.caches = PromptCaches(model, draft_model, max_kv_size, max(num_prompt_caches, 1))
         self.draft_name = served_name(draft_model) if draft_model is not None else None
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.lock = threading.Lock()
         self.num_waiting = 0
-        self.current: Job | None = None
+        self.active: list[_Active] = []  # the requests generating, in arrival order
+        self.batch = Batch(model)
         self.stopping = False
         self.mean_seconds = 1.0  # running mean of a job's seconds, for Retry-After
         self.thread = threading.Thread(target=self._loop, name="mlx-spec-engine", daemon=True)
@@ -207,7 +304,7 @@ class Engine:
         """The server is stopping: the running and the waiting jobs end at once, answered 503."""
         with self.lock:
             self.stopping = True
-            for job in [self.current, *self.jobs.queue]:
+            for job in [*(a.job for a in self.active), *self.jobs.queue]:
                 if job is not None:
                     job.cancelled.set()
 
@@ -220,72 +317,77 @@ class Engine:
     def submit(self, job: Job):
         with self.lock:
             if self.num_waiting >= self.max_queue:
-                retry_after = math.ceil(self.mean_seconds * (self.num_waiting + 1))
+                batches = (self.num_waiting + 1) / max(self.max_batch, 1)
+                retry_after = math.ceil(self.mean_seconds * batches)
                 raise QueueFull(min(max(retry_after, 1), MAX_RETRY_AFTER))
             self.num_waiting += 1
         self.jobs.put(job)
 
     def status(self) -> dict:
-        return {"waiting": self.num_waiting, "generating": self.current is not None}
+        stats = self.batch.stats
+        return {
+            "waiting": self.num_waiting,
+            "generating": bool(self.active),
+            "active": len(self.active),
+            "max_batch": self.max_batch,
+            "rounds": stats.num_rounds,
+            "mean_batch_size": round(stats.mean_batch_size, 3),
+        }
 
     def _loop(self):
-        while (job := self.jobs.get()) is not None:
-            with self.lock:
-                self.num_waiting -= 1
-                self.current = job
-            start = time.perf_counter()
-            try:
-                if self.stopping:
-                    job.send(Failed(STOPPING, 503))
-                elif not job.cancelled.is_set():  # else its client left while it waited
-                    self._run(job)
-            except Exception as e:
-                log.exception("generation failed")
-                job.send(Failed(f"internal error: {type(e).__name__}: {_first_line(e)}"))
-            finally:
-                with self.lock:
-                    self.current = None
-                self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.perf_counter() - start)
-
-    def _run(self, job: Job):
-        draft_model = self.draft_model if job.use_draft else None
-        cache, new_tokens = self.caches.take(job.prompt_tokens, draft_model is not None)
-        stats, reply = GenerationStats(), Reply(job.stops)
-        num_from_draft, finish_reason, stop_reason = 0, "length", "maxPredictedTokensReached"
-        responses = stream_generate(
-            self.model,
-            self.tokenizer,
-            new_tokens,
-            draft_model=draft_model,
-            prompt_cache=cache,
-            stats=stats,
-            logits_processors=job.logits_processors,
-            **job.options.as_kwargs(),
-        )
-        with closing(responses):  # stopping early leaves the cache holding exactly the tokens generated
-            for response in responses:
-                num_from_draft += response.from_draft
-                end_token = response.finish_reason == "stop"
-                entry = None
-                if job.num_top_logprobs is not None and not end_token:
-                    entry = self._logprob(response.token, response.logprobs, job.num_top_logprobs)
-                text, entries, stopped = reply.add(response.text, entry)
-                if stopped or response.finish_reason is not None:
-                    if not stopped:
-                        rest, more = reply.finish()
-                        text, entries = text + rest, entries + more
-                    finish_reason = "stop" if stopped or end_token else "length"
-                    stop_reason = "stopStringFound" if stopped else "eosFound" if end_token else stop_reason
-                if text or entries:
-                    job.send(Delta(text, entries))
-                if stopped or job.cancelled.is_set():
+        running = True
+        while running or self.active:
+            # 1) take the jobs that arrived, while the batch has room (wait for one when none is generating)
+            while running and len(self.active) < self.max_batch:
+                try:
+                    job = self.jobs.get(block=not self.active)
+                except queue.Empty:
                     break
-        self.caches.put(cache, len(job.prompt_tokens))
-        done = self._done(job, stats, num_from_draft, finish_reason, stop_reason, draft_model is not None)
-        if job.cancelled.is_set():
-            why = "the server is stopping" if self.stopping else "the client left"
-            log.info(f"generation stopped after {stats.generation_tokens} tokens: {why}")
-        job.send(Failed(STOPPING, 503) if self.stopping else done)
+                if job is None:
+                    running = False
+                    break
+                with self.lock:
+                    self.num_waiting -= 1
+                self._join(job)
+            # 2) one round of every active request, 3) the finished ones leave
+            if self.active:
+                self._round()
+        for job in self.jobs.queue:  # the server stopped: what still waits is answered 503
+            if job is not None:
+                job.send(Failed(STOPPING, 503))
+
+    def _join(self, job: Job):
+        """Read a job's prompt and add it to the batch (or answer it at once: stopping, its client left)."""
+        if self.stopping:
+            job.send(Failed(STOPPING, 503))
+            return
+        if job.cancelled.is_set():  # its client left while it waited
+            return
+        try:
+            active = _Active(self, job)
+        except Exception as e:
+            log.exception("generation failed")
+            job.send(Failed(f"internal error: {type(e).__name__}: {_first_line(e)}"))
+            return
+        with self.lock:
+            self.active.append(active)
+
+    def _round(self):
+        active = list(self.active)
+        try:
+            rounds = self.batch.step([a.request for a in active])
+        except Exception as e:  # a round's failure is every request's in it
+            log.exception("generation failed")
+            for a in active:
+                a.leave(Failed(f"internal error: {type(e).__name__}: {_first_line(e)}"))
+            with self.lock:
+                self.active = []
+            return
+        finished = [a for a, round_ in zip(active, rounds) if a.take(round_) or a.job.cancelled.is_set()]
+        for a in finished:
+            a.leave()
+        with self.lock:
+            self.active = [a for a in self.active if a not in finished]
 
     def _logprob(self, token: int, logprobs: mx.array, num_top: int) -> TokenLogprob:
         """The token's log-probability and the `num_top` likeliest tokens' (one host read, only when asked)."""
