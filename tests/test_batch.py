@@ -1,5 +1,9 @@
 """Batched rounds (batch.py): each request's tokens equal its solo output, whoever else is in the batch."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 import mlx.core as mx
 import pytest
 from tiny import make_model, perturbed, repetitive, spec
@@ -26,7 +30,7 @@ def model():
 def start(model, prompt, draft=None, **options):
     """A Request for `prompt` on fresh caches, as the server's engine starts one."""
     opts = GenerationOptions(**options)
-    caches = make_prompt_cache(model, draft)
+    caches = make_prompt_cache(model, draft, opts.max_kv_size)
     call = begin_call(list(prompt), model, draft, opts, caches, GenerationStats())
     return Request(call.decoding, opts.token_limit, call.plain_first), call
 
@@ -114,6 +118,26 @@ def test_a_request_leaving_leaves_the_others_exact(model):
             assert tokens == spec(prompt, model, None, **options)
 
 
+def test_caches_that_cannot_be_gathered_forward_alone_in_the_round():
+    """Rotating (max_kv_size) and quantized (kv_bits) caches, and a model with sliding-window layers, are not
+    gathered: those requests forward alone within the batch's rounds, still exact."""
+    jobs = [
+        (PROMPTS[1], 0, dict(max_tokens=30, max_kv_size=12)),
+        (PROMPTS[0], 0, dict(max_tokens=30, kv_bits=8, kv_group_size=32, quantized_kv_start=12)),
+        (PROMPTS[3], 1, dict(max_tokens=30)),
+        (PROMPTS[2], 2, dict(max_tokens=20)),
+    ]
+    wide = make_model("qwen2", layers=2, seed=5, hidden=128)  # heads of 32: a quantization group
+    batched, _ = run_batched(wide, jobs)
+    for (prompt, _, options), tokens in zip(jobs, batched):
+        assert tokens == spec(prompt, wide, None, **options)
+    windowed = make_model("gemma3_text", layers=2, seed=4)
+    jobs = [(p, join, dict(max_tokens=20)) for p, join in zip(PROMPTS, [0, 0, 2, 3])]
+    batched, _ = run_batched(windowed, jobs)
+    for (prompt, _, options), tokens in zip(jobs, batched):
+        assert tokens == spec(prompt, windowed, None, **options)
+
+
 def test_draft_length_shrinks_as_rows_cost():
     expected = [1.0, 1.8, 2.4, 2.8, 3.0]
     assert best_length(expected, 0.0) == 4
@@ -124,3 +148,66 @@ def test_draft_length_shrinks_as_rows_cost():
         cost.record(rows, 1.0 + 0.25 * rows)  # t1 / t0 = 0.25
     assert cost.row_share() == pytest.approx(0.25, rel=0.05)
     assert cost.tokens_per_row(4) == pytest.approx(0.5, rel=0.05)
+
+
+# --- the server: several clients at once ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from tiny_folders import write_tiny_pair
+
+    import mlx_spec
+    from mlx_spec.server import create_app
+
+    main_dir, draft_dir = write_tiny_pair(tmp_path_factory.mktemp("models"))
+    model, tokenizer = mlx_spec.load(str(main_dir))
+    draft, _ = mlx_spec.load(str(draft_dir))
+    return (model, tokenizer, draft), create_app(model, tokenizer, draft, GenerationOptions(max_tokens=64))
+
+
+def test_clients_at_once_each_get_their_solo_answer(served):
+    """Streamed clients joining one after another (each once the one before has its first text), one sampled with
+    a seed, one hanging up mid-batch: every answer that completes equals its solo answer."""
+    from test_server import NO_END, chat_reference, client_for, running, user
+
+    models, app = served
+    asks = [
+        dict(messages=user("w10 w20 w30"), max_tokens=40),
+        dict(messages=user("w5 w6 w7 w5 w6 w7 w5"), max_tokens=25),
+        dict(messages=user("w40 w41"), max_tokens=30, temperature=0.9, seed=5),
+        dict(messages=user("w60 w61 w62 w63 w64 w65 w66 w67 w68"), max_tokens=60),  # hangs up after 3 chunks
+        dict(messages=user("w70"), max_tokens=12),
+    ]
+    leaver = 3
+    started = [threading.Event() for _ in asks]
+    answers = [None] * len(asks)
+    with running(app) as base:
+        client = client_for(base)
+
+        def ask(i):
+            if i > 0:
+                started[i - 1].wait(60)
+            stream = client.chat.completions.create(model="main", logit_bias=NO_END, stream=True, **asks[i])
+            text, num_chunks = "", 0
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    text += chunk.choices[0].delta.content
+                    num_chunks += 1
+                    started[i].set()
+                    if i == leaver and num_chunks == 3:
+                        stream.close()
+                        break
+            started[i].set()
+            answers[i] = text
+
+        with ThreadPoolExecutor(len(asks)) as pool:
+            list(pool.map(ask, range(len(asks))))
+        health = httpx.get(f"{base}/health").json()
+    assert health["mean_batch_size"] > 1.5 and health["active"] == 0
+    for i, ask_ in enumerate(asks):
+        if i == leaver:
+            continue
+        options = {"temp": ask_["temperature"], "seed": ask_["seed"]} if "seed" in ask_ else {}
+        expected, _, _ = chat_reference(models, ask_["messages"], ask_["max_tokens"], logit_bias=NO_END, **options)
+        assert answers[i] == expected, f"client {i}"
