@@ -19,11 +19,12 @@ GATHERED_TYPES are gathered; other requests (rotating, quantized or recurrent ca
 same round. Within a batch the rounds copy from the conversation (prompt lookup) or decode plainly; the draft
 model drafts for a request alone (its steps, one request at a time, would cost more than they save).
 
-Draft length under load: a forward over R rows costs about T(R) = t0 + t1 * R (learnt from the rounds,
-`RowCost`), so one more row costs c = B * t1 / T(B) of the B tokens a plain batched round emits; a request
-drafts the k that maximises E(k) - c * k, E(k) its expected tokens at its learnt acceptance. Where rows are
-nearly free (an Apple GPU at small batches) c is near 0 and k stays long; where the forward is compute-bound
-c grows with B and k falls to 0: speculation never costs throughput, at worst a round is a batched plain step.
+Draft length under load: a forward over R rows costs about T(R) = t0 * (1 + s * R), the row share s learnt
+from the rounds (`RowCost`). The gathered requests share one length L = 1 + drafts (each is padded to it
+anyway), the L that maximises the batch's expected tokens per second (`best_rows`), each request's expected
+tokens from its own learnt acceptance. Where rows are nearly free (an Apple GPU at small batches) s is near 0
+and drafts stay long; where the forward is compute-bound (this CPU) s * B grows with the batch and L falls to
+1: speculation never costs throughput, at worst a round is a batched plain step.
 """
 
 import time
@@ -126,15 +127,18 @@ class RowCost:
         t0 = max(mean_y - t1 * mean_x, 1e-9)
         return t1 / t0
 
-    def tokens_per_row(self, batch_size: int) -> float:
-        """c = B * t1 / T(B): the tokens of a plain batched round that one more row costs."""
-        share = self.row_share()
-        return batch_size * share / (1 + share * batch_size)
 
+def best_rows(expected: list[list[float]], row_share: float) -> int:
+    """L, the rows per sequence of a gathered forward (1 + the drafts each may verify): the L maximising
+    sum_b expected[b][min(L - 1, K_b)] / (1 + row_share * B * L), the tokens per second of a round over B x L
+    rows at T(R) = t0 * (1 + row_share * R). `expected[b][k]`: tokens sequence b emits with k drafts (K_b its
+    longest). Every sequence is padded to L rows, so each may draft L - 1 at no further cost."""
+    batch_size, longest = len(expected), max(len(e) for e in expected)
 
-def best_length(expected: list[float], row_tokens: float) -> int:
-    """The k maximising expected[k] - row_tokens * k (expected[k]: tokens a round of k drafts emits)."""
-    return max(range(len(expected)), key=lambda k: (expected[k] - row_tokens * k, -k))
+    def rate(rows: int) -> float:
+        return sum(e[min(rows - 1, len(e) - 1)] for e in expected) / (1 + row_share * batch_size * rows)
+
+    return max(range(1, longest + 1), key=lambda rows: (rate(rows), -rows))
 
 
 class Stats(NamedTuple):
@@ -193,41 +197,49 @@ class Batch:
             request.leave_alone()
         return self._together(requests)
 
-    def _choice(self, request: Request, here, row_tokens: float) -> Choice:
-        """A request's source and draft length within the batch: a copy from the conversation where its match
-        pays at this batch's row cost, else plain."""
+    def _expected(self, request: Request, here) -> tuple[int, list[float]]:
+        """(bucket, E): the tokens a round of the request emits with k = 0.. drafts copied from the conversation
+        (E = [1.0]: it decodes plainly)."""
         d, found = request.d, here.found
         if request.plain_first or found is None:
-            return Choice(PLAIN, 0)
+            return 0, [1.0]
         policy = d.policy
         if isinstance(policy, Controller):
             if policy.max_lookup == 0:
-                return Choice(PLAIN, 0)
+                return 0, [1.0]
             bucket = bucket_of(found)
-            expected = policy.learnt.main.lookup[bucket].expected_tokens(policy.max_lookup)
-        else:  # a fixed draft length: at most that, at a prior acceptance
-            choice = policy.choose(found, here.behind, here.left)
-            if choice.source != LOOKUP:
-                return Choice(PLAIN, 0)
-            bucket = choice.bucket
-            expected = [sum(PRIOR_ACCEPTANCE**i for i in range(k + 1)) for k in range(choice.num_draft + 1)]
-        k = best_length(expected, row_tokens)
-        return Choice(LOOKUP, k, bucket) if k > 0 else Choice(PLAIN, 0)
+            return bucket, policy.learnt.main.lookup[bucket].expected_tokens(policy.max_lookup)
+        choice = policy.choose(found, here.behind, here.left)  # a fixed length: at most that, at a prior rate
+        if choice.source != LOOKUP:
+            return 0, [1.0]
+        return choice.bucket, [sum(PRIOR_ACCEPTANCE**i for i in range(k + 1)) for k in range(choice.num_draft + 1)]
 
     def _together(self, requests: list[Request]) -> list[Round]:
         start = time.perf_counter()
-        row_tokens = self.cost.tokens_per_row(len(requests))
-        # 1) choose and 2) propose, each request alone
+        # 1) choose: one length L for the gathered requests (a request whose pending tokens are more than the last,
+        # a prompt's rest, forwards alone); each copies up to L - 1 tokens where its conversation has a match
+        heres = [situation(r.d, r.left) for r in requests]
+        gathered = [
+            i
+            for i, r in enumerate(requests)
+            if gatherable(self.model, r.d) and len(r.d.caches.tokens) - r.d.caches.main_offset == 1
+        ]
+        if len(gathered) < 2:
+            gathered = []
+        options = [self._expected(r, here) for r, here in zip(requests, heres)]
+        rows = best_rows([options[i][1] for i in gathered], self.cost.row_share()) if gathered else 1
         plans = []
-        for request in requests:
-            here = situation(request.d, request.left)
-            choice = bounded(request.d, self._choice(request, here, row_tokens), here.left)
+        for i, (request, here) in enumerate(zip(requests, heres)):
+            bucket, expected = options[i]
+            num_draft = min(rows - 1, len(expected) - 1) if i in gathered else self._alone(expected)
+            choice = Choice(LOOKUP, num_draft, bucket) if num_draft > 0 else Choice(PLAIN, 0)
+            choice = bounded(request.d, choice, here.left)
+            # 2) propose, each request alone
             plans.append((here, choice, propose(request.d, choice, here.history, self.no_draft)))
         # 3) one main forward over the gathered requests; the others forward alone
-        gathered = [i for i, r in enumerate(requests) if gatherable(self.model, r.d)]
         inputs = {i: mx.concatenate([plans[i][2].pending, plans[i][2].draft_tokens]) for i in gathered}
         logits, length = {}, max((x.size for x in inputs.values()), default=0)
-        if len(gathered) > 1:
+        if gathered:
             out = batched_logits(
                 self.model, [inputs[i] for i in gathered], [requests[i].d.caches.main for i in gathered]
             )
@@ -253,3 +265,7 @@ class Batch:
         if len(gathered) == len(requests):
             self.cost.record(len(requests) * length, time.perf_counter() - start)
         return out_rounds
+
+    def _alone(self, expected: list[float]) -> int:
+        """The drafts of a request that forwards alone in a batched round: as one sequence of the batch's cost."""
+        return best_rows([expected], self.cost.row_share()) - 1

@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 from tiny import make_model, perturbed, repetitive, spec
 
-from mlx_spec.batch import Batch, GatheredCache, Request, RowCost, best_length
+from mlx_spec.batch import PRIOR_ROW_SHARE, Batch, GatheredCache, Request, RowCost, best_rows
 from mlx_spec.cache import make_prompt_cache
 from mlx_spec.generate import begin_call
 from mlx_spec.options import GenerationOptions
@@ -139,15 +139,17 @@ def test_caches_that_cannot_be_gathered_forward_alone_in_the_round():
 
 
 def test_draft_length_shrinks_as_rows_cost():
-    expected = [1.0, 1.8, 2.4, 2.8, 3.0]
-    assert best_length(expected, 0.0) == 4
-    assert best_length(expected, 0.5) == 2
-    assert best_length(expected, 0.9) == 0
+    expected = [1.0, 1.8, 2.4, 2.8, 3.0]  # tokens a round emits with k = 0..4 drafts
+    assert best_rows([expected], 0.0) == 5  # rows free: the longest draft
+    assert best_rows([expected] * 4, 0.1) == 3
+    assert best_rows([expected] * 4, 0.5) == 2
+    assert best_rows([expected] * 4, 2.0) == 1  # compute-bound: plain batched steps
+    assert best_rows([[1.0]] * 3 + [expected], 0.1) == 1  # one match does not pad the whole batch
     cost = RowCost()
     for rows in [4, 8, 12, 16] * 5:
         cost.record(rows, 1.0 + 0.25 * rows)  # t1 / t0 = 0.25
     assert cost.row_share() == pytest.approx(0.25, rel=0.05)
-    assert cost.tokens_per_row(4) == pytest.approx(0.5, rel=0.05)
+    assert RowCost().row_share() == PRIOR_ROW_SHARE
 
 
 # --- the server: several clients at once ---------------------------------------------------------------------
