@@ -132,8 +132,9 @@ def compare(args) -> int:
     }
     results, reference = {}, {}
     for name, (kind, flags) in servers.items():
+        log = []
         if kind == "spec":
-            child, base, _ = start_server([])
+            child, base, log = start_server([])
         else:
             child, base = start_mlx_lm(flags)
         try:
@@ -149,6 +150,9 @@ def compare(args) -> int:
                     "to the first server's",
                     flush=True,
                 )
+        except Exception:
+            print(f"{name} failed (exit code {child.poll()}); its log, last lines:", *log[-20:], sep="\n  ")
+            raise
         finally:
             child.send_signal(signal.SIGINT)
             child.wait(timeout=120)

@@ -160,20 +160,25 @@ def served(tmp_path_factory):
     from tiny_folders import write_tiny_pair
 
     import mlx_spec
-    from mlx_spec.server import create_app
 
     main_dir, draft_dir = write_tiny_pair(tmp_path_factory.mktemp("models"))
     model, tokenizer = mlx_spec.load(str(main_dir))
     draft, _ = mlx_spec.load(str(draft_dir))
-    return (model, tokenizer, draft), create_app(model, tokenizer, draft, GenerationOptions(max_tokens=64))
+    return model, tokenizer, draft
 
 
-def test_clients_at_once_each_get_their_solo_answer(served):
+@pytest.mark.parametrize("join_chunk", [512, 3])
+def test_clients_at_once_each_get_their_solo_answer(served, join_chunk, monkeypatch):
     """Streamed clients joining one after another (each once the one before has its first text), one sampled with
-    a seed, one hanging up mid-batch: every answer that completes equals its solo answer."""
+    a seed, one hanging up mid-batch, prompts read whole or in chunks of 3 tokens between rounds: every answer
+    that completes equals its solo answer."""
     from test_server import NO_END, chat_reference, client_for, running, user
 
-    models, app = served
+    from mlx_spec.server import create_app
+
+    monkeypatch.setattr("mlx_spec.server.engine.JOIN_CHUNK", join_chunk)
+    models = served
+    app = create_app(*models, GenerationOptions(max_tokens=64))
     asks = [
         dict(messages=user("w10 w20 w30"), max_tokens=40),
         dict(messages=user("w5 w6 w7 w5 w6 w7 w5"), max_tokens=25),
@@ -213,3 +218,49 @@ def test_clients_at_once_each_get_their_solo_answer(served):
         options = {"temp": ask_["temperature"], "seed": ask_["seed"]} if "seed" in ask_ else {}
         expected, _, _ = chat_reference(models, ask_["messages"], ask_["max_tokens"], logit_bias=NO_END, **options)
         assert answers[i] == expected, f"client {i}"
+
+
+@pytest.mark.slow
+def test_real_pair_four_clients_at_once_equal_their_solo_answers():
+    """`mlx-spec serve` on the default pair: 4 different prompts at once, each answer its solo answer."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import openai
+
+    prompts = [
+        "Write a quicksort algorithm in Python. Write code only.",
+        "Explain what a hash table is in two sentences.",
+        "Write a Python function that reverses a linked list.",
+        "List three uses of binary search.",
+    ]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mlx_spec.cli", "serve", "--port", "0", "--max-tokens", "24"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in child.stderr:
+            if match := re.search(r"at (http://\S+/v1) \(Ctrl-C stops\)", line):
+                break
+        else:
+            pytest.fail(f"the server exited with {child.wait()}")
+        threading.Thread(target=child.stderr.read, daemon=True).start()
+        client = openai.OpenAI(base_url=match.group(1), api_key="unused", max_retries=0, timeout=1800)
+        model = client.models.list().data[0].id
+
+        def ask(prompt):
+            messages = [{"role": "user", "content": prompt}]
+            return client.chat.completions.create(model=model, messages=messages).choices[0].message.content
+
+        alone = [ask(p) for p in prompts]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(ask, prompts))
+        health = httpx.get(match.group(1).removesuffix("/v1") + "/health").json()
+    finally:
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=120)
+    assert together == alone
+    assert health["mean_batch_size"] > 1

@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+from mlx_lm.models.cache import KVCache
 
 from ..batch import Batch, Request
 from ..cache import CachePair, common_prefix_length, make_prompt_cache, reuse_prefix
-from ..generate import _token_list, begin_call
+from ..decode import prefill
+from ..generate import Call, _token_list, begin_call
 from ..load import model_name, model_source
 from ..options import GenerationOptions
+from ..recurrent import leaves
 from ..stats import GenerationStats
 from .models import TokenLogprob, _first_line
 
@@ -183,6 +186,7 @@ class PromptCaches:
 
 
 MAX_BATCH = 8  # requests generating at once; more wait in the queue
+JOIN_CHUNK = 512  # prompt tokens read between two rounds: a long prompt joins in chunks, the others go on
 
 
 class _Active:
@@ -191,26 +195,40 @@ class _Active:
     def __init__(self, engine: "Engine", job: Job):
         self.engine, self.job, self.start = engine, job, time.perf_counter()
         self.draft_model = engine.draft_model if job.use_draft else None
-        self.cache, new_tokens = engine.caches.take(job.prompt_tokens, self.draft_model is not None)
+        self.cache, self.rest = engine.caches.take(job.prompt_tokens, self.draft_model is not None)
+        self.history_start = len(self.cache.tokens)  # what logits processors see starts here, as in one call
+        self.num_read = 0  # prompt tokens read in chunks before the call began
         self.stats, self.reply = GenerationStats(), Reply(job.stops)
+        self.stats.start()
         self.detokenizer = engine.tokenizer.detokenizer
         self.num_yielded, self.num_from_draft = 0, 0
         self.finish_reason, self.stop_reason = "length", "maxPredictedTokensReached"
-        opts = job.options
-        try:
-            self.call = begin_call(
-                _token_list(new_tokens),
-                engine.model,
-                self.draft_model,
-                opts,
-                self.cache,
-                self.stats,
-                job.logits_processors,
-            )
-        except Exception:
-            engine.caches.put(self.cache, len(job.prompt_tokens))
-            raise
+        self.call: Call | None = None  # once the prompt is in
+        self.request: Request | None = None
+
+    def read(self, budget: int) -> int:
+        """Read up to `budget` more prompt tokens: a chunk, or the rest and begin the call (a prompt whose caches
+        take no chunks is read whole). Returns the tokens read."""
+        engine, cache, opts = self.engine, self.cache, self.job.options
+        chunked = opts.kv_bits is None and all(type(c) is KVCache for c in leaves(cache.main))
+        if chunked and len(self.rest) > budget:
+            chunk, self.rest = self.rest[:budget], self.rest[budget:]
+            cache.tokens.extend(chunk)  # the cache holds all but the last token, as between rounds
+            prefill(engine.model, cache.main, cache.tokens[cache.main_offset : -1], cache, lambda _: None)
+            self.num_read += len(chunk)
+            return len(chunk)
+        started = self.stats._start
+        self.call = begin_call(
+            _token_list(self.rest), engine.model, self.draft_model, opts, cache, self.stats, self.job.logits_processors
+        )
+        self.call.decoding.history_start = self.history_start  # logits processors see the whole prompt
+        self.stats._start, self.stats.prompt_tokens = started, self.stats.prompt_tokens + self.num_read
         self.request = Request(self.call.decoding, self.call.opts.token_limit, self.call.plain_first)
+        return len(self.rest)
+
+    def drop(self):
+        """Leave while the prompt is read (the client left, the server stops, the reading failed)."""
+        self.engine.caches.put(self.cache, len(self.job.prompt_tokens))
 
     def take(self, round_) -> bool:
         """Send a round's tokens to the client as text and logprobs; True once the reply is complete."""
@@ -292,6 +310,7 @@ class Engine:
         self.lock = threading.Lock()
         self.num_waiting = 0
         self.active: list[_Active] = []  # the requests generating, in arrival order
+        self.joining: list[_Active] = []  # the requests whose prompt is being read, in arrival order
         self.batch = Batch(model)
         self.stopping = False
         self.mean_seconds = 1.0  # running mean of a job's seconds, for Retry-After
@@ -304,7 +323,7 @@ class Engine:
         """The server is stopping: the running and the waiting jobs end at once, answered 503."""
         with self.lock:
             self.stopping = True
-            for job in [*(a.job for a in self.active), *self.jobs.queue]:
+            for job in [*(a.job for a in self.active + self.joining), *self.jobs.queue]:
                 if job is not None:
                     job.cancelled.set()
 
@@ -327,8 +346,9 @@ class Engine:
         stats = self.batch.stats
         return {
             "waiting": self.num_waiting,
-            "generating": bool(self.active),
+            "generating": bool(self.active or self.joining),
             "active": len(self.active),
+            "joining": len(self.joining),
             "max_batch": self.max_batch,
             "rounds": stats.num_rounds,
             "mean_batch_size": round(stats.mean_batch_size, 3),
@@ -336,11 +356,11 @@ class Engine:
 
     def _loop(self):
         running = True
-        while running or self.active:
+        while running or self.active or self.joining:
             # 1) take the jobs that arrived, while the batch has room (wait for one when none is generating)
-            while running and len(self.active) < self.max_batch:
+            while running and len(self.active) + len(self.joining) < self.max_batch:
                 try:
-                    job = self.jobs.get(block=not self.active)
+                    job = self.jobs.get(block=not (self.active or self.joining))
                 except queue.Empty:
                     break
                 if job is None:
@@ -348,29 +368,43 @@ class Engine:
                     break
                 with self.lock:
                     self.num_waiting -= 1
-                self._join(job)
-            # 2) one round of every active request, 3) the finished ones leave
+                if self.stopping:
+                    job.send(Failed(STOPPING, 503))
+                elif not job.cancelled.is_set():  # else its client left while it waited
+                    joining = _Active(self, job)
+                    with self.lock:
+                        self.joining.append(joining)
+            # 2) read up to JOIN_CHUNK prompt tokens of the joining requests: whole prompts, or a chunk
+            self._read(JOIN_CHUNK)
+            # 3) one round of every active request, 4) the finished ones leave
             if self.active:
                 self._round()
         for job in self.jobs.queue:  # the server stopped: what still waits is answered 503
             if job is not None:
                 job.send(Failed(STOPPING, 503))
 
-    def _join(self, job: Job):
-        """Read a job's prompt and add it to the batch (or answer it at once: stopping, its client left)."""
-        if self.stopping:
-            job.send(Failed(STOPPING, 503))
-            return
-        if job.cancelled.is_set():  # its client left while it waited
-            return
-        try:
-            active = _Active(self, job)
-        except Exception as e:
-            log.exception("generation failed")
-            job.send(Failed(f"internal error: {type(e).__name__}: {_first_line(e)}"))
-            return
-        with self.lock:
-            self.active.append(active)
+    def _read(self, budget: int):
+        """Read the joining requests' prompts, oldest first, up to `budget` tokens; those read join the batch."""
+        while self.joining and budget > 0:
+            joining = self.joining[0]
+            if joining.job.cancelled.is_set():
+                joining.drop()
+                if self.stopping:
+                    joining.job.send(Failed(STOPPING, 503))
+            else:
+                try:
+                    budget -= joining.read(budget)
+                except Exception as e:
+                    log.exception("generation failed")
+                    joining.drop()
+                    joining.job.send(Failed(f"internal error: {type(e).__name__}: {_first_line(e)}"))
+                    joining.job.cancelled.set()
+                if joining.call is None and not joining.job.cancelled.is_set():
+                    return  # a chunk of it was read: the rest after the next round
+            with self.lock:
+                self.joining.pop(0)
+                if joining.call is not None and not joining.job.cancelled.is_set():
+                    self.active.append(joining)
 
     def _round(self):
         active = list(self.active)
