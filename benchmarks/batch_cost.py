@@ -9,7 +9,8 @@ a round of k drafts emits E(k) = (1 - a^(k+1)) / (1 - a) tokens per sequence (Le
 round's aggregate rate is B * E(k) / T(B, k); the best k at each B bounds what batched speculative rounds give
 here (draft proposals not counted: prompt lookup is nearly free). Prints the table and the bound, then the same
 bound for a device where T(B, k) = T(B, 0) (verifying more rows nearly free, as on an Apple GPU at small
-batches).
+batches). Also times the forward of a batched round as the server runs it, gathered from each request's own
+caches, against one batch cache.
 """
 
 import argparse
@@ -29,6 +30,29 @@ def expected_tokens(acceptance: float, k: int) -> float:
     return float(k + 1) if acceptance >= 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
 
 
+def gathered_cost(model, batch: int, context: int, k: int, repetitions: int) -> float:
+    """Median seconds of one forward over `batch` sequences of k+1 rows, each with its own KVCaches."""
+    from mlx_spec.batch import batched_logits
+
+    layers = []
+    for b in range(batch):
+        caches = [KVCache() for _ in model.layers]
+        model(mx.random.randint(0, 1000, (1, context + b)), cache=caches)  # ragged: each its own length
+        mx.eval([c.state for c in caches])
+        layers.append(caches)
+    samples = []
+    for _ in range(repetitions + 1):
+        rows = [mx.random.randint(0, 1000, (k + 1,)) for _ in range(batch)]
+        mx.eval(rows)
+        start = time.perf_counter()
+        mx.eval(batched_logits(model, rows, layers))
+        samples.append(time.perf_counter() - start)
+        for caches in layers:
+            for c in caches:
+                c.trim(k + 1)
+    return statistics.median(samples[1:])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--context", type=int, default=200)
@@ -39,7 +63,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     ensure_openblas()  # as mlx-spec's CLI: the mlx-cpu wheel's reference BLAS is ~40x slower
     model, _ = mlx_spec.load(str(default_pair_paths()[0]))
-    times = {}
+    times, overhead = {}, {}
     for batch in args.batches:
         caches = [KVCache() for _ in model.layers]
         prompt = mx.random.randint(0, 1000, (batch, args.context))
@@ -57,10 +81,18 @@ def main(argv=None):
                     c.trim(k + 1)
             times[batch, k] = statistics.median(samples[1:])
             print(f"B={batch} k={k} rows={batch * (k + 1)}: {1000 * times[batch, k]:.0f} ms", flush=True)
+        if batch > 1:  # the same forward over B separate caches, gathered as a batched round does (batch.py)
+            gathered = gathered_cost(model, batch, args.context, 2, args.repetitions)
+            print(f"B={batch} k=2 gathered from {batch} caches: {1000 * gathered:.0f} ms", flush=True)
+            overhead[batch] = gathered / times[batch, 2]
     print("\nT(B, k) ms, one forward over B x (k+1) rows:")
     print("B  " + "".join(f"{'k=' + str(k):>8}" for k in range(args.max_draft + 1)))
     for batch in args.batches:
         print(f"{batch:<3}" + "".join(f"{1000 * times[batch, k]:8.0f}" for k in range(args.max_draft + 1)))
+    print(
+        "\ngathered from separate caches / one batch cache, k=2: "
+        + ", ".join(f"B={b} {r:.2f}x" for b, r in overhead.items())
+    )
     for a in args.acceptance:
         print(f"\nacceptance {a}: aggregate tok/s = B * E(k) / T(B, k), best k (plain k=0 for reference)")
         for batch in args.batches:

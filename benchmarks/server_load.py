@@ -42,10 +42,13 @@ PROMPTS = [
 ]
 
 
-def start_server(flags: list[str]) -> tuple[subprocess.Popen, str, list[str]]:
+def start_server(flags: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str, list[str]]:
     """`mlx-spec serve --port 0 FLAGS`; returns it, its base URL, and its log (read on a thread)."""
     child = subprocess.Popen(
-        [sys.executable, "-m", "mlx_spec.cli", "serve", "--port", "0", *flags], stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "mlx_spec.cli", "serve", "--port", "0", *flags],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     log = []
     for line in child.stderr:
@@ -130,11 +133,15 @@ def compare(args) -> int:
         "mlx-lm server, main alone (batched)": ("lm", ["--model", main]),
         "mlx-lm server, with draft (serial)": ("lm", ["--model", main, "--draft-model", draft]),
     }
+    if args.baseline:  # another checkout of mlx_spec, e.g. the one before batching
+        servers[f"mlx-spec serve ({args.baseline})"] = ("spec", [])
+    servers = {name: servers[name] for name in servers if name not in args.skip}
     results, reference = {}, {}
     for name, (kind, flags) in servers.items():
         log = []
         if kind == "spec":
-            child, base, log = start_server([])
+            env = dict(os.environ, PYTHONPATH=args.baseline) if name.endswith(f"({args.baseline})") else None
+            child, base, log = start_server([], env)
         else:
             child, base = start_mlx_lm(flags)
         try:
@@ -157,6 +164,8 @@ def compare(args) -> int:
             child.send_signal(signal.SIGINT)
             child.wait(timeout=120)
     batched = "mlx-lm server, main alone (batched)"
+    if not any(name == batched for name, _ in results):
+        return 0
     print("\n| server | clients | tok/s | x mlx-lm batched | first token p50 s | x mlx-lm batched |")
     print("|---|---|---|---|---|---|")
     for (name, clients), r in results.items():
@@ -190,6 +199,8 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per answer (default 16)")
     p.add_argument("--compare", action="store_true", help="mlx-spec against mlx-lm's server, several clients at once")
     p.add_argument("--clients-list", type=int, nargs="+", default=[1, 4, 8], help="client counts of --compare")
+    p.add_argument("--baseline", help="--compare: also serve with this mlx_spec checkout (its PYTHONPATH)")
+    p.add_argument("--skip", nargs="*", default=[], help="--compare: servers (by name) to leave out")
     args = p.parse_args(argv)
     if args.compare:
         return compare(args)

@@ -417,9 +417,16 @@ class Engine:
             with self.lock:
                 self.active = []
             return
-        finished = [a for a, round_ in zip(active, rounds) if a.take(round_) or a.job.cancelled.is_set()]
-        for a in finished:
-            a.leave()
+        finished = []
+        for a, round_ in zip(active, rounds):
+            try:
+                if a.take(round_) or a.job.cancelled.is_set():
+                    finished.append(a)
+                    a.leave()
+            except Exception as e:
+                log.exception("generation failed")
+                finished.append(a)
+                a.leave(Failed(f"internal error: {type(e).__name__}: {_first_line(e)}"))
         with self.lock:
             self.active = [a for a in self.active if a not in finished]
 
