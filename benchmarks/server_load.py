@@ -145,7 +145,9 @@ def compare(args) -> int:
         else:
             child, base = start_mlx_lm(flags)
         try:
-            model = openai.OpenAI(base_url=base, api_key="unused").models.list().data[0].id
+            model = "default_model"  # mlx-lm's name for the model it was started with
+            if kind == "spec":
+                model = openai.OpenAI(base_url=base, api_key="unused").models.list().data[0].id
             concurrent_pass(base, model, PROMPTS[:1], 4)  # warm up
             for clients in args.clients_list:
                 prompts = [PROMPTS[i % len(PROMPTS)] for i in range(clients)]

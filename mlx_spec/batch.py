@@ -16,15 +16,16 @@ joining and leaving are those of a request alone. The price is a copy of the bat
 per round, small beside the weights a forward reads at these sizes (a cache with per-sequence holes would
 avoid it, at the cost of masks that grow with the rejected rows). Only standard `KVCache`s of the models in
 GATHERED_TYPES are gathered; other requests (rotating, quantized or recurrent caches) forward alone in the
-same round. Within a batch the rounds copy from the conversation (prompt lookup) or decode plainly; the draft
-model drafts for a request alone (its steps, one request at a time, would cost more than they save).
+same round. The draft model drafts for the gathered requests together: each draft step is one forward over
+them, gathered from their draft caches (`propose_together`); each token is drawn by its request's own rule.
 
 Draft length under load: a forward over R rows costs about T(R) = t0 * (1 + s * R), the row share s learnt
 from the rounds (`RowCost`). The gathered requests share one length L = 1 + drafts (each is padded to it
-anyway), the L that maximises the batch's expected tokens per second (`best_rows`), each request's expected
-tokens from its own learnt acceptance. Where rows are nearly free (an Apple GPU at small batches) s is near 0
-and drafts stay long; where the forward is compute-bound (this CPU) s * B grows with the batch and L falls to
-1: speculation never costs throughput, at worst a round is a batched plain step.
+anyway), the L that maximises the batch's expected tokens per second (`plan_rows`), each request's expected
+tokens from its own learnt acceptance, copying or drafting (a draft step costs its policy's cost ratio). Where
+rows are nearly free (an Apple GPU at small batches) s is near 0 and drafts stay long; where the forward is
+compute-bound (this CPU) s * B grows with the batch and L falls to 1: speculation never costs throughput, at
+worst a round is a batched plain step.
 """
 
 import time
@@ -33,8 +34,10 @@ from typing import NamedTuple
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from .adaptive import LOOKUP, PLAIN, Choice, Controller, bucket_of
-from .decode import Decoding, Round, Verdict, bounded, propose, rounds, settle, situation, verify
+from .adaptive import DRAFT, LOOKUP, PLAIN, Choice, Controller, bucket_of
+from .cache import SLACK
+from .decode import Decoding, Proposal, Round, Verdict, bounded, propose, rounds, settle, situation, verify
+from .draft import drafted, draw
 from .recurrent import leaves
 
 # Model types whose attention reads `cache.offset` for RoPE, calls `update_and_fetch` and takes its mask from
@@ -43,7 +46,8 @@ GATHERED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 PRIOR_ROW_SHARE = 0.1  # t1 / t0 before the batch has measured it: a row costs a tenth of a forward's fixed part
 PRIOR_WEIGHT = 2.0  # rounds' worth of weight the prior keeps
 DECAY = 0.95  # weight of earlier rounds in the cost fit, per round
-PRIOR_ACCEPTANCE = 0.5  # per-position acceptance of a FixedDraft policy's copies, which learns none
+PRIOR_ACCEPTANCE = 0.5  # per-position acceptance of a FixedDraft policy's drafts, which learns none
+DRAFT_RATIO = 0.3  # a draft step's cost over a main step's, where the policy does not say
 
 
 class GatheredCache:
@@ -86,10 +90,21 @@ class GatheredCache:
         return [c.state for c in self.layers]
 
 
-def gatherable(model, d: Decoding) -> bool:
-    """Whether a request's main cache can join a gathered forward: standard KVCaches of a GATHERED_TYPES model."""
+def gatherable(model, layers: list) -> bool:
+    """Whether a model's caches can join a gathered forward: standard KVCaches of a GATHERED_TYPES model."""
     kind = type(model).__module__.rsplit(".", 1)[-1]
-    return kind in GATHERED_TYPES and all(type(c) is KVCache for c in leaves(d.caches.main))
+    return kind in GATHERED_TYPES and all(type(c) is KVCache for c in leaves(layers))
+
+
+def drafts_together(d: Decoding, first: Decoding | None) -> bool:
+    """Whether a request's draft model can draft in a gathered batch (standard KVCaches of a GATHERED_TYPES
+    model, the same DraftModel settings as `first`'s, the first drafting request's)."""
+    source = d.sources.get(DRAFT)
+    if source is None or not gatherable(source.draft.model, d.caches.draft or [None]):
+        return False
+    mine = source.draft
+    other = mine if first is None else first.sources[DRAFT].draft
+    return other.model is mine.model and getattr(other, "shortlist", None) == getattr(mine, "shortlist", None)
 
 
 def batched_logits(model, inputs: list[mx.array], layers: list[list[KVCache]]) -> mx.array:
@@ -128,17 +143,76 @@ class RowCost:
         return t1 / t0
 
 
-def best_rows(expected: list[list[float]], row_share: float) -> int:
-    """L, the rows per sequence of a gathered forward (1 + the drafts each may verify): the L maximising
-    sum_b expected[b][min(L - 1, K_b)] / (1 + row_share * B * L), the tokens per second of a round over B x L
-    rows at T(R) = t0 * (1 + row_share * R). `expected[b][k]`: tokens sequence b emits with k drafts (K_b its
-    longest). Every sequence is padded to L rows, so each may draft L - 1 at no further cost."""
-    batch_size, longest = len(expected), max(len(e) for e in expected)
+def plan_rows(
+    lookup: list[list[float]], draft: list[list[float] | None], row_share: float, draft_ratio: float = 0.0
+) -> tuple[int, list[bool]]:
+    """(L, drafts): the rows per sequence of a gathered forward (1 + the drafts each may verify) and which
+    sequences draft with the draft model, maximising the round's expected tokens per second.
 
-    def rate(rows: int) -> float:
-        return sum(e[min(rows - 1, len(e) - 1)] for e in expected) / (1 + row_share * batch_size * rows)
+    `lookup[b][k]`, `draft[b][k]`: tokens sequence b emits with k drafts copied, drafted (None: no draft model);
+    each sequence takes the better at L - 1 drafts (every sequence is padded to L rows, so a shorter draft saves
+    nothing). In units of a forward's fixed cost t0, a forward over R rows costs 1 + row_share * R and the
+    L - 1 draft steps over the D drafting sequences (L - 1) * draft_ratio * (1 + row_share * D).
+    """
+    batch_size = len(lookup)
 
-    return max(range(1, longest + 1), key=lambda rows: (rate(rows), -rows))
+    def at(expected: list[float], rows: int) -> float:
+        return expected[min(rows - 1, len(expected) - 1)]
+
+    def plan(rows: int) -> tuple[float, list[bool]]:
+        """The best drafting set at `rows`: the n sequences that gain most from drafting, for the best n."""
+        gains = [at(d, rows) - at(c, rows) if d is not None and rows > 1 else 0.0 for c, d in zip(lookup, draft)]
+        order = sorted((b for b in range(batch_size) if gains[b] > 0), key=lambda b: -gains[b])
+        best = None
+        for n in range(len(order) + 1):
+            tokens = sum(at(c, rows) for c in lookup) + sum(gains[b] for b in order[:n])
+            cost = 1 + row_share * batch_size * rows + (n > 0) * (rows - 1) * draft_ratio * (1 + row_share * n)
+            if best is None or tokens / cost > best[0]:
+                best = (tokens / cost, {*order[:n]})
+        return best[0], [b in best[1] for b in range(batch_size)]
+
+    longest = max(len(e) for e in [*lookup, *(d for d in draft if d is not None)])
+    rows = max(range(1, longest + 1), key=lambda r: (plan(r)[0], -r))
+    return rows, plan(rows)[1]
+
+
+def propose_together(requests: list["Request"], plans: list[tuple], no_draft: mx.array) -> list[tuple]:
+    """The draft model's proposals for several requests at once: each draft step one forward over them all
+    (gathered from their draft caches), each token drawn by its request's rule (draft.draw). `plans[b]`:
+    (situation, choice) of request b. Returns each one's (draft_tokens, q or None) and its round's draws."""
+    sources = [r.d.sources[DRAFT] for r in requests]
+    pending, drawn, out = [], [], []
+    for request, source, (_, choice) in zip(requests, sources, plans):
+        d, tokens = request.d, request.d.caches.tokens
+        draft_key, accept_key, noise = d.draws.take(len(tokens), choice.num_draft + 1)
+        source.caught_up = None
+        if source.num_behind() > SLACK + 1:  # far behind (plain and copied rounds): catch up in chunks first
+            started, behind = time.perf_counter(), tokens[d.caches.draft_offset : -1]
+            source.catch_up(behind)
+            source.caught_up = (len(behind), time.perf_counter() - started)
+        pending.append(mx.array(tokens[d.caches.draft_offset :], mx.int32))
+        keys = mx.random.split(draft_key, max(choice.num_draft, 1)) if draft_key is not None else None
+        drawn.append(([], [], keys, noise, accept_key))
+    draft = sources[0].draft
+    for step in range(max(choice.num_draft for _, choice in plans)):
+        batch = [b for b, (_, choice) in enumerate(plans) if choice.num_draft > step]
+        inputs = [pending[b] for b in batch]
+        length = max(x.size for x in inputs)
+        tokens = mx.stack([mx.pad(x, [(0, length - x.size)]) for x in inputs])
+        layers = [requests[b].d.caches.draft for b in batch]
+        gathered = [GatheredCache([caches[i] for caches in layers]) for i in range(len(layers[0]))]
+        rows = draft.last_logits(tokens, gathered, [x.size - 1 for x in inputs])
+        for b, x, logits in zip(batch, inputs, rows):
+            for cache in requests[b].d.caches.draft:
+                cache.trim(length - x.size)  # the padding: the next step writes right after this one's tokens
+            here, d = plans[b][0], requests[b].d
+            tokens_b, probs_b, keys, noise, _ = drawn[b]
+            pending[b] = draw(logits, step, tokens_b, probs_b, d.params, keys, here.history, d.logits_processors, noise)
+        mx.async_eval([pending[b] for b in batch])
+    for request, (tokens_b, probs_b, _, noise, accept_key) in zip(requests, drawn):
+        draft_tokens, draft_probs = drafted(tokens_b, probs_b, request.d.params, noise, draft.vocab_size)
+        out.append((draft_tokens, draft_probs, accept_key, noise))
+    return out
 
 
 class Stats(NamedTuple):
@@ -197,63 +271,90 @@ class Batch:
             request.leave_alone()
         return self._together(requests)
 
-    def _expected(self, request: Request, here) -> tuple[int, list[float]]:
-        """(bucket, E): the tokens a round of the request emits with k = 0.. drafts copied from the conversation
-        (E = [1.0]: it decodes plainly)."""
-        d, found = request.d, here.found
-        if request.plain_first or found is None:
-            return 0, [1.0]
-        policy = d.policy
+    def _expected(self, request: Request, here) -> tuple[int, list[float], list[float] | None]:
+        """(bucket, copied, drafted): the tokens a round of the request emits with k = 0.. drafts copied from the
+        conversation ([1.0]: no match), and drafted by the draft model (None: it has none)."""
+        d, found, policy = request.d, here.found, request.d.policy
+        if request.plain_first:
+            return 0, [1.0], None
+        has_draft = DRAFT in d.sources
         if isinstance(policy, Controller):
-            if policy.max_lookup == 0:
-                return 0, [1.0]
+            drafted = policy.learnt.draft.expected_tokens(policy.max_draft) if has_draft and policy.max_draft else None
+            if found is None or policy.max_lookup == 0:
+                return 0, [1.0], drafted
             bucket = bucket_of(found)
-            return bucket, policy.learnt.main.lookup[bucket].expected_tokens(policy.max_lookup)
+            return bucket, policy.learnt.main.lookup[bucket].expected_tokens(policy.max_lookup), drafted
         choice = policy.choose(found, here.behind, here.left)  # a fixed length: at most that, at a prior rate
-        if choice.source != LOOKUP:
-            return 0, [1.0]
-        return choice.bucket, [sum(PRIOR_ACCEPTANCE**i for i in range(k + 1)) for k in range(choice.num_draft + 1)]
+        prior = [sum(PRIOR_ACCEPTANCE**i for i in range(k + 1)) for k in range(choice.num_draft + 1)]
+        if choice.source == LOOKUP:
+            return choice.bucket, prior, None
+        return 0, [1.0], prior if choice.source == DRAFT else None
 
     def _together(self, requests: list[Request]) -> list[Round]:
         start = time.perf_counter()
         # 1) choose: one length L for the gathered requests (a request whose pending tokens are more than the last,
-        # a prompt's rest, forwards alone); each copies up to L - 1 tokens where its conversation has a match
+        # a prompt's rest, forwards alone); each copies or drafts up to L - 1 tokens, whichever it expects more of
         heres = [situation(r.d, r.left) for r in requests]
         gathered = [
             i
             for i, r in enumerate(requests)
-            if gatherable(self.model, r.d) and len(r.d.caches.tokens) - r.d.caches.main_offset == 1
+            if gatherable(self.model, r.d.caches.main) and len(r.d.caches.tokens) - r.d.caches.main_offset == 1
         ]
         if len(gathered) < 2:
             gathered = []
         options = [self._expected(r, here) for r, here in zip(requests, heres)]
-        rows = best_rows([options[i][1] for i in gathered], self.cost.row_share()) if gathered else 1
-        plans = []
+        first = next((requests[i].d for i in gathered if drafts_together(requests[i].d, None)), None)
+        can_draft = {i for i in gathered if first is not None and drafts_together(requests[i].d, first)}
+        rows, drafts = 1, []
+        if gathered:
+            rows, drafts = plan_rows(
+                [options[i][1] for i in gathered],
+                [options[i][2] if i in can_draft else None for i in gathered],
+                self.cost.row_share(),
+                getattr(first.policy, "cost_ratio", DRAFT_RATIO) if first is not None else 0.0,
+            )
+        drafting = {i for i, use in zip(gathered, drafts) if use}
+        choices = []
         for i, (request, here) in enumerate(zip(requests, heres)):
-            bucket, expected = options[i]
-            num_draft = min(rows - 1, len(expected) - 1) if i in gathered else self._alone(expected)
-            choice = Choice(LOOKUP, num_draft, bucket) if num_draft > 0 else Choice(PLAIN, 0)
-            choice = bounded(request.d, choice, here.left)
-            # 2) propose, each request alone
-            plans.append((here, choice, propose(request.d, choice, here.history, self.no_draft)))
+            bucket, copied, drafted_ = options[i]
+            if i in drafting:
+                choice = Choice(DRAFT, rows - 1)
+            else:
+                num_draft = min(rows - 1, len(copied) - 1) if i in gathered else self._alone(copied)
+                choice = Choice(LOOKUP, num_draft, bucket) if num_draft > 0 else Choice(PLAIN, 0)
+            choices.append(bounded(request.d, choice, here.left))
+        # 2) propose: copies each request alone, the draft model's steps over the drafting requests at once
+        proposals = {}
+        together = [i for i in drafting if choices[i].source == DRAFT]
+        if together:
+            plans = [(heres[i], choices[i]) for i in together]
+            for i, (draft_tokens, draft_probs, accept_key, noise) in zip(
+                together, propose_together([requests[i] for i in together], plans, self.no_draft)
+            ):
+                pending = mx.array(requests[i].d.caches.tokens[requests[i].d.caches.main_offset :])
+                proposals[i] = Proposal(pending, draft_tokens, draft_probs, accept_key, noise)
+        for i, request in enumerate(requests):
+            if i not in proposals:
+                proposals[i] = propose(request.d, choices[i], heres[i].history, self.no_draft)
         # 3) one main forward over the gathered requests; the others forward alone
-        inputs = {i: mx.concatenate([plans[i][2].pending, plans[i][2].draft_tokens]) for i in gathered}
+        inputs = {i: mx.concatenate([proposals[i].pending, proposals[i].draft_tokens]) for i in gathered}
         logits, length = {}, max((x.size for x in inputs.values()), default=0)
         if gathered:
             out = batched_logits(
                 self.model, [inputs[i] for i in gathered], [requests[i].d.caches.main for i in gathered]
             )
             for row, i in enumerate(gathered):
-                size, num_scored = inputs[i].size, plans[i][1].num_draft + 1
+                size, num_scored = inputs[i].size, choices[i].num_draft + 1
                 logits[i] = out[row, size - num_scored : size]
         verified = []
-        for i, (request, (here, _, proposal)) in enumerate(zip(requests, plans)):
-            verified.append(verify(request.d, *proposal[:3], here.history, *proposal[3:], logits=logits.get(i)))
+        for i, request in enumerate(requests):
+            proposal = proposals[i]
+            verified.append(verify(request.d, *proposal[:3], heres[i].history, *proposal[3:], logits=logits.get(i)))
         # 4) one host read for all
         values = requests[0].d.host(mx.concatenate([v.readout for v in verified]))
         # 5) each request settles alone: learns (untimed: the time is the batch's), extends, rolls back
         out_rounds, at = [], 0
-        for i, (request, (here, choice, _), v) in enumerate(zip(requests, plans, verified)):
+        for i, (request, here, choice, v) in enumerate(zip(requests, heres, choices, verified)):
             size = choice.num_draft + 2
             verdict = Verdict(values[at : at + size - 2], values[at + size - 2], values[at + size - 1])
             at += size
@@ -262,10 +363,10 @@ class Batch:
             request.plain_first = False
             request.num_emitted += len(new_tokens)
             out_rounds.append(Round(new_tokens, choice.source, choice.num_draft, verdict.num_accepted, v.logprobs))
-        if len(gathered) == len(requests):
+        if len(gathered) == len(requests) and not drafting:
             self.cost.record(len(requests) * length, time.perf_counter() - start)
         return out_rounds
 
-    def _alone(self, expected: list[float]) -> int:
-        """The drafts of a request that forwards alone in a batched round: as one sequence of the batch's cost."""
-        return best_rows([expected], self.cost.row_share()) - 1
+    def _alone(self, copied: list[float]) -> int:
+        """The copies of a request that forwards alone in a batched round: as one sequence at the batch's costs."""
+        return plan_rows([copied], [None], self.cost.row_share())[0] - 1

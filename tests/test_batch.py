@@ -1,6 +1,7 @@
 """Batched rounds (batch.py): each request's tokens equal its solo output, whoever else is in the batch."""
 
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -8,7 +9,8 @@ import mlx.core as mx
 import pytest
 from tiny import make_model, perturbed, repetitive, spec
 
-from mlx_spec.batch import PRIOR_ROW_SHARE, Batch, GatheredCache, Request, RowCost, best_rows
+from mlx_spec.adaptive import DRAFT, LOOKUP
+from mlx_spec.batch import PRIOR_ROW_SHARE, Batch, GatheredCache, Request, RowCost, plan_rows
 from mlx_spec.cache import make_prompt_cache
 from mlx_spec.generate import begin_call
 from mlx_spec.options import GenerationOptions
@@ -37,8 +39,10 @@ def start(model, prompt, draft=None, **options):
 
 def run_batched(model, jobs, draft=None, leave=None):
     """Run `jobs` = [(prompt, join_round, options)] through one Batch; requests join at their round, leave when
-    done (or at `leave` = {index: round}); returns each one's tokens."""
+    done (or at `leave` = {index: round}); returns each one's tokens, and the batch with `sources`: the sources
+    of the drafts of rounds run with others."""
     batch, active, out, round_no = Batch(model), {}, {i: [] for i in range(len(jobs))}, 0
+    batch.sources = Counter()
     while round_no == 0 or active or any(j[1] >= round_no for j in jobs):
         for i, (prompt, join, options) in enumerate(jobs):
             if join == round_no:
@@ -52,6 +56,8 @@ def run_batched(model, jobs, draft=None, leave=None):
         if active:
             order = list(active)
             rounds = batch.step([active[i][0] for i in order])
+            if len(order) > 1:
+                batch.sources.update(r.source for r in rounds)
             for i, round_ in zip(order, rounds):
                 out[i].extend(round_.tokens)
                 request, call = active[i]
@@ -88,7 +94,7 @@ def test_greedy_joining_at_different_times_equals_solo(model):
     batched, batch = run_batched(model, jobs)
     for (prompt, _, options), tokens in zip(jobs, batched):
         assert tokens == spec(prompt, model, None, **options)
-    assert batch.stats.mean_batch_size > 1.5
+    assert batch.stats.mean_batch_size > 1.5 and batch.sources[LOOKUP] > 0
 
 
 def test_sampled_with_seed_equals_solo(model):
@@ -102,12 +108,40 @@ def test_sampled_with_seed_equals_solo(model):
         assert tokens == spec(prompt, model, None, **options)
 
 
-def test_with_a_draft_model_and_lookup_equals_solo(model):
+@pytest.mark.parametrize("acceptance", [0.5, 0.95])
+def test_with_a_draft_model_and_lookup_equals_solo(model, acceptance, monkeypatch):
+    """The draft model drafts for several requests at once (one draft forward per step, sequences of different
+    lengths at the first), greedy and seeded; a fixed length's prior acceptance sets how long (0.95: 3)."""
+    monkeypatch.setattr("mlx_spec.batch.PRIOR_ACCEPTANCE", acceptance)
     draft = perturbed(model, 0.05)
-    jobs = [(p, join, dict(max_tokens=24, num_draft_tokens=3)) for p, join in zip(PROMPTS, [0, 1, 1, 4])]
-    batched, _ = run_batched(model, jobs, draft)
+    options = [dict(num_draft_tokens=3), dict(num_draft_tokens=2, temp=0.8, seed=3), dict(), dict(num_draft_tokens=3)]
+    jobs = [(p, join, dict(max_tokens=24, **o)) for p, join, o in zip(PROMPTS, [0, 1, 1, 4], options)]
+    batched, batch = run_batched(model, jobs, draft)
     for (prompt, _, options), tokens in zip(jobs, batched):
         assert tokens == spec(prompt, model, draft, **options)
+    assert batch.sources[DRAFT] > 0
+
+
+def test_drafting_together_proposes_what_each_drafts_alone(model):
+    """Batched draft steps over sequences that start behind by different amounts propose each one's solo drafts."""
+    from mlx_spec.adaptive import Choice
+    from mlx_spec.batch import propose_together
+    from mlx_spec.decode import situation
+
+    draft = perturbed(model, 0.05)
+    prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[3]]
+
+    def started():
+        return [start(model, p, draft, max_tokens=8, num_draft_tokens=4)[0] for p in prompts]
+
+    together, alone = started(), started()
+    plans = [(situation(r.d, r.left), Choice(DRAFT, 4)) for r in together]
+    proposed = propose_together(together, plans, mx.zeros((0,), mx.int32))
+    for request, (draft_tokens, *_) in zip(alone, proposed):
+        solo, _ = request.d.sources[DRAFT].propose(4, None, None)
+        assert draft_tokens.tolist() == solo.tolist()
+    for a, b in zip(together, alone):
+        assert a.d.caches.draft_offset == b.d.caches.draft_offset
 
 
 def test_a_request_leaving_leaves_the_others_exact(model):
@@ -140,14 +174,22 @@ def test_caches_that_cannot_be_gathered_forward_alone_in_the_round():
 
 def test_draft_length_shrinks_as_rows_cost():
     expected = [1.0, 1.8, 2.4, 2.8, 3.0]  # tokens a round emits with k = 0..4 drafts
-    assert best_rows([expected], 0.0) == 5  # rows free: the longest draft
-    assert best_rows([expected] * 4, 0.1) == 3
-    assert best_rows([expected] * 4, 0.5) == 2
-    assert best_rows([expected] * 4, 2.0) == 1  # compute-bound: plain batched steps
-    assert best_rows([[1.0]] * 3 + [expected], 0.1) == 1  # one match does not pad the whole batch
+
+    def rows(*args):
+        return plan_rows(*args)[0]
+
+    assert rows([expected], [None], 0.0) == 5  # rows free: the longest draft
+    assert rows([expected] * 4, [None] * 4, 0.1) == 3
+    assert rows([expected] * 4, [None] * 4, 0.5) == 2
+    assert rows([expected] * 4, [None] * 4, 2.0) == 1  # compute-bound: plain batched steps
+    assert rows([[1.0]] * 3 + [expected], [None] * 4, 0.1) == 1  # one match does not pad the whole batch
+    # the draft model: taken where it expects more than a copy, its steps paid for
+    assert plan_rows([[1.0]] * 4, [expected] * 4, 0.0, 0.3) == (3, [True] * 4)
+    assert plan_rows([expected, [1.0]], [[1.0, 1.2], [1.0, 1.2]], 0.0, 0.3) == (5, [False, False])
+    assert rows([[1.0]] * 4, [expected] * 4, 0.0, 5.0) == 1  # a draft dearer than what it saves
     cost = RowCost()
-    for rows in [4, 8, 12, 16] * 5:
-        cost.record(rows, 1.0 + 0.25 * rows)  # t1 / t0 = 0.25
+    for n in [4, 8, 12, 16] * 5:
+        cost.record(n, 1.0 + 0.25 * n)  # t1 / t0 = 0.25
     assert cost.row_share() == pytest.approx(0.25, rel=0.05)
     assert RowCost().row_share() == PRIOR_ROW_SHARE
 
