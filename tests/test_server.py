@@ -204,6 +204,7 @@ def test_models_and_health(base, client):
         "waiting": 0,
         "generating": False,
         "active": 0,
+        "joining": 0,
         "max_batch": serving.engine.MAX_BATCH,
         "rounds": health["rounds"],
         "mean_batch_size": health["mean_batch_size"],
