@@ -306,12 +306,13 @@ class Batch:
         first = next((requests[i].d for i in gathered if drafts_together(requests[i].d, None)), None)
         can_draft = {i for i in gathered if first is not None and drafts_together(requests[i].d, first)}
         rows, drafts = 1, []
+        self.draft_ratio = getattr(first.policy, "cost_ratio", DRAFT_RATIO) if first is not None else 0.0
         if gathered:
             rows, drafts = plan_rows(
                 [options[i][1] for i in gathered],
                 [options[i][2] if i in can_draft else None for i in gathered],
                 self.cost.row_share(),
-                getattr(first.policy, "cost_ratio", DRAFT_RATIO) if first is not None else 0.0,
+                self.draft_ratio,
             )
         drafting = {i for i, use in zip(gathered, drafts) if use}
         choices = []
@@ -363,8 +364,12 @@ class Batch:
             request.plain_first = False
             request.num_emitted += len(new_tokens)
             out_rounds.append(Round(new_tokens, choice.source, choice.num_draft, verdict.num_accepted, v.logprobs))
-        if len(gathered) == len(requests) and not drafting:
-            self.cost.record(len(requests) * length, time.perf_counter() - start)
+        if len(gathered) == len(requests):  # the main forward's share of the round's time, as its costs are priced
+            seconds, share, main_rows = time.perf_counter() - start, self.cost.row_share(), len(requests) * length
+            if drafting:
+                main = 1 + share * main_rows
+                seconds *= main / (main + (rows - 1) * self.draft_ratio * (1 + share * len(drafting)))
+            self.cost.record(main_rows, seconds)
         return out_rounds
 
     def _alone(self, copied: list[float]) -> int:
