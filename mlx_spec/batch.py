@@ -85,10 +85,6 @@ class GatheredCache:
         left_padding = length - num_rows - self.offset  # (B,)
         return causal[None, None] & (slots[None, None, None] >= left_padding[:, None, None, None])
 
-    @property
-    def state(self):
-        return [c.state for c in self.layers]
-
 
 def gatherable(model, layers: list) -> bool:
     """Whether a model's caches can join a gathered forward: standard KVCaches of a GATHERED_TYPES model."""
