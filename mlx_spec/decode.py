@@ -128,12 +128,13 @@ def prefill(
             progress(min(start + chunk, len(tokens)))
 
 
-def verify(d: "Decoding", last, draft_tokens, draft_probs, history, accept_key, noise) -> Verified:
+def verify(d: "Decoding", last, draft_tokens, draft_probs, history, accept_key, noise, logits=None) -> Verified:
     """Score [last, d_1..d_k] with the main model and accept, lazily (see verify.score, accept): by the rule of
-    `d.params`, and with `noise` (the positions' Gumbel noise of a seeded call) by coupled sampling."""
+    `d.params`, and with `noise` (the positions' Gumbel noise of a seeded call) by coupled sampling. `logits`
+    (k+1, V): those positions' logits where a batched forward computed them (batch.py)."""
     params = d.params
     logprobs, main_probs = score(
-        d.model, d.caches.main, last, draft_tokens, params, history, d.logits_processors, d.keep_hidden
+        d.model, d.caches.main, last, draft_tokens, params, history, d.logits_processors, d.keep_hidden, logits
     )
     if params.greedy:
         num_accepted, next_token = accept_greedy(draft_tokens, logprobs)
@@ -166,6 +167,64 @@ class Decoding:
     keep_hidden: Callable | None = None  # takes the main model's last hidden states of each pass (an MTP source)
 
 
+class Situation(NamedTuple):
+    """What a round starts from, before its choice: the conversation's match, the draft's lag, the tokens left."""
+
+    found: Match | None  # where the conversation repeats itself (prompt lookup), if it does
+    behind: int  # tokens the draft cache has not seen (1 without a draft model)
+    left: int  # tokens still to emit
+    history: mx.array | None  # what logits processors see (None without them)
+    start: float  # when the round began (perf_counter)
+
+
+class Proposal(NamedTuple):
+    """A round's inputs, lazily built: the main model's pending tokens, the draft tokens and the draws."""
+
+    pending: mx.array  # (n,) the tokens not yet in the main cache (the last one, or more)
+    draft_tokens: mx.array  # (k,)
+    draft_probs: mx.array | None  # (k, V) q, where a rule needs it
+    accept_key: mx.array | None
+    noise: mx.array | None
+
+
+def situation(d: Decoding, left: int) -> Situation:
+    """Step 0 of a round: index the conversation's new tokens and find its match; the draft's lag."""
+    start, lookup, draft = time.perf_counter(), d.sources.get(LOOKUP), d.sources.get(DRAFT)
+    found = lookup.match() if lookup is not None else None
+    behind = draft.num_behind() if draft is not None else 1
+    history = mx.array(d.caches.tokens[d.history_start :], mx.int32) if d.logits_processors else None
+    return Situation(found, behind, left, history, start)
+
+
+def propose(d: Decoding, choice: Choice, history: mx.array | None, no_draft: mx.array) -> Proposal:
+    """Step 2 of a round: the chosen source's draft tokens and the round's draws (lazy, no host sync)."""
+    tokens = d.caches.tokens
+    draft_key, accept_key, noise = d.draws.take(len(tokens), choice.num_draft + 1)
+    draft_tokens, draft_probs = no_draft, None
+    if choice.source != PLAIN:
+        draft_tokens, draft_probs = d.sources[choice.source].propose(choice.num_draft, draft_key, history, noise)
+    return Proposal(mx.array(tokens[d.caches.main_offset :]), draft_tokens, draft_probs, accept_key, noise)
+
+
+def settle(
+    d: Decoding, here: Situation, choice: Choice, verdict: Verdict, learn: bool, timed: bool = True, padded=False
+) -> list:
+    """Step 5 of a round: learn from it (`learn`; its seconds where `timed`), extend the conversation, roll back
+    the rejected positions (and the `padded` ones). Returns the round's new tokens."""
+    new_tokens, unused, lookup, draft = verdict.new_tokens, None, d.sources.get(LOOKUP), d.sources.get(DRAFT)
+    if here.found is not None and choice.source != LOOKUP:  # what a copy would have done
+        unused = (here.found, len(new_tokens), lookup.copied(new_tokens))
+    if learn:
+        caught_up = draft.caught_up if choice.source == DRAFT else None
+        seconds = _seconds(here.start, choice, caught_up, here.behind) if timed else None
+        d.policy.record(choice, verdict.num_accepted, seconds, caught_up, unused)
+    d.caches.tokens.extend(new_tokens)
+    if choice.num_draft > 0 or padded:  # rejected positions, or padding a batched forward wrote
+        d.caches.rollback()
+    d.kv_quantize(d.caches)
+    return new_tokens
+
+
 def rounds(d: Decoding, max_tokens: int, plain_first: bool = False) -> Iterator[Round]:
     """Rounds until `max_tokens` tokens were emitted; d.caches.tokens grows as rounds finish.
 
@@ -173,52 +232,34 @@ def rounds(d: Decoding, max_tokens: int, plain_first: bool = False) -> Iterator[
     those a recurrent layer's rollback gave back) and its draft tokens. With `plain_first` the first round
     decodes plainly, not asking the policy: a pass over the rest of the prompt that gives the first token.
     """
-    num_emitted, caches, policy = 0, d.caches, d.policy
+    num_emitted, policy = 0, d.policy
     no_draft = mx.zeros((0,), mx.int32)  # made here: an array belongs to the stream of the thread that made it
-    lookup, draft = d.sources.get(LOOKUP), d.sources.get(DRAFT)
     ahead = None  # a plain step queued behind a plain round before its token was read: the next round
     while num_emitted < max_tokens:
-        start, tokens = time.perf_counter(), caches.tokens
-        found = lookup.match() if lookup is not None else None
-        behind, left = draft.num_behind() if draft is not None else 1, max_tokens - num_emitted
-        history = mx.array(tokens[d.history_start :], mx.int32) if d.logits_processors else None
+        here = situation(d, max_tokens - num_emitted)
+        found, behind, left = here.found, here.behind, here.left
         if ahead is not None:  # queued: this round decodes plainly, whatever the policy would choose
             choice, verified, ahead = Choice(PLAIN, 0), ahead, None
             queue = policy.keeps_plain(found, behind, left)  # and queues the next if the policy would
         else:
             # 1) choose: source and length, from the conversation's match and what was learnt
-            choice = _bounded(d, Choice(PLAIN, 0) if plain_first else policy.choose(found, behind, left), left)
+            choice = bounded(d, Choice(PLAIN, 0) if plain_first else policy.choose(found, behind, left), left)
             # 2) propose, 3) verify and accept in one lazy graph
-            draft_key, accept_key, noise = d.draws.take(len(tokens), choice.num_draft + 1)
-            draft_tokens, draft_probs = no_draft, None
-            if choice.source != PLAIN:
-                draft_tokens, draft_probs = d.sources[choice.source].propose(
-                    choice.num_draft, draft_key, history, noise
-                )
-            pending = mx.array(tokens[caches.main_offset :])
-            verified = verify(d, pending, draft_tokens, draft_probs, history, accept_key, noise)
+            proposal = propose(d, choice, here.history, no_draft)
+            verified = verify(d, *proposal[:3], here.history, *proposal[3:])
             queue = choice.source == PLAIN and (not plain_first or policy.keeps_plain(found, behind, left))
         if queue and left > 1:
-            ahead = _queue_next(d, verified, history, no_draft)
+            ahead = _queue_next(d, verified, here.history, no_draft)
         # 4) one host read
         verdict = Verdict.read(d.host, verified)
-        # 5) learn, extend the conversation, roll back the rejected positions
-        new_tokens, unused = verdict.new_tokens, None
-        if found is not None and choice.source != LOOKUP:  # what a copy would have done
-            unused = (found, len(new_tokens), lookup.copied(new_tokens))
-        if not plain_first:  # a pass over the prompt's rest tells nothing of a round
-            caught_up = draft.caught_up if choice.source == DRAFT else None
-            policy.record(choice, verdict.num_accepted, _seconds(start, choice, caught_up, behind), caught_up, unused)
+        # 5) learn (a pass over the prompt's rest tells nothing of a round), extend, roll back
+        new_tokens = settle(d, here, choice, verdict, learn=not plain_first)
         plain_first = False
-        tokens.extend(new_tokens)
-        if choice.num_draft > 0:
-            caches.rollback()
-        d.kv_quantize(caches)
         num_emitted += len(new_tokens)
         yield Round(new_tokens, choice.source, choice.num_draft, verdict.num_accepted, verified.logprobs)
 
 
-def _bounded(d: Decoding, choice: Choice, left: int) -> Choice:
+def bounded(d: Decoding, choice: Choice, left: int) -> Choice:
     """The policy's choice within the call's bounds: the tokens left, the draft length limit at this offset, the
     rows one forward may read (a rotating cache takes SLACK + 1 at most; past MAX_PENDING tokens given back
     by a rollback, a plain round reads them), and whether the source can draft now (its `ready()`, where it has

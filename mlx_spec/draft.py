@@ -30,10 +30,18 @@ class DraftModel:
             self.shortlist = shortlist
 
     def __call__(self, inputs: mx.array, cache: list) -> mx.array:
+        """Logits (1, V) after `inputs` (L,)."""
+        return self.last_logits(inputs[None], cache, [inputs.size - 1])[0]
+
+    def last_logits(self, inputs: mx.array, cache: list, last: list[int]) -> list[mx.array]:
+        """Logits (1, V) of each sequence b of `inputs` (B, L) at its row `last[b]` (a batch: see batch.py)."""
         if self.head is None:
-            return fit_vocab(self.model(inputs[None], cache=cache)[0, -1:], self.vocab_size)
-        hidden = self.model.model(inputs[None], cache=cache)[0, -1:]
-        return fit_vocab(first_rows(self.head, hidden, self.shortlist), self.vocab_size)
+            out = self.model(inputs, cache=cache)
+            return [fit_vocab(out[b, i : i + 1], self.vocab_size) for b, i in enumerate(last)]
+        out = self.model.model(inputs, cache=cache)
+        hidden = mx.concatenate([out[b, i : i + 1] for b, i in enumerate(last)])
+        logits = first_rows(self.head, hidden, self.shortlist)
+        return [fit_vocab(logits[b : b + 1], self.vocab_size) for b in range(len(last))]
 
 
 def first_rows(head, hidden: mx.array, shortlist: int) -> mx.array:
@@ -78,26 +86,36 @@ def propose(
     for i in range(num_draft):
         logits = draft(inputs, draft_cache)
         advance(draft_cache, inputs.size)
-        drafted = mx.concatenate(tokens) if tokens else None
-        logits = process(logits, _extend(history, drafted), None, logits_processors)
-        if params.exact_match:
-            token = params.sampler(log_probs(logits)).reshape(-1).astype(mx.int32)
-        elif params.greedy:
-            token = mx.argmax(logits, axis=-1).astype(mx.int32)
-        elif noise is not None:
-            token = mx.argmax(filtered_scores(log_probs(logits), params) + noise[i], axis=-1).astype(mx.int32)
-        else:
-            scores = filtered_scores(log_probs(logits), params)
-            token = mx.random.categorical(scores, key=keys[i]).astype(mx.int32)
-            probs.append(mx.softmax(scores, axis=-1))
-        tokens.append(token)
+        token = draw(logits, i, tokens, probs, params, keys, history, logits_processors, noise)
         mx.async_eval(token)  # start this step while the next one is built: no host sync
         inputs = token
+    return drafted(tokens, probs, params, noise, draft.vocab_size)
+
+
+def draw(logits, i: int, tokens: list, probs: list, params: SamplingParams, keys, history, processors, noise):
+    """Draft token i from the draft's logits (1, V) at it, appended to `tokens` (and q to `probs` where rejection
+    sampling needs it): as the main model's rule draws (greedy, coupled noise, the key's sample, the sampler)."""
+    logits = process(logits, _extend(history, mx.concatenate(tokens) if tokens else None), None, processors)
+    if params.exact_match:
+        token = params.sampler(log_probs(logits)).reshape(-1).astype(mx.int32)
+    elif params.greedy:
+        token = mx.argmax(logits, axis=-1).astype(mx.int32)
+    elif noise is not None:
+        token = mx.argmax(filtered_scores(log_probs(logits), params) + noise[i], axis=-1).astype(mx.int32)
+    else:
+        scores = filtered_scores(log_probs(logits), params)
+        token = mx.random.categorical(scores, key=keys[i]).astype(mx.int32)
+        probs.append(mx.softmax(scores, axis=-1))
+    tokens.append(token)
+    return token
+
+
+def drafted(tokens: list, probs: list, params: SamplingParams, noise, vocab_size: int):
+    """(draft_tokens (k,), q (k, V) or None where no rule needs it) from the drawn tokens."""
     draft_tokens = mx.concatenate(tokens) if tokens else mx.zeros((0,), mx.int32)
     if params.greedy or params.exact_match or noise is not None:
         return draft_tokens, None
-    draft_probs = mx.concatenate(probs) if probs else mx.zeros((0, draft.vocab_size))
-    return draft_tokens, draft_probs
+    return draft_tokens, mx.concatenate(probs) if probs else mx.zeros((0, vocab_size))
 
 
 class DraftSource:

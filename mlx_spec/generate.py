@@ -122,7 +122,6 @@ def speculative_generate_step(
           conversation; `stats.last_source` says which) proposed it.
     """
     tokens = _token_list(prompt)
-    draft_model, mtp_head = _drafter(model, draft_model, mtp)
     opts = GenerationOptions(
         max_tokens=max_tokens,
         num_draft_tokens=num_draft_tokens,
@@ -142,7 +141,68 @@ def speculative_generate_step(
         mtp=mtp,
     )
     stats = stats if stats is not None else GenerationStats()
+    progress = prompt_progress_callback or (lambda *_: None)
+    call = begin_call(tokens, model, draft_model, opts, prompt_cache, stats, logits_processors, progress)
+    num_yielded = 0
+    try:
+        for round_ in rounds(call.decoding, call.opts.token_limit, call.plain_first):
+            stats.record_round(round_.num_draft, round_.num_accepted, round_.source)
+            stats.host_syncs = call.decoding.host.count
+            for i, token in enumerate(round_.tokens):
+                if num_yielded == 0:
+                    stats.prompt_done()
+                    progress(len(tokens), len(tokens))
+                num_yielded += 1
+                stats.record_token(round_.source if i < round_.num_accepted else None)
+                yield token, round_.logprobs[i], i < round_.num_accepted
+    finally:
+        call.end(num_yielded)
+
+
+@dataclass
+class Call:
+    """One generation call once its prompt is in: its rounds' Decoding and how it ends."""
+
+    caches: CachePair
+    decoding: Decoding | None  # None until the prompt is read
+    plain_first: bool  # the first round decodes plainly (see _read_prompt)
+    num_known: int  # the conversation's tokens once the prompt is in
+    write_back: Callable[[], None] | None  # mlx-lm's flat list given as the prompt cache: copy the caches back
+    opts: GenerationOptions
+    kv_quantize: Callable
+    model: Any
+
+    def end(self, num_yielded: int):
+        """Leave the caches holding exactly the prompt and the `num_yielded` tokens yielded."""
+        caches = self.caches
+        caches.truncate(self.num_known + num_yielded)
+        if self.write_back is not None:  # mlx-lm's list: its cache holds the last token too, as mlx-lm's steps leave it
+            prefill(
+                self.model,
+                caches.main,
+                caches.tokens[caches.main_offset :],
+                caches,
+                self.kv_quantize,
+                self.opts.prefill_step_size,
+            )
+            self.write_back()
+
+
+def begin_call(
+    tokens: list[int],
+    model,
+    draft_model,
+    opts: GenerationOptions,
+    prompt_cache,
+    stats: GenerationStats,
+    logits_processors=None,
+    progress: Callable[[int, int], None] = lambda *_: None,
+) -> Call:
+    """Check the inputs, get the caches, read the prompt and make the rounds' Decoding (the start of
+    speculative_generate_step; the server's engine starts its requests with it too). An exception leaves the
+    caches as they were."""
     # 1) check the inputs, 2) get the caches
+    draft_model, mtp_head = _drafter(model, draft_model, opts.mtp)
     vocab_size = _checked(tokens, model, draft_model)
     caches, write_back, opts = _caches_for(prompt_cache, model, draft_model, opts, mtp_head is not None)
     params = opts.sampling
@@ -156,22 +216,20 @@ def speculative_generate_step(
     )
     num_before = len(caches.tokens)
     caches.tokens.extend(tokens)
-    num_known = len(caches.tokens)
-    progress = prompt_progress_callback or (lambda *_: None)
-    num_yielded = 0
+    call = Call(caches, None, False, len(caches.tokens), write_back, opts, kv_quantize, model)
     try:
         stats.start()
-        stats.prompt_tokens = num_known - caches.main_offset
-        # 3) read the prompt, 4) make the sources, 5) run the rounds
+        stats.prompt_tokens = call.num_known - caches.main_offset
+        # 3) read the prompt, 4) make the sources and the policy
         mtp_source = _mtp_source(model, mtp_head, caches, opts, vocab_size, logits_processors)
         keep_hidden = mtp_source.keep if mtp_source is not None else None
-        plain_first = _read_prompt(
+        call.plain_first = _read_prompt(
             model, draft_model, caches, opts, kv_quantize, num_before, progress, mtp_source and mtp_source.keep_and_feed
         )
         sources = _sources(caches, opts, draft_model, vocab_size, kv_quantize, logits_processors, draws)
         if mtp_source is not None:
             sources[MTP] = mtp_source
-        decoding = Decoding(
+        call.decoding = Decoding(
             model,
             caches,
             sources,
@@ -184,23 +242,10 @@ def speculative_generate_step(
             history_start=num_before,
             keep_hidden=keep_hidden,
         )
-        for round_ in rounds(decoding, opts.token_limit, plain_first):
-            stats.record_round(round_.num_draft, round_.num_accepted, round_.source)
-            stats.host_syncs = decoding.host.count
-            for i, token in enumerate(round_.tokens):
-                if num_yielded == 0:
-                    stats.prompt_done()
-                    progress(len(tokens), len(tokens))
-                num_yielded += 1
-                stats.record_token(round_.source if i < round_.num_accepted else None)
-                yield token, round_.logprobs[i], i < round_.num_accepted
-    finally:
-        caches.truncate(num_known + num_yielded)
-        if write_back is not None:  # mlx-lm's list: its cache holds the last token too, as mlx-lm's steps leave it
-            prefill(
-                model, caches.main, caches.tokens[caches.main_offset :], caches, kv_quantize, opts.prefill_step_size
-            )
-            write_back()
+    except BaseException:
+        call.end(0)
+        raise
+    return call
 
 
 def _checked(tokens: list[int], model, draft_model) -> int:

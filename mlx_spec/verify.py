@@ -62,6 +62,7 @@ def score(
     history: mx.array | None = None,
     logits_processors=None,
     keep_hidden: Callable[[int, mx.array], object] | None = None,
+    logits: mx.array | None = None,
 ) -> tuple[mx.array, mx.array | None]:
     """One main forward over [last, d_1..d_k]: k+1 positions (`last_token`: (1,) int32, or the tokens not yet
     in the cache, of which only the last is scored).
@@ -70,20 +71,23 @@ def score(
     logits processors, (k+1, V), in the model's dtype as plain decoding computes
     them; and, for rejection sampling, p, the distributions to sample from (else None). With `keep_hidden`
     (an MTP source's), the main model's last hidden states of every position read, (L, D), go to
-    `keep_hidden(position of the first, hidden)` (see `body_and_head`); no other work is added.
+    `keep_hidden(position of the first, hidden)` (see `body_and_head`); no other work is added. `logits`
+    (k+1, V), where given, are those positions' logits from a forward already run (a batched round's, see
+    batch.py, which gathers no request that keeps hidden states).
     """
-    inputs = mx.concatenate([last_token, draft_tokens])
-    mark(main_cache)  # recurrent layers keep their state from before the pass: a rejection goes back to it
-    rows = draft_tokens.size + 1
-    if keep_hidden is None:
-        logits = last_logits(main_model, inputs[None], main_cache, rows)[0]
-    else:
-        body, head = body_and_head(main_model)
-        start = pair_offset(main_cache)
-        hidden = body(inputs[None], cache=main_cache)[0]
-        keep_hidden(start, hidden)
-        logits = head(hidden[-rows:])
-    advance(main_cache, inputs.size)
+    if logits is None:
+        inputs = mx.concatenate([last_token, draft_tokens])
+        mark(main_cache)  # recurrent layers keep their state from before the pass: a rejection goes back to it
+        rows = draft_tokens.size + 1
+        if keep_hidden is None:
+            logits = last_logits(main_model, inputs[None], main_cache, rows)[0]
+        else:
+            body, head = body_and_head(main_model)
+            start = pair_offset(main_cache)
+            hidden = body(inputs[None], cache=main_cache)[0]
+            keep_hidden(start, hidden)
+            logits = head(hidden[-rows:])
+        advance(main_cache, inputs.size)
     logits = process(logits, history, draft_tokens, logits_processors)
     logprobs = log_probs(logits)
     if params.greedy or params.exact_match:

@@ -197,7 +197,18 @@ def test_loopback_hosts():
 def test_models_and_health(base, client):
     assert [m.id for m in client.models.list().data] == ["main"]
     health = httpx.get(f"{base}/health").json()
-    assert health == {"status": "ok", "model": "main", "draft_model": "draft", "waiting": 0, "generating": False}
+    assert health == {
+        "status": "ok",
+        "model": "main",
+        "draft_model": "draft",
+        "waiting": 0,
+        "generating": False,
+        "active": 0,
+        "joining": 0,
+        "max_batch": serving.engine.MAX_BATCH,
+        "rounds": health["rounds"],
+        "mean_batch_size": health["mean_batch_size"],
+    }
 
 
 def test_chat_is_the_main_models_answer_streamed_or_not(models, base, client):
@@ -381,6 +392,7 @@ def test_eight_concurrent_clients_get_the_sequential_answers(client):
 def test_a_full_queue_answers_503_and_loses_nothing(models):
     model, tokenizer, draft = models
     app = create_app(model, tokenizer, draft, GenerationOptions(max_tokens=100_000), max_queue=1)
+    app.state.server.engine.max_batch = 1  # one generates, one waits
     with running(app) as base:
         client = client_for(base)
         long = client.chat.completions.create(
@@ -565,7 +577,7 @@ def test_an_internal_failure_is_a_500_in_one_line(client, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("the device fell over")
 
-    monkeypatch.setattr("mlx_spec.server.engine.stream_generate", broken)  # where the engine thread calls it
+    monkeypatch.setattr("mlx_spec.server.engine.begin_call", broken)  # where the engine thread calls it
     status, error = error_of(lambda: client.chat.completions.create(model="main", messages=user("w5")))
     assert (status, error["type"]) == (500, "server_error")
     assert error["message"] == "internal error: RuntimeError: the device fell over"

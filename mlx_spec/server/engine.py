@@ -1,5 +1,6 @@
-"""The engine thread: runs every generation in arrival order, keeps the prompt caches of the last few
-conversations and streams events (text cut at stop strings, logprobs) back to the request handlers."""
+"""The engine thread: generates the requests together (batched rounds, joining and leaving between rounds), keeps the
+prompt caches of the last few conversations and streams events (text cut at stop strings, logprobs) back to the
+request handlers."""
 
 import asyncio
 import logging
@@ -7,16 +8,19 @@ import math
 import queue
 import threading
 import time
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+from mlx_lm.models.cache import KVCache
 
+from ..batch import Batch, Request
 from ..cache import CachePair, common_prefix_length, make_prompt_cache, reuse_prefix
-from ..generate import stream_generate
+from ..decode import prefill
+from ..generate import Call, _token_list, begin_call
 from ..load import model_name, model_source
 from ..options import GenerationOptions
+from ..recurrent import leaves
 from ..stats import GenerationStats
 from .models import TokenLogprob, _first_line
 
@@ -181,21 +185,133 @@ class PromptCaches:
         del self.entries[: -self.size]
 
 
-class Engine:
-    """Runs every generation on one thread (MLX's default stream is per thread), in arrival order.
+MAX_BATCH = 8  # requests generating at once; more wait in the queue
+JOIN_CHUNK = 512  # prompt tokens read between two rounds: a long prompt joins in chunks, the others go on
 
-    At most `max_queue` jobs wait; `submit` raises QueueFull past that.
+
+class _Active:
+    """A request that generates: its call's rounds in the batch, and the reply its tokens become."""
+
+    def __init__(self, engine: "Engine", job: Job):
+        self.engine, self.job, self.start = engine, job, time.perf_counter()
+        self.draft_model = engine.draft_model if job.use_draft else None
+        self.cache, self.rest = engine.caches.take(job.prompt_tokens, self.draft_model is not None)
+        self.history_start = len(self.cache.tokens)  # what logits processors see starts here, as in one call
+        self.num_read = 0  # prompt tokens read in chunks before the call began
+        self.stats, self.reply = GenerationStats(), Reply(job.stops)
+        self.stats.start()
+        self.detokenizer = engine.tokenizer.detokenizer
+        self.num_yielded, self.num_from_draft = 0, 0
+        self.finish_reason, self.stop_reason = "length", "maxPredictedTokensReached"
+        self.call: Call | None = None  # once the prompt is in
+        self.request: Request | None = None
+
+    def read(self, budget: int) -> int:
+        """Read up to `budget` more prompt tokens: a chunk, or the rest and begin the call (a prompt whose caches
+        take no chunks is read whole). Returns the tokens read."""
+        engine, cache, opts = self.engine, self.cache, self.job.options
+        chunked = opts.kv_bits is None and all(type(c) is KVCache for c in leaves(cache.main))
+        if chunked and len(self.rest) > budget:
+            chunk, self.rest = self.rest[:budget], self.rest[budget:]
+            cache.tokens.extend(chunk)  # the cache holds all but the last token, as between rounds
+            prefill(engine.model, cache.main, cache.tokens[cache.main_offset : -1], cache, lambda _: None)
+            self.num_read += len(chunk)
+            return len(chunk)
+        started = self.stats._start
+        self.call = begin_call(
+            _token_list(self.rest), engine.model, self.draft_model, opts, cache, self.stats, self.job.logits_processors
+        )
+        self.call.decoding.history_start = self.history_start  # logits processors see the whole prompt
+        self.stats._start, self.stats.prompt_tokens = started, self.stats.prompt_tokens + self.num_read
+        self.request = Request(self.call.decoding, self.call.opts.token_limit, self.call.plain_first)
+        return len(self.rest)
+
+    def drop(self):
+        """Leave while the prompt is read (the client left, the server stops, the reading failed)."""
+        self.engine.caches.put(self.cache, len(self.job.prompt_tokens))
+
+    def take(self, round_) -> bool:
+        """Send a round's tokens to the client as text and logprobs; True once the reply is complete."""
+        job, stats, eos = self.job, self.stats, self.engine.tokenizer.eos_token_ids
+        stats.record_round(round_.num_draft, round_.num_accepted, round_.source)
+        stats.host_syncs = self.call.decoding.host.count
+        for i, token in enumerate(round_.tokens):
+            if self.num_yielded == 0:
+                stats.prompt_done()
+            self.num_yielded += 1
+            from_draft = i < round_.num_accepted
+            stats.record_token(round_.source if from_draft else None)
+            self.num_from_draft += from_draft
+            end_token = token in eos
+            last = end_token or self.num_yielded == self.call.opts.token_limit
+            if end_token:
+                self.detokenizer.finalize()
+            else:
+                self.detokenizer.add_token(token)
+                if last:
+                    self.detokenizer.finalize()
+            entry = None
+            if job.num_top_logprobs is not None and not end_token:
+                entry = self.engine._logprob(token, round_.logprobs[i], job.num_top_logprobs)
+            text, entries, stopped = self.reply.add(self.detokenizer.last_segment, entry)
+            if stopped or last:
+                if not stopped:
+                    rest, more = self.reply.finish()
+                    text, entries = text + rest, entries + more
+                self.finish_reason = "stop" if stopped or end_token else "length"
+                self.stop_reason = "stopStringFound" if stopped else "eosFound" if end_token else self.stop_reason
+            if text or entries:
+                job.send(Delta(text, entries))
+            if stopped or last:
+                return True
+        return False
+
+    def leave(self, failed: Failed | None = None):
+        """Leave the batch: the caches hold exactly the tokens generated and go back to the pool; the answer."""
+        engine, job = self.engine, self.job
+        self.request.leave_alone()
+        self.call.end(self.num_yielded)
+        engine.caches.put(self.cache, len(job.prompt_tokens))
+        engine.mean_seconds = 0.8 * engine.mean_seconds + 0.2 * (time.perf_counter() - self.start)
+        if failed is not None:
+            job.send(failed)
+            return
+        done = engine._done(
+            job, self.stats, self.num_from_draft, self.finish_reason, self.stop_reason, self.draft_model is not None
+        )
+        if job.cancelled.is_set():
+            why = "the server is stopping" if engine.stopping else "the client left"
+            log.info(f"generation stopped after {self.stats.generation_tokens} tokens: {why}")
+        job.send(Failed(STOPPING, 503) if engine.stopping else done)
+
+
+class Engine:
+    """Runs every generation on one thread (MLX's default stream is per thread): up to `max_batch` requests at
+    once, their rounds batched (batch.py); requests join and leave between rounds, in arrival order.
+
+    At most `max_queue` jobs wait for a place in the batch; `submit` raises QueueFull past that.
     """
 
-    def __init__(self, model, tokenizer, draft_model, max_kv_size, max_queue: int, num_prompt_caches: int):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        draft_model,
+        max_kv_size,
+        max_queue: int,
+        num_prompt_caches: int,
+        max_batch: int = MAX_BATCH,
+    ):
         self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
-        self.max_queue = max_queue
-        self.caches = PromptCaches(model, draft_model, max_kv_size, num_prompt_caches)
+        self.max_queue, self.max_batch = max_queue, max_batch
+        self.caches = PromptCaches(model, draft_model, max_kv_size, max(num_prompt_caches, 1))
         self.draft_name = served_name(draft_model) if draft_model is not None else None
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.lock = threading.Lock()
         self.num_waiting = 0
-        self.current: Job | None = None
+        self.active: list[_Active] = []  # the requests generating, in arrival order
+        self.joining: list[_Active] = []  # the requests whose prompt is being read, in arrival order
+        self.batch = Batch(model)
         self.stopping = False
         self.mean_seconds = 1.0  # running mean of a job's seconds, for Retry-After
         self.thread = threading.Thread(target=self._loop, name="mlx-spec-engine", daemon=True)
@@ -207,7 +323,7 @@ class Engine:
         """The server is stopping: the running and the waiting jobs end at once, answered 503."""
         with self.lock:
             self.stopping = True
-            for job in [self.current, *self.jobs.queue]:
+            for job in [*(a.job for a in self.active + self.joining), *self.jobs.queue]:
                 if job is not None:
                     job.cancelled.set()
 
@@ -220,72 +336,99 @@ class Engine:
     def submit(self, job: Job):
         with self.lock:
             if self.num_waiting >= self.max_queue:
-                retry_after = math.ceil(self.mean_seconds * (self.num_waiting + 1))
+                batches = (self.num_waiting + 1) / max(self.max_batch, 1)
+                retry_after = math.ceil(self.mean_seconds * batches)
                 raise QueueFull(min(max(retry_after, 1), MAX_RETRY_AFTER))
             self.num_waiting += 1
         self.jobs.put(job)
 
     def status(self) -> dict:
-        return {"waiting": self.num_waiting, "generating": self.current is not None}
+        stats = self.batch.stats
+        return {
+            "waiting": self.num_waiting,
+            "generating": bool(self.active or self.joining),
+            "active": len(self.active),
+            "joining": len(self.joining),
+            "max_batch": self.max_batch,
+            "rounds": stats.num_rounds,
+            "mean_batch_size": round(stats.mean_batch_size, 3),
+        }
 
     def _loop(self):
-        while (job := self.jobs.get()) is not None:
-            with self.lock:
-                self.num_waiting -= 1
-                self.current = job
-            start = time.perf_counter()
-            try:
+        running = True
+        while running or self.active or self.joining:
+            # 1) take the jobs that arrived, while the batch has room (wait for one when none is generating)
+            while running and len(self.active) + len(self.joining) < self.max_batch:
+                try:
+                    job = self.jobs.get(block=not (self.active or self.joining))
+                except queue.Empty:
+                    break
+                if job is None:
+                    running = False
+                    break
+                with self.lock:
+                    self.num_waiting -= 1
                 if self.stopping:
                     job.send(Failed(STOPPING, 503))
                 elif not job.cancelled.is_set():  # else its client left while it waited
-                    self._run(job)
+                    joining = _Active(self, job)
+                    with self.lock:
+                        self.joining.append(joining)
+            # 2) read up to JOIN_CHUNK prompt tokens of the joining requests: whole prompts, or a chunk
+            self._read(JOIN_CHUNK)
+            # 3) one round of every active request, 4) the finished ones leave
+            if self.active:
+                self._round()
+        for job in self.jobs.queue:  # the server stopped: what still waits is answered 503
+            if job is not None:
+                job.send(Failed(STOPPING, 503))
+
+    def _read(self, budget: int):
+        """Read the joining requests' prompts, oldest first, up to `budget` tokens; those read join the batch."""
+        while self.joining and budget > 0:
+            joining = self.joining[0]
+            if joining.job.cancelled.is_set():
+                joining.drop()
+                if self.stopping:
+                    joining.job.send(Failed(STOPPING, 503))
+            else:
+                try:
+                    budget -= joining.read(budget)
+                except Exception as e:
+                    log.exception("generation failed")
+                    joining.drop()
+                    joining.job.send(Failed(f"internal error: {type(e).__name__}: {_first_line(e)}"))
+                    joining.job.cancelled.set()
+                if joining.call is None and not joining.job.cancelled.is_set():
+                    return  # a chunk of it was read: the rest after the next round
+            with self.lock:
+                self.joining.pop(0)
+                if joining.call is not None and not joining.job.cancelled.is_set():
+                    self.active.append(joining)
+
+    def _round(self):
+        active = list(self.active)
+        try:
+            rounds = self.batch.step([a.request for a in active])
+        except Exception as e:  # a round's failure is every request's in it
+            log.exception("generation failed")
+            for a in active:
+                a.leave(Failed(f"internal error: {type(e).__name__}: {_first_line(e)}"))
+            with self.lock:
+                self.active = []
+            return
+        finished = []
+        for a, round_ in zip(active, rounds):
+            try:
+                if a.take(round_) or a.job.cancelled.is_set():
+                    finished.append(a)
+                    a.leave()
             except Exception as e:
                 log.exception("generation failed")
-                job.send(Failed(f"internal error: {type(e).__name__}: {_first_line(e)}"))
-            finally:
-                with self.lock:
-                    self.current = None
-                self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.perf_counter() - start)
-
-    def _run(self, job: Job):
-        draft_model = self.draft_model if job.use_draft else None
-        cache, new_tokens = self.caches.take(job.prompt_tokens, draft_model is not None)
-        stats, reply = GenerationStats(), Reply(job.stops)
-        num_from_draft, finish_reason, stop_reason = 0, "length", "maxPredictedTokensReached"
-        responses = stream_generate(
-            self.model,
-            self.tokenizer,
-            new_tokens,
-            draft_model=draft_model,
-            prompt_cache=cache,
-            stats=stats,
-            logits_processors=job.logits_processors,
-            **job.options.as_kwargs(),
-        )
-        with closing(responses):  # stopping early leaves the cache holding exactly the tokens generated
-            for response in responses:
-                num_from_draft += response.from_draft
-                end_token = response.finish_reason == "stop"
-                entry = None
-                if job.num_top_logprobs is not None and not end_token:
-                    entry = self._logprob(response.token, response.logprobs, job.num_top_logprobs)
-                text, entries, stopped = reply.add(response.text, entry)
-                if stopped or response.finish_reason is not None:
-                    if not stopped:
-                        rest, more = reply.finish()
-                        text, entries = text + rest, entries + more
-                    finish_reason = "stop" if stopped or end_token else "length"
-                    stop_reason = "stopStringFound" if stopped else "eosFound" if end_token else stop_reason
-                if text or entries:
-                    job.send(Delta(text, entries))
-                if stopped or job.cancelled.is_set():
-                    break
-        self.caches.put(cache, len(job.prompt_tokens))
-        done = self._done(job, stats, num_from_draft, finish_reason, stop_reason, draft_model is not None)
-        if job.cancelled.is_set():
-            why = "the server is stopping" if self.stopping else "the client left"
-            log.info(f"generation stopped after {stats.generation_tokens} tokens: {why}")
-        job.send(Failed(STOPPING, 503) if self.stopping else done)
+                finished.append(a)
+                a.leave(Failed(f"internal error: {type(e).__name__}: {_first_line(e)}"))
+        with self.lock:
+            self.active = [a for a in self.active if a not in finished]
 
     def _logprob(self, token: int, logprobs: mx.array, num_top: int) -> TokenLogprob:
         """The token's log-probability and the `num_top` likeliest tokens' (one host read, only when asked)."""
