@@ -46,7 +46,7 @@ def gathered_cost(model, batch: int, context: int, k: int, repetitions: int) -> 
         rows = [mx.random.randint(0, 1000, (k + 1,)) for _ in range(batch)]
         mx.eval(rows)
         start = time.perf_counter()
-        mx.eval(batched_logits(model, rows, layers))
+        mx.eval(batched_logits(model, rows, layers, [k + 1] * batch))
         samples.append(time.perf_counter() - start)
         for caches in layers:
             for c in caches:

@@ -28,6 +28,7 @@ compute-bound (this CPU) s * B grows with the batch and L falls to 1: speculatio
 worst a round is a batched plain step.
 """
 
+import itertools
 import time
 from typing import NamedTuple
 
@@ -39,6 +40,7 @@ from .cache import SLACK
 from .decode import Decoding, Proposal, Round, Verdict, bounded, propose, rounds, settle, situation, verify
 from .draft import drafted, draw
 from .recurrent import leaves
+from .verify import output_layer
 
 # Model types whose attention reads `cache.offset` for RoPE, calls `update_and_fetch` and takes its mask from
 # `cache.make_mask` (mlx-lm's create_attention_mask): a gathered batch of their caches is exact.
@@ -103,16 +105,26 @@ def drafts_together(d: Decoding, first: Decoding | None) -> bool:
     return other.model is mine.model and getattr(other, "shortlist", None) == getattr(mine, "shortlist", None)
 
 
-def batched_logits(model, inputs: list[mx.array], layers: list[list[KVCache]]) -> mx.array:
-    """One forward over B sequences: `inputs[b]` (L_b,) int32 into request b's caches `layers[b]`.
+def batched_logits(model, inputs: list[mx.array], layers: list[list[KVCache]], scored: list[int]) -> list[mx.array]:
+    """One forward over B sequences: `inputs[b]` (L_b,) int32 into request b's caches `layers[b]`, right-padded
+    to the longest (the padding is written into b's caches too: the caller rolls it back).
 
-    Returns logits (B, L, V), L = max L_b, row j of sequence b at its position offset_b + j; rows past L_b are
-    padding, written into b's caches too (the caller rolls them back).
+    Returns each sequence's logits (scored[b], V) at its last `scored[b]` positions; where the model's output layer
+    can be cut from it (verify.output_layer), it runs over those rows only (a prompt's rest needs one).
     """
     length = max(x.size for x in inputs)
     tokens = mx.stack([mx.pad(x, [(0, length - x.size)]) for x in inputs])
     gathered = [GatheredCache([request[i] for request in layers]) for i in range(len(layers[0]))]
-    return model(tokens, cache=gathered)
+    spans = [(x.size - n, x.size) for x, n in zip(inputs, scored)]
+    layer = output_layer(model) if any(n < length for n in scored) else None
+    if layer is None:
+        out = model(tokens, cache=gathered)
+        return [out[b, start:end] for b, (start, end) in enumerate(spans)]
+    hidden = model.model(tokens, cache=gathered)
+    rows = mx.concatenate([hidden[b, start:end] for b, (start, end) in enumerate(spans)])
+    logits = layer.as_linear(rows) if hasattr(layer, "as_linear") else layer(rows)
+    offsets = [0, *itertools.accumulate(scored)]
+    return [logits[offsets[b] : offsets[b + 1]] for b in range(len(inputs))]
 
 
 class RowCost:
@@ -335,16 +347,22 @@ class Batch:
         for i, request in enumerate(requests):
             if i not in proposals:
                 proposals[i] = propose(request.d, choices[i], heres[i].history, self.no_draft)
-        # 3) one main forward over the gathered requests; the others forward alone
-        inputs = {i: mx.concatenate([proposals[i].pending, proposals[i].draft_tokens]) for i in gathered}
-        logits, length = {}, max((x.size for x in inputs.values()), default=0)
-        if gathered:
-            out = batched_logits(
-                self.model, [inputs[i] for i in gathered], [requests[i].d.caches.main for i in gathered]
-            )
-            for row, i in enumerate(gathered):
-                size, num_scored = inputs[i].size, choices[i].num_draft + 1
-                logits[i] = out[row, size - num_scored : size]
+        # 3) one main forward over the gathered requests, one over those reading a prompt's rest; the others alone
+        reading = [
+            i
+            for i, r in enumerate(requests)
+            if gatherable(self.model, r.d.caches.main) and len(r.d.caches.tokens) - r.d.caches.main_offset > 1
+        ]
+        logits, padded, length = {}, set(), 0
+        for group in (gathered, reading if len(reading) > 1 else []):
+            if not group:
+                continue
+            inputs = [mx.concatenate([proposals[i].pending, proposals[i].draft_tokens]) for i in group]
+            scored = [choices[i].num_draft + 1 for i in group]
+            out = batched_logits(self.model, inputs, [requests[i].d.caches.main for i in group], scored)
+            length = max(x.size for x in inputs)
+            logits.update(zip(group, out))
+            padded.update(i for i, x in zip(group, inputs) if x.size < length)
         verified = []
         for i, request in enumerate(requests):
             proposal = proposals[i]
@@ -357,8 +375,8 @@ class Batch:
             size = choice.num_draft + 2
             verdict = Verdict(values[at : at + size - 2], values[at + size - 2], values[at + size - 1])
             at += size
-            padded = i in logits and inputs[i].size < length
-            new_tokens = settle(request.d, here, choice, verdict, not request.plain_first, timed=False, padded=padded)
+            padded_ = i in padded
+            new_tokens = settle(request.d, here, choice, verdict, not request.plain_first, timed=False, padded=padded_)
             request.plain_first = False
             request.num_emitted += len(new_tokens)
             out_rounds.append(Round(new_tokens, choice.source, choice.num_draft, verdict.num_accepted, v.logprobs))

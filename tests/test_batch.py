@@ -10,7 +10,7 @@ import pytest
 from tiny import make_model, perturbed, repetitive, spec
 
 from mlx_spec.adaptive import DRAFT, LOOKUP
-from mlx_spec.batch import PRIOR_ROW_SHARE, Batch, GatheredCache, Request, RowCost, plan_rows
+from mlx_spec.batch import PRIOR_ROW_SHARE, Batch, GatheredCache, Request, RowCost, batched_logits, plan_rows
 from mlx_spec.cache import make_prompt_cache
 from mlx_spec.generate import begin_call
 from mlx_spec.options import GenerationOptions
@@ -87,6 +87,17 @@ def test_gathered_forward_equals_solo_forwards(model):
         alone = model(mx.array(r)[None], cache=layers)[0]
         assert mx.allclose(out[b, : len(r)], alone, atol=1e-4).item()
         assert caches[b][0].offset == len(PROMPTS[b]) + length
+        for c in layers:
+            c.trim(len(r))
+    # the same through batched_logits, the output layer over the scored rows only
+    for layers in caches:
+        for c in layers:
+            c.trim(length)
+    scored = [1, 1, 2, 2]
+    out = batched_logits(model, [mx.array(r) for r in rows], caches, scored)
+    for b, (r, layers, n) in enumerate(zip(rows, solo_caches, scored)):
+        alone = model(mx.array(r)[None], cache=layers)[0, len(r) - n :]
+        assert out[b].shape == alone.shape and mx.allclose(out[b], alone, atol=1e-4).item()
 
 
 def test_greedy_joining_at_different_times_equals_solo(model):

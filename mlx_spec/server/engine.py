@@ -187,6 +187,7 @@ class PromptCaches:
 
 MAX_BATCH = 8  # requests generating at once; more wait in the queue
 JOIN_CHUNK = 512  # prompt tokens read between two rounds: a long prompt joins in chunks, the others go on
+JOIN_WAIT = 0.01  # seconds an idle engine waits, once a job came, for others sent at the same time
 
 
 class _Active:
@@ -358,9 +359,10 @@ class Engine:
         running = True
         while running or self.active or self.joining:
             # 1) take the jobs that arrived, while the batch has room (wait for one when none is generating)
+            idle = not (self.active or self.joining)
             while running and len(self.active) + len(self.joining) < self.max_batch:
-                try:
-                    job = self.jobs.get(block=not (self.active or self.joining))
+                try:  # idle: wait for a job, then JOIN_WAIT for others sent with it (they read their prompts together)
+                    job = self.jobs.get(timeout=JOIN_WAIT if self.joining else None) if idle else self.jobs.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
