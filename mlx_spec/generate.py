@@ -1,5 +1,6 @@
 """The public generation API, mirroring mlx-lm's: speculative_generate_step, stream_generate, generate."""
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -16,6 +17,7 @@ from transformers import PreTrainedTokenizer
 from .adaptive import DRAFT, LOOKUP, Controller, learnt_for
 from .cache import CachePair, SlackRotatingCache, not_rolling_back
 from .decode import Decoding, FixedDraft, prefill, rounds
+from .distributed import group_of, start_call, watchdog
 from .draft import DraftModel, DraftSource
 from .load import check_draft, output_size
 from .lookup import LookupSource
@@ -135,6 +137,9 @@ def speculative_generate_step(
     vocab_size = _checked(tokens, model, draft_model)
     caches, write_back, opts = _caches_for(prompt_cache, model, draft_model, opts)
     params = opts.sampling
+    policy, lockstep, group = _policy(opts, model, draft_model), None, group_of(model)
+    if group is not None:  # sharded: every rank runs the same rounds (see distributed)
+        policy, lockstep = start_call(group, policy, needs_seed=not params.greedy and opts.seed is None)
     draws = draws_for(params, opts.seed, vocab_size)
     stats.acceptance_rule = acceptance_rule(params, draws)
     kv_quantize = functools.partial(
@@ -147,41 +152,48 @@ def speculative_generate_step(
     caches.tokens.extend(tokens)
     num_known = len(caches.tokens)
     progress = prompt_progress_callback or (lambda *_: None)
+    if group is not None:  # a prompt chunk read is progress, for the watchdog
+        progress = watchdog().beating(progress)
     num_yielded = 0
-    try:
-        stats.start()
-        stats.prompt_tokens = num_known - caches.main_offset
-        # 3) read the prompt, 4) make the sources, 5) run the rounds
-        plain_first = _read_prompt(model, draft_model, caches, opts, kv_quantize, num_before, progress)
-        decoding = Decoding(
-            model,
-            caches,
-            _sources(caches, opts, draft_model, vocab_size, kv_quantize, logits_processors, draws),
-            _policy(opts, model, draft_model),
-            params,
-            draws,
-            opts.max_draft,
-            kv_quantize,
-            logits_processors=logits_processors,
-            history_start=num_before,
-        )
-        for round_ in rounds(decoding, opts.token_limit, plain_first):
-            stats.record_round(round_.num_draft, round_.num_accepted, round_.source)
-            stats.host_syncs = decoding.host.count
-            for i, token in enumerate(round_.tokens):
-                if num_yielded == 0:
-                    stats.prompt_done()
-                    progress(len(tokens), len(tokens))
-                num_yielded += 1
-                stats.record_token(round_.source if i < round_.num_accepted else None)
-                yield token, round_.logprobs[i], i < round_.num_accepted
-    finally:
-        caches.truncate(num_known + num_yielded)
-        if write_back is not None:  # mlx-lm's list: its cache holds the last token too, as mlx-lm's steps leave it
-            prefill(
-                model, caches.main, caches.tokens[caches.main_offset :], caches, kv_quantize, opts.prefill_step_size
+    guard = watchdog().armed("generating", group) if group is not None else contextlib.nullcontext()
+    with guard:
+        try:
+            stats.start()
+            stats.prompt_tokens = num_known - caches.main_offset
+            # 3) read the prompt, 4) make the sources, 5) run the rounds
+            plain_first = _read_prompt(model, draft_model, caches, opts, kv_quantize, num_before, progress)
+            decoding = Decoding(
+                model,
+                caches,
+                _sources(caches, opts, draft_model, vocab_size, kv_quantize, logits_processors, draws),
+                policy,
+                params,
+                draws,
+                opts.max_draft,
+                kv_quantize,
+                logits_processors=logits_processors,
+                history_start=num_before,
+                lockstep=lockstep,
             )
-            write_back()
+            for round_ in rounds(decoding, opts.token_limit, plain_first):
+                if group is not None:
+                    watchdog().beat()
+                stats.record_round(round_.num_draft, round_.num_accepted, round_.source)
+                stats.host_syncs = decoding.host.count
+                for i, token in enumerate(round_.tokens):
+                    if num_yielded == 0:
+                        stats.prompt_done()
+                        progress(len(tokens), len(tokens))
+                    num_yielded += 1
+                    stats.record_token(round_.source if i < round_.num_accepted else None)
+                    yield token, round_.logprobs[i], i < round_.num_accepted
+        finally:
+            caches.truncate(num_known + num_yielded)
+            if write_back is not None:  # mlx-lm's list: its cache holds the last token too, as mlx-lm's steps leave it
+                prefill(
+                    model, caches.main, caches.tokens[caches.main_offset :], caches, kv_quantize, opts.prefill_step_size
+                )
+                write_back()
 
 
 def _checked(tokens: list[int], model, draft_model) -> int:
