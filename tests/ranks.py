@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +39,12 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def run_ranks(args: list[str], tmp_path: Path, num_ranks: int = 2, timeout: float = 120, env=None) -> list[RankResult]:
+def run_ranks(
+    args: list[str], tmp_path: Path, num_ranks: int = 2, timeout: float = 120, grace: float | None = None, env=None
+) -> list[RankResult]:
     """Run `python args...` as `num_ranks` ring ranks on localhost; each rank's result, after at most `timeout`
-    seconds (a rank still running then is killed: returncode None)."""
+    seconds, and at most `grace` seconds after rank 0 ended (a rank still running then is killed: returncode
+    None)."""
     hostfile = Path(tmp_path) / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(num_ranks)]))
     base = dict(os.environ, PYTHONPATH=str(ROOT), MLX_HOSTFILE=str(hostfile), **(env or {}))
@@ -56,14 +60,15 @@ def run_ranks(args: list[str], tmp_path: Path, num_ranks: int = 2, timeout: floa
         )
         for rank in range(num_ranks)
     ]
+    deadline = time.monotonic() + timeout
     results = []
     for rank, proc in enumerate(procs):
+        left = max(deadline - time.monotonic(), 0.1)
         try:
-            out, err = proc.communicate(timeout=timeout)
+            out, err = proc.communicate(timeout=left if rank == 0 or grace is None else min(left, grace))
             code = proc.returncode
         except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
+            proc.kill()
             out, err = proc.communicate()
             code = None
         results.append(RankResult(rank, code, out, err))

@@ -1,0 +1,99 @@
+"""Two local ranks (ring backend): the main model sharded, the same rounds on every rank, the tokens of one process."""
+
+import json
+import time
+
+import mlx.core as mx
+import pytest
+from ranks import run_ranks
+from tiny import make_model, perturbed, toy_tokenizer
+from tiny_folders import save_model_folder, write_tiny_pair
+
+import mlx_spec
+from mlx_spec.distributed import HUNG_EXIT
+
+PROMPT = [3, 4, 5, 6, 7, 8, 9, 10, 3, 4, 5]
+RUNS = [  # name, draft model or not, keyword arguments
+    ("draft", True, {"max_tokens": 24}),
+    ("draft_fixed_k", True, {"max_tokens": 16, "num_draft_tokens": 3, "prompt_lookup": False}),
+    ("lookup", False, {"max_tokens": 24}),
+    ("plain", False, {"max_tokens": 24, "prompt_lookup": False}),
+    ("seeded", True, {"max_tokens": 24, "temp": 1.0, "seed": 5}),
+    ("sampled", True, {"max_tokens": 16, "temp": 1.0}),
+]
+
+
+def pair_folders(root, arch):
+    if arch == "llama":
+        return write_tiny_pair(root)
+    main = make_model(arch, layers=2)
+    return (
+        save_model_folder(main, toy_tokenizer(), root / "main"),
+        save_model_folder(perturbed(main, 0.01), toy_tokenizer(), root / "draft"),
+    )
+
+
+def launch(tmp_path, main, draft, runs=RUNS, timeout=150, grace=None, env=None, **spec):
+    spec_file = tmp_path / "spec.json"
+    runs = [{"name": n, "prompt": PROMPT, "draft": d, "kwargs": k} for n, d, k in runs]
+    spec_file.write_text(json.dumps({"main": str(main), "draft": str(draft), "runs": runs, **spec}))
+    return run_ranks(["tests/sharded_rank.py", str(spec_file)], tmp_path, timeout=timeout, grace=grace, env=env)
+
+
+def one_process(main, draft) -> dict:
+    model, _ = mlx_spec.load(str(main))
+    draft_model, _ = mlx_spec.load(str(draft))
+    out = {}
+    for name, with_draft, kwargs in RUNS:
+        steps = mlx_spec.speculative_generate_step(
+            mx.array(PROMPT), model, draft_model if with_draft else None, **kwargs
+        )
+        out[name] = [t for t, _, _ in steps]
+    return out
+
+
+@pytest.mark.parametrize("arch, split", [("llama", "tensor"), ("qwen2", "pipeline")])
+def test_sharded_ranks_give_one_process_tokens(tmp_path, arch, split):
+    """Greedy with a draft, a fixed k, lookup alone and plain, and seeded sampling: every rank gives the tokens of
+    one process; unseeded sampling: the same text on both ranks. Rank 1's clock runs oddly (a different time
+    every round): it still makes rank 0's choices, round by round."""
+    main, draft = pair_folders(tmp_path / arch, arch)
+    ranks = launch(tmp_path, main, draft, pipeline=split == "pipeline", skew=1)
+    for r in ranks:
+        assert r.returncode == 0, f"rank {r.rank}: {r.stderr[-2000:]}"
+    results = [{x["name"]: x for x in r.lines("RESULT ")} for r in ranks]
+    expected = one_process(main, draft)
+    for name, _, _ in RUNS:
+        assert results[0][name]["tokens"] == results[1][name]["tokens"], name
+        assert results[0][name]["rounds"] == results[1][name]["rounds"], name
+        if name != "sampled":  # unseeded: rank 0's generator, not this process's
+            assert results[0][name]["tokens"] == expected[name], name
+    sources = {tuple(r[0] for r in results[0][name]["rounds"]) for name in ("draft", "lookup")}
+    assert any("draft" in s or "lookup" in s for s in sources)  # the controller did speculate
+
+
+def test_a_lost_or_hung_rank_stops_rank_0_with_a_clear_error(tmp_path):
+    """Rank 1 exits mid-generation: rank 0 raises DistributedError naming it. Rank 1 hangs (SIGSTOP): rank 0's
+    watchdog stops it after MLX_SPEC_TIMEOUT seconds with one line."""
+    main, draft = write_tiny_pair(tmp_path / "llama")
+    runs = [("draft", True, {"max_tokens": 64})]
+    ranks = launch(tmp_path, main, draft, runs, stop={"rank": 1, "after": 5, "how": "exit"}, timeout=60)
+    assert ranks[1].returncode == 9
+    assert ranks[0].returncode not in (0, None)
+    assert "DistributedError: rank 0 of 2: generating: another rank stopped answering" in ranks[0].stderr
+
+    start = time.monotonic()
+    ranks = launch(
+        tmp_path,
+        main,
+        draft,
+        runs,
+        stop={"rank": 1, "after": 5, "how": "hang"},
+        timeout=40,
+        grace=2,
+        env={"MLX_SPEC_TIMEOUT": "3"},
+    )
+    assert ranks[0].returncode == HUNG_EXIT, ranks[0].stderr[-2000:]
+    assert "rank 0 of 2: generating: no answer from the other ranks within 3 s" in ranks[0].stderr
+    assert ranks[1].returncode is None  # still stopped: killed at the timeout
+    assert time.monotonic() - start < 40
