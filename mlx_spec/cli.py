@@ -5,12 +5,16 @@ Every user error (a ValueError, an OSError, a bad flag) becomes one `mlx-spec: e
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
 
+import mlx.core as mx
+
 from .chat import LEGEND, ChatSession, conversation_tokens, interact, paint, use_color
 from .discover import find_drafts, report, resolve_draft
+from .distributed import DEFAULT_TIMEOUT, TIMEOUT_ENV, DistributedError, timeout_seconds, watchdog, world
 from .generate import stream_generate
 from .load import check_draft, load, model_source
 from .options import (
@@ -121,6 +125,21 @@ def add_model_arguments(p):
     )
     p.add_argument("--kv-bits", type=int, choices=KV_BITS, help="quantize the KV cache to this many bits")
     p.add_argument("--system-prompt", metavar="TEXT", help="system prompt for the chat template")
+    add_distributed_arguments(p)
+
+
+def add_distributed_arguments(p):
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="under mlx.launch: split the main model in a pipeline (default: tensor parallel where it can)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help=f"under mlx.launch: stop when the ranks made no progress for S seconds (default {DEFAULT_TIMEOUT:g})",
+    )
 
 
 def add_color_argument(p):
@@ -152,7 +171,7 @@ def load_models(args):
 
         main_source, default_draft = fetch_default_pair(progress=note)
         draft_source = draft_source or default_draft
-    model, tokenizer = load(str(main_source))
+    model, tokenizer = load(str(main_source), group=world(), pipeline=args.pipeline)  # sharded under mlx.launch
     if args.no_draft or draft_source is None:
         return model, tokenizer, None
     draft_source = resolve_draft(main_source, draft_source, progress=note)
@@ -236,6 +255,7 @@ def add_chat_arguments(p):
 
 def chat_command(args) -> int:
     """chat in the terminal; the KV caches live across turns, draft tokens in green"""
+    refuse_distributed("chat")
     settings = settings_from(args)
     model, tokenizer, draft_model = load_models(args)
     session = ChatSession(
@@ -282,6 +302,7 @@ def add_serve_arguments(p):
 
 def serve_command(args) -> int:
     """serve the OpenAI API (chat and completions) over HTTP, with speculative decoding"""
+    refuse_distributed("serve")
     import logging
 
     try:
@@ -390,6 +411,11 @@ def add_bench_arguments(p):
     bench.add_arguments(p)
 
 
+def refuse_distributed(command: str):
+    if world() is not None:
+        raise ValueError(f"{command} runs in one process: under mlx.launch use generate or bench")
+
+
 # name -> (add_arguments(parser), run(args) -> exit code); run's docstring is the command's help.
 COMMANDS = {
     "generate": (add_generate_arguments, generate_command),
@@ -429,9 +455,20 @@ def main(argv=None) -> int:
         else:
             ensure_openblas()
     argv = sys.argv[1:] if argv is None else list(argv)
+    errors = sys.stderr  # where an error goes, on every rank
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command][1](args)
+        group = world()
+        if group is None:
+            return COMMANDS[args.command][1](args)
+        if getattr(args, "timeout", None) is not None:  # the bound of every sharded call's watchdog
+            os.environ[TIMEOUT_ENV] = str(timeout_seconds(args.timeout))
+        if group.rank() != 0:  # only rank 0 prints; the other ranks run the same rounds, and tell only errors
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+        code = COMMANDS[args.command][1](args)
+        with watchdog().armed(f"{args.command} finishing", group):  # no rank leaves while another still sends
+            mx.eval(mx.distributed.all_sum(mx.array(code), group=group))
+        return code
     except SystemExit as e:  # --help
         return e.code or 0
     except KeyboardInterrupt:
@@ -439,10 +476,10 @@ def main(argv=None) -> int:
         return 130
     except Exception as e:
         if "--debug" in argv:
-            traceback.print_exc()
-        known = isinstance(e, (ValueError, OSError))
+            traceback.print_exc(file=errors)
+        known = isinstance(e, (ValueError, OSError, DistributedError))
         message = " ".join(str(e).split()) if known else f"unexpected {type(e).__name__}: {e} (--debug shows where)"
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{PROG}: error: {message}", file=errors)
         return 2 if isinstance(e, UsageError) else 1
 
 
