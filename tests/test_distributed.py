@@ -97,3 +97,25 @@ def test_a_lost_or_hung_rank_stops_rank_0_with_a_clear_error(tmp_path):
     assert "rank 0 of 2: generating: no answer from the other ranks within 3 s" in ranks[0].stderr
     assert ranks[1].returncode is None  # still stopped: killed at the timeout
     assert time.monotonic() - start < 40
+
+
+def test_cli_generate_runs_sharded_and_only_rank_0_prints(tmp_path, capsys):
+    """`mlx-spec generate` on two ranks: rank 0 prints the JSON of one process (same tokens), rank 1 nothing;
+    `serve` refuses to run sharded, with one line."""
+    from mlx_spec.cli import main
+
+    main_folder, draft_folder = write_tiny_pair(tmp_path / "llama")
+    args = ["--model", str(main_folder), "--draft-model", str(draft_folder), "--max-tokens", "20", "--json"]
+    args += ["--prompt", "w5 w6 w7 w8 w5 w6 w7", "--ignore-chat-template", "--timeout", "60"]
+    ranks = run_ranks(["-m", "mlx_spec.cli", "generate", *args], tmp_path, timeout=120)
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
+    assert ranks[1].stdout == "" and ranks[1].stderr == ""
+    assert main(["generate", *args]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    sharded = json.loads(ranks[0].stdout)
+    assert sharded["tokens"] == alone["tokens"] and sharded["text"] == alone["text"]
+
+    ranks = run_ranks(["-m", "mlx_spec.cli", "serve", "--model", str(main_folder)], tmp_path, timeout=60)
+    for r in ranks:
+        assert r.returncode == 1
+        assert r.stderr.strip() == "mlx-spec: error: serve runs in one process: under mlx.launch use generate or bench"
