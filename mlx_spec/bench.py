@@ -557,7 +557,7 @@ def add_arguments(p):
     p.add_argument("--quick", action="store_true", help="one prompt, 32 tokens, k = 2, 4 and auto: minutes on a CPU")
     p.add_argument("--preset", help=f"run a published configuration: {', '.join(PRESETS)}")
     p.add_argument("--out", default="benchmarks/out", help="folder for the JSON, markdown and PNG results")
-    from .cli import add_distributed_arguments
+    from .distributed import add_arguments as add_distributed_arguments
 
     add_distributed_arguments(p)
 

@@ -14,7 +14,8 @@ import mlx.core as mx
 
 from .chat import LEGEND, ChatSession, conversation_tokens, interact, paint, use_color
 from .discover import find_drafts, report, resolve_draft
-from .distributed import DEFAULT_TIMEOUT, TIMEOUT_ENV, DistributedError, timeout_seconds, watchdog, world
+from .distributed import TIMEOUT_ENV, DistributedError, timeout_seconds, watchdog, world
+from .distributed import add_arguments as add_distributed_arguments
 from .generate import stream_generate
 from .load import check_draft, load, model_source
 from .options import (
@@ -126,20 +127,6 @@ def add_model_arguments(p):
     p.add_argument("--kv-bits", type=int, choices=KV_BITS, help="quantize the KV cache to this many bits")
     p.add_argument("--system-prompt", metavar="TEXT", help="system prompt for the chat template")
     add_distributed_arguments(p)
-
-
-def add_distributed_arguments(p):
-    p.add_argument(
-        "--pipeline",
-        action="store_true",
-        help="under mlx.launch: split the main model in a pipeline (default: tensor parallel where it can)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        metavar="S",
-        help=f"under mlx.launch: stop when the ranks made no progress for S seconds (default {DEFAULT_TIMEOUT:g})",
-    )
 
 
 def add_color_argument(p):

@@ -123,6 +123,21 @@ def _folder_splits(folder: Path) -> list[str]:
     return splits(model)
 
 
+def add_arguments(p):
+    """The command line's flags of a sharded run (generate, chat, serve, bench)."""
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="under mlx.launch: split the main model in a pipeline (default: tensor parallel where it can)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help=f"under mlx.launch: stop when the ranks made no progress for S seconds (default {DEFAULT_TIMEOUT:g})",
+    )
+
+
 def share(values: list[float], group: mx.distributed.Group) -> list[float]:
     """Rank 0's `values` on every rank (one all_sum; exact for integers below 2**24)."""
     mine = values if group.rank() == 0 else [0.0] * len(values)
