@@ -54,17 +54,20 @@ def is_printing_rank() -> bool:
 def group_of(model) -> mx.distributed.Group | None:
     """The group a main model is split over: the one `load(..., group=...)` gave it, else that of mlx-lm's
     sharded layers or pipeline stages found in it (a model that `mlx_lm.sharded_load` returned); None: whole."""
+    if world() is None:  # a process alone (the usual case): nothing to look for
+        return None
     known = facts.known(model)
     if known is not None and known.group is not None:
         return known.group
-    inner = getattr(model, "model", None)
-    if getattr(inner, "pipeline_size", 1) > 1:
-        return world()
-    for _, module in model.named_modules():
-        group = getattr(module, "group", None)
-        if isinstance(group, mx.distributed.Group) and group.size() > 1:
-            return group
-    return None
+    group = world() if getattr(getattr(model, "model", None), "pipeline_size", 1) > 1 else None
+    for _, module in model.named_modules() if group is None else ():
+        found = getattr(module, "group", None)
+        if isinstance(found, mx.distributed.Group) and found.size() > 1:
+            group = found
+            break
+    if group is not None:
+        facts.of(model).group = group
+    return group
 
 
 def splits(model) -> list[str]:

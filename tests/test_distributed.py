@@ -119,3 +119,46 @@ def test_cli_generate_runs_sharded_and_only_rank_0_prints(tmp_path, capsys):
     for r in ranks:
         assert r.returncode == 1
         assert r.stderr.strip() == "mlx-spec: error: serve runs in one process: under mlx.launch use generate or bench"
+
+
+def memory_available() -> int:
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+@pytest.mark.slow
+def test_real_pair_over_two_ranks_gives_one_process_tokens(tmp_path):
+    """The default pair, the main model tensor parallel over two local ranks: greedy (draft and lookup, auto) and
+    seeded sampling give the tokens of one process."""
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_spec.bench import PROMPTS
+    from mlx_spec.fetch import fetch_default_pair
+
+    main, draft = fetch_default_pair(progress=lambda *_: None)
+    weights = sum(f.stat().st_size for folder in (main, draft) for f in folder.glob("*.safetensors"))
+    if memory_available() < 1.8 * weights:  # two ranks: half the main model each, the draft whole on both
+        pytest.skip(f"two ranks of the default pair need about {1.8 * weights / 1e9:.0f} GB of free memory")
+    tokenizer = load_tokenizer(main)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPTS["quicksort"]}], add_generation_prompt=True
+    )
+    runs = [("greedy", True, {"max_tokens": 64}), ("seeded", True, {"max_tokens": 32, "temp": 0.7, "seed": 3})]
+    spec_file = tmp_path / "spec.json"
+    spec = {
+        "main": str(main),
+        "draft": str(draft),
+        "runs": [{"name": n, "prompt": prompt, "draft": d, "kwargs": k} for n, d, k in runs],
+    }
+    spec_file.write_text(json.dumps(spec))
+    ranks = run_ranks(["tests/sharded_rank.py", str(spec_file)], tmp_path, timeout=900)
+    for r in ranks:
+        assert r.returncode == 0, f"rank {r.rank}: {r.stderr[-2000:]}"
+    results = [{x["name"]: x for x in r.lines("RESULT ")} for r in ranks]
+    model, _ = mlx_spec.load(str(main))
+    draft_model, _ = mlx_spec.load(str(draft))
+    for name, _, kwargs in runs:
+        alone = [t for t, _, _ in mlx_spec.speculative_generate_step(mx.array(prompt), model, draft_model, **kwargs)]
+        assert results[0][name]["tokens"] == results[1][name]["tokens"] == alone, name
+        assert results[0][name]["rounds"] == results[1][name]["rounds"], name
