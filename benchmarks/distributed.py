@@ -77,11 +77,17 @@ def run_variant(name, model, draft, tokenizer, prompt, max_tokens):
     if name == "mlx-lm":
         steps = (r.token for r in mlx_lm_stream_generate(model, tokenizer, prompt, max_tokens=max_tokens))
     else:
-        with_draft = name == "mlx_spec"
+        with_draft = name.startswith("mlx_spec") and name != "mlx_spec plain"  # "mlx_spec" (auto), "mlx_spec k=N"
+        k = int(name.split("k=")[1]) if "k=" in name else "auto"
         steps = (
             t
             for t, _, _ in speculative_generate_step(
-                prompt, model, draft if with_draft else None, max_tokens=max_tokens, prompt_lookup=with_draft
+                prompt,
+                model,
+                draft if with_draft else None,
+                max_tokens=max_tokens,
+                prompt_lookup=with_draft,
+                num_draft_tokens=k,
             )
         )
     for token in steps:
@@ -100,6 +106,9 @@ def main():
     p.add_argument("--prompt", default="quicksort", help=f"one of {', '.join(PROMPTS)}, or text")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repetitions", type=int, default=3)
+    p.add_argument(
+        "--variants", default="mlx-lm,mlx_spec plain,mlx_spec", help="comma-separated: these three, or mlx_spec k=N"
+    )
     p.add_argument("--out", default="benchmarks/out/distributed.json")
     args = p.parse_args()
     group = world()
@@ -125,7 +134,7 @@ def main():
         f"graph of 56, {alone * 1e6:.0f} us evaluated alone"
     )
 
-    variants = ["mlx-lm", "mlx_spec plain", "mlx_spec"]
+    variants = args.variants.split(",")
     for name in variants:  # warm-up
         run_variant(name, model, draft, tokenizer, prompt, 8)
     runs = {name: [] for name in variants}
@@ -134,7 +143,7 @@ def main():
             tokens, seconds, collectives, ttft = run_variant(name, model, draft, tokenizer, prompt, args.max_tokens)
             runs[name].append(dict(tokens=tokens, seconds=seconds, collectives=dict(collectives), ttft=ttft))
             say(f"[{rep + 1}/{args.repetitions}] {name}: {(len(tokens) - 1) / seconds:.2f} tok/s", file=sys.stderr)
-    same = all(r["tokens"] == runs["mlx-lm"][0]["tokens"] for rs in runs.values() for r in rs)
+    same = all(r["tokens"] == runs[variants[0]][0]["tokens"] for rs in runs.values() for r in rs)
 
     rows = {}
     for name, rs in runs.items():
@@ -150,11 +159,11 @@ def main():
             by_kind={k: v / sum(decoded) for k, v in kinds.items()},
             compute=max(seconds_per_token - per_token * latency, 0.0),
         )
-    base = rows["mlx-lm"]
+    base = rows[variants[0]]
     split = "pipeline" if args.pipeline else "tensor parallel"
     say(f"\n{main_path} ({split}) + draft {draft_path}; {args.prompt}, greedy, {args.max_tokens} tokens, ")
-    say(f"{args.repetitions} repetitions interleaved; every variant gave mlx-lm's tokens: {same}\n")
-    say("| variant | tok/s here | x mlx-lm | collectives / token | of mlx-lm's | by kind / token |")
+    say(f"{args.repetitions} repetitions interleaved; every variant gave {variants[0]}'s tokens: {same}\n")
+    say(f"| variant | tok/s here | x {variants[0]} | collectives / token | of {variants[0]}'s | by kind / token |")
     say("|---|---|---|---|---|---|")
     for name, r in rows.items():
         kinds = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["by_kind"].items()))
@@ -170,15 +179,15 @@ def main():
         tps = [1 / (r["compute"] + r["collectives_per_token"] * us * 1e-6) for us in LATENCIES_US]
         projected[name] = tps
         say(f"| {name} | {r['compute'] * 1e3:.1f} | " + " | ".join(f"{t:.2f}" for t in tps) + " |")
-    ours = rows["mlx_spec"]
-    ratios = [a / b for a, b in zip(projected["mlx_spec"], projected["mlx-lm"])]
-    say("| mlx_spec / mlx-lm | | " + " | ".join(f"{x:.2f}x" for x in ratios) + " |")
+    ours = rows[variants[-1]]
+    ratios = [a / b for a, b in zip(projected[variants[-1]], projected[variants[0]])]
+    say(f"| {variants[-1]} / {variants[0]} | | " + " | ".join(f"{x:.2f}x" for x in ratios) + " |")
     fewer = base["collectives_per_token"] - ours["collectives_per_token"]
     break_even = (ours["compute"] - base["compute"]) / fewer if fewer > 0 else float("inf")
     if break_even <= 0:
-        say("\nBreak-even: none; mlx_spec computes a token faster and makes fewer hops, so it wins at any latency.")
+        say(f"\nBreak-even: none; {variants[-1]} computes a token faster and makes fewer hops: it wins at any latency.")
     else:
-        say(f"\nBreak-even hop latency: {break_even * 1e6:.0f} us (mlx_spec pays beyond it).")
+        say(f"\nBreak-even hop latency: {break_even * 1e6:.0f} us ({variants[-1]} pays beyond it).")
     if rank0:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
