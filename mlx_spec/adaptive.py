@@ -418,6 +418,18 @@ class Controller:
         if unused is not None:
             match, emitted, copied = unused
             main.lookup[bucket_of(match)].record(emitted, copied)
+        self.record_cost(choice, seconds, catch_up)
+        if self.max_lookup > 0:  # how much of the text copying leaves to other rounds, where it may copy
+            emitted = num_accepted + 1
+            main.uncopied.record(emitted, 0 if source == LOOKUP and num_accepted > 0 else emitted, d)
+        learnt.num_rounds += 1
+        self.fresh = self.first_round = False
+        self.plain_streak = self.plain_streak + 1 if source == PLAIN else 0 if source == DRAFT else self.plain_streak
+
+    def record_cost(self, choice: Choice, seconds: float | None, catch_up=None):
+        """Learn what a round cost (see `record`); apart from its tokens where the seconds come later."""
+        learnt, main, d = self.learnt, self.learnt.main, self.decay
+        source, k = choice.source, choice.num_draft
         if catch_up is not None:
             learnt.catch_up.record(*catch_up, d)
         if seconds is not None:  # None: the round's time says nothing about T(k)
@@ -428,12 +440,6 @@ class Controller:
                 main.plain.record(1.0, seconds, d)
             else:
                 {DRAFT: learnt.draft_cost, MTP: learnt.mtp_cost, LOOKUP: main.lookup_cost}[source].record(k, seconds)
-        if self.max_lookup > 0:  # how much of the text copying leaves to other rounds, where it may copy
-            emitted = num_accepted + 1
-            main.uncopied.record(emitted, 0 if source == LOOKUP and num_accepted > 0 else emitted, d)
-        learnt.num_rounds += 1
-        self.fresh = self.first_round = False
-        self.plain_streak = self.plain_streak + 1 if source == PLAIN else 0 if source == DRAFT else self.plain_streak
 
     def _cost_seen(self, source: str) -> bool:
         learnt, main = self.learnt, self.learnt.main

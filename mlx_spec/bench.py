@@ -560,6 +560,9 @@ def add_arguments(p):
     p.add_argument("--quick", action="store_true", help="one prompt, 32 tokens, k = 2, 4 and auto: minutes on a CPU")
     p.add_argument("--preset", help=f"run a published configuration: {', '.join(PRESETS)}")
     p.add_argument("--out", default="benchmarks/out", help="folder for the JSON, markdown and PNG results")
+    from .distributed import add_arguments as add_distributed_arguments
+
+    add_distributed_arguments(p)
 
 
 def config_from_args(args) -> Config:
@@ -599,6 +602,7 @@ def config_from_args(args) -> Config:
 
 def run(args, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> int:
     from .discover import resolve_draft
+    from .distributed import is_printing_rank, world
     from .load import load, model_dtype
 
     if args.preset is not None and args.preset not in PRESETS:
@@ -617,7 +621,7 @@ def run(args, progress: Callable[[str], None] = lambda s: print(s, file=sys.stde
     out_dir = Path(args.out)
     for i, (main_path, draft_path, prompts, published) in enumerate(pairs):
         progress(f"loading {main_path}" + (f" and {draft_path}" if draft_path else ""))
-        main, tokenizer = load(str(main_path))
+        main, tokenizer = load(str(main_path), group=world(), pipeline=args.pipeline)  # sharded under mlx.launch
         pair_cfg = Config(**{**asdict(cfg), "prompts": prompts})
         if draft_path == MTP:  # the main model's own MTP layer: mlx-lm cannot draft with it
             head_for(main)
@@ -635,7 +639,8 @@ def run(args, progress: Callable[[str], None] = lambda s: print(s, file=sys.stde
                 f"{published[1] / published[0]:.2f}x"
             )
         print(f"## {main_path} + {draft_path}\n\n{text}\n", flush=True)
-        paths = save(result, out_dir, stem=f"bench{i + 1 if len(pairs) > 1 else ''}")
-        progress("wrote " + ", ".join(map(str, paths)))
+        if is_printing_rank():
+            paths = save(result, out_dir, stem=f"bench{i + 1 if len(pairs) > 1 else ''}")
+            progress("wrote " + ", ".join(map(str, paths)))
         del main, draft
     return 0

@@ -5,12 +5,17 @@ Every user error (a ValueError, an OSError, a bad flag) becomes one `mlx-spec: e
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
 
+import mlx.core as mx
+
 from .chat import ChatSession, conversation_tokens, interact, legend, paint, use_color
 from .discover import find_drafts, report, resolve_draft
+from .distributed import TIMEOUT_ENV, DistributedError, timeout_seconds, watchdog, world
+from .distributed import add_arguments as add_distributed_arguments
 from .generate import stream_generate
 from .load import check_draft, load, model_source
 from .mtp import MTP, head_for
@@ -127,6 +132,7 @@ def add_model_arguments(p):
     )
     p.add_argument("--kv-bits", type=int, choices=KV_BITS, help="quantize the KV cache to this many bits")
     p.add_argument("--system-prompt", metavar="TEXT", help="system prompt for the chat template")
+    add_distributed_arguments(p)
 
 
 def add_color_argument(p):
@@ -159,7 +165,7 @@ def load_models(args):
 
         main_source, default_draft = fetch_default_pair(progress=note)
         draft_source = draft_source or default_draft
-    model, tokenizer = load(str(main_source))
+    model, tokenizer = load(str(main_source), group=world(), pipeline=args.pipeline)  # sharded under mlx.launch
     if args.mtp and not args.no_draft:
         head_for(model)  # a folder without MTP tensors fails here, before anything is generated
     if args.no_draft or draft_source is None:
@@ -248,6 +254,7 @@ def add_chat_arguments(p):
 
 def chat_command(args) -> int:
     """chat in the terminal; the KV caches live across turns, draft tokens in green"""
+    refuse_distributed("chat")
     settings = settings_from(args)
     model, tokenizer, draft_model = load_models(args)
     session = ChatSession(
@@ -294,6 +301,7 @@ def add_serve_arguments(p):
 
 def serve_command(args) -> int:
     """serve the OpenAI API (chat and completions) over HTTP, with speculative decoding"""
+    refuse_distributed("serve")
     import logging
 
     try:
@@ -425,6 +433,11 @@ def add_bench_arguments(p):
     bench.add_arguments(p)
 
 
+def refuse_distributed(command: str):
+    if world() is not None:
+        raise ValueError(f"{command} runs in one process: under mlx.launch use generate or bench")
+
+
 # name -> (add_arguments(parser), run(args) -> exit code); run's docstring is the command's help.
 COMMANDS = {
     "generate": (add_generate_arguments, generate_command),
@@ -464,9 +477,20 @@ def main(argv=None) -> int:
         else:
             ensure_openblas()
     argv = sys.argv[1:] if argv is None else list(argv)
+    errors = sys.stderr  # where an error goes, on every rank
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command][1](args)
+        group = world()
+        if group is None:
+            return COMMANDS[args.command][1](args)
+        if getattr(args, "timeout", None) is not None:  # the bound of every sharded call's watchdog
+            os.environ[TIMEOUT_ENV] = str(timeout_seconds(args.timeout))
+        if group.rank() != 0:  # only rank 0 prints; the other ranks run the same rounds, and tell only errors
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+        code = COMMANDS[args.command][1](args)
+        with watchdog().armed(f"{args.command} finishing", group):  # no rank leaves while another still sends
+            mx.eval(mx.distributed.all_sum(mx.array(code), group=group))
+        return code
     except SystemExit as e:  # --help
         return e.code or 0
     except KeyboardInterrupt:
@@ -474,10 +498,10 @@ def main(argv=None) -> int:
         return 130
     except Exception as e:
         if "--debug" in argv:
-            traceback.print_exc()
-        known = isinstance(e, (ValueError, OSError))
+            traceback.print_exc(file=errors)
+        known = isinstance(e, (ValueError, OSError, DistributedError))
         message = " ".join(str(e).split()) if known else f"unexpected {type(e).__name__}: {e} (--debug shows where)"
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{PROG}: error: {message}", file=errors)
         return 2 if isinstance(e, UsageError) else 1
 
 

@@ -146,7 +146,10 @@ def verify(d: "Decoding", last, draft_tokens, draft_probs, history, accept_key, 
         if draft_probs is None:  # no draft tokens: q is empty
             draft_probs = mx.zeros((0, main_probs.shape[-1]))
         num_accepted, next_token = accept(draft_tokens, draft_probs, main_probs, accept_key)
-    return Verified(logprobs, next_token, mx.concatenate([draft_tokens, num_accepted[None], next_token[None]]))
+    readout = mx.concatenate([draft_tokens, num_accepted[None], next_token[None]])
+    if d.lockstep is not None:  # sharded: the read also brings rank 0's seconds of an earlier round
+        readout = d.lockstep.attach(readout)
+    return Verified(logprobs, next_token, readout)
 
 
 @dataclass
@@ -165,6 +168,7 @@ class Decoding:
     logits_processors: list | None = None
     history_start: int = 0  # where this call's prompt starts in caches.tokens: what logits processors see
     keep_hidden: Callable | None = None  # takes the main model's last hidden states of each pass (an MTP source)
+    lockstep: Any = None  # a sharded main model: distributed.Lockstep, also the policy (else None)
 
 
 class Situation(NamedTuple):
@@ -252,6 +256,8 @@ def rounds(d: Decoding, max_tokens: int, plain_first: bool = False) -> Iterator[
             ahead = _queue_next(d, verified, here.history, no_draft)
         # 4) one host read
         verdict = Verdict.read(d.host, verified)
+        if d.lockstep is not None:
+            d.lockstep.settle(verified.readout)
         # 5) learn (a pass over the prompt's rest tells nothing of a round), extend, roll back
         new_tokens = settle(d, here, choice, verdict, learn=not plain_first)
         plain_first = False

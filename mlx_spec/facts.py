@@ -32,6 +32,7 @@ class ModelFacts:
     # adaptive.MainFacts of this model as the main model (plain and lookup rounds), per store: None the
     # process's own, (name,) that of adaptive.kept_apart(name)
     main_facts: dict = field(default_factory=dict)
+    group: Any = None  # load.load(..., group=): the mx.distributed group the model is split over
 
 
 @dataclass

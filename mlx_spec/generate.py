@@ -1,5 +1,6 @@
 """The public generation API, mirroring mlx-lm's: speculative_generate_step, stream_generate, generate."""
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from transformers import PreTrainedTokenizer
 from .adaptive import DRAFT, LOOKUP, MTP, Controller, learnt_for
 from .cache import CachePair, SlackRotatingCache, not_rolling_back
 from .decode import Decoding, FixedDraft, prefill, rounds
+from .distributed import group_of, start_call, watchdog
 from .draft import DraftModel, DraftSource
 from .load import check_draft, output_size
 from .lookup import LookupSource
@@ -142,21 +144,27 @@ def speculative_generate_step(
     )
     stats = stats if stats is not None else GenerationStats()
     progress = prompt_progress_callback or (lambda *_: None)
-    call = begin_call(tokens, model, draft_model, opts, prompt_cache, stats, logits_processors, progress)
-    num_yielded = 0
-    try:
-        for round_ in rounds(call.decoding, call.opts.token_limit, call.plain_first):
-            stats.record_round(round_.num_draft, round_.num_accepted, round_.source)
-            stats.host_syncs = call.decoding.host.count
-            for i, token in enumerate(round_.tokens):
-                if num_yielded == 0:
-                    stats.prompt_done()
-                    progress(len(tokens), len(tokens))
-                num_yielded += 1
-                stats.record_token(round_.source if i < round_.num_accepted else None)
-                yield token, round_.logprobs[i], i < round_.num_accepted
-    finally:
-        call.end(num_yielded)
+    group = group_of(model)  # sharded: a rank that stops answering stops the call (see distributed.watchdog)
+    if group is not None:  # a prompt chunk read is progress, for the watchdog
+        progress = watchdog().beating(progress)
+    with watchdog().armed("generating", group) if group is not None else contextlib.nullcontext():
+        call = begin_call(tokens, model, draft_model, opts, prompt_cache, stats, logits_processors, progress)
+        num_yielded = 0
+        try:
+            for round_ in rounds(call.decoding, call.opts.token_limit, call.plain_first):
+                if group is not None:
+                    watchdog().beat()
+                stats.record_round(round_.num_draft, round_.num_accepted, round_.source)
+                stats.host_syncs = call.decoding.host.count
+                for i, token in enumerate(round_.tokens):
+                    if num_yielded == 0:
+                        stats.prompt_done()
+                        progress(len(tokens), len(tokens))
+                    num_yielded += 1
+                    stats.record_token(round_.source if i < round_.num_accepted else None)
+                    yield token, round_.logprobs[i], i < round_.num_accepted
+        finally:
+            call.end(num_yielded)
 
 
 @dataclass
@@ -206,8 +214,6 @@ def begin_call(
     vocab_size = _checked(tokens, model, draft_model)
     caches, write_back, opts = _caches_for(prompt_cache, model, draft_model, opts, mtp_head is not None)
     params = opts.sampling
-    draws = draws_for(params, opts.seed, vocab_size)
-    stats.acceptance_rule = acceptance_rule(params, draws)
     kv_quantize = functools.partial(
         CachePair.quantize,
         kv_bits=opts.kv_bits,
@@ -223,6 +229,12 @@ def begin_call(
         # 3) read the prompt, 4) make the sources and the policy
         mtp_source = _mtp_source(model, mtp_head, caches, opts, vocab_size, logits_processors)
         keep_hidden = mtp_source.keep if mtp_source is not None else None
+        policy = _policy(opts, model, draft_model, mtp_head if mtp_source is not None else None)
+        group, lockstep = group_of(model), None
+        if group is not None:  # sharded: every rank runs the same rounds (see distributed)
+            policy, lockstep = start_call(group, policy, needs_seed=not params.greedy and opts.seed is None)
+        draws = draws_for(params, opts.seed, vocab_size)  # after start_call: every rank's random seed is rank 0's
+        stats.acceptance_rule = acceptance_rule(params, draws)
         call.plain_first = _read_prompt(
             model, draft_model, caches, opts, kv_quantize, num_before, progress, mtp_source and mtp_source.keep_and_feed
         )
@@ -233,7 +245,7 @@ def begin_call(
             model,
             caches,
             sources,
-            _policy(opts, model, draft_model, mtp_head if mtp_source is not None else None),
+            policy,
             params,
             draws,
             opts.max_draft,
@@ -241,6 +253,7 @@ def begin_call(
             logits_processors=logits_processors,
             history_start=num_before,
             keep_hidden=keep_hidden,
+            lockstep=lockstep,
         )
     except BaseException:
         call.end(0)

@@ -22,12 +22,23 @@ class DraftMetadataWarning(UserWarning):
     the same token and the same ids end generation: metadata only, so the draft serves (the output is exact)."""
 
 
-def load(path_or_hub_id: str, dtype: str | None = None, q_bits: int | None = None, **kwargs):
+def load(
+    path_or_hub_id: str,
+    dtype: str | None = None,
+    q_bits: int | None = None,
+    *,
+    group=None,
+    pipeline: bool = False,
+    **kwargs,
+):
     """Load (model, tokenizer) from an MLX folder, a hub id, or a .gguf file.
 
     A .gguf file is converted once into the user cache (see `mlx_spec.gguf`);
-    `dtype` and `q_bits` choose the converted weights. Other keyword arguments
-    go to `mlx_lm.load`.
+    `dtype` and `q_bits` choose the converted weights. With `group` (an
+    `mx.distributed` group of more than one rank, e.g. `mx.distributed.init()`)
+    the model is split over its ranks by mlx-lm's `sharded_load`: tensor
+    parallel, or in a pipeline with `pipeline=True` (see `mlx_spec.distributed`).
+    Other keyword arguments go to `mlx_lm.load`.
     """
     source = str(path_or_hub_id)
     path = Path(source).expanduser()
@@ -42,7 +53,12 @@ def load(path_or_hub_id: str, dtype: str | None = None, q_bits: int | None = Non
     elif not path.exists() and not _is_hub_id(source):
         raise ValueError(f"model not found: {source} is neither a folder nor a hub id (owner/name)")
     try:
-        model, tokenizer = mlx_lm.load(str(path if path.exists() else source), **kwargs)
+        if group is not None and group.size() > 1:
+            from .distributed import sharded_load
+
+            model, tokenizer = sharded_load(path if path.exists() else source, group, pipeline, **kwargs)
+        else:
+            model, tokenizer = mlx_lm.load(str(path if path.exists() else source), **kwargs)
     except Exception as e:  # hub unreachable, repo missing, unsupported model type
         if not path.exists():
             raise ValueError(

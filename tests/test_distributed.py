@@ -1,0 +1,164 @@
+"""Two local ranks (ring backend): the main model sharded, the same rounds on every rank, the tokens of one process."""
+
+import json
+import time
+
+import mlx.core as mx
+import pytest
+from ranks import run_ranks
+from tiny import make_model, perturbed, toy_tokenizer
+from tiny_folders import save_model_folder, write_tiny_pair
+
+import mlx_spec
+from mlx_spec.distributed import HUNG_EXIT
+
+PROMPT = [3, 4, 5, 6, 7, 8, 9, 10, 3, 4, 5]
+RUNS = [  # name, draft model or not, keyword arguments
+    ("draft", True, {"max_tokens": 24}),
+    ("draft_fixed_k", True, {"max_tokens": 16, "num_draft_tokens": 3, "prompt_lookup": False}),
+    ("lookup", False, {"max_tokens": 24}),
+    ("plain", False, {"max_tokens": 24, "prompt_lookup": False}),
+    ("seeded", True, {"max_tokens": 24, "temp": 1.0, "seed": 5}),
+    ("sampled", True, {"max_tokens": 16, "temp": 1.0}),
+]
+
+
+def pair_folders(root, arch):
+    if arch == "llama":
+        return write_tiny_pair(root)
+    main = make_model(arch, layers=2)
+    return (
+        save_model_folder(main, toy_tokenizer(), root / "main"),
+        save_model_folder(perturbed(main, 0.01), toy_tokenizer(), root / "draft"),
+    )
+
+
+def launch(tmp_path, main, draft, runs=RUNS, timeout=150, grace=None, env=None, **spec):
+    spec_file = tmp_path / "spec.json"
+    runs = [{"name": n, "prompt": PROMPT, "draft": d, "kwargs": k} for n, d, k in runs]
+    spec_file.write_text(json.dumps({"main": str(main), "draft": str(draft), "runs": runs, **spec}))
+    return run_ranks(["tests/sharded_rank.py", str(spec_file)], tmp_path, timeout=timeout, grace=grace, env=env)
+
+
+def one_process(main, draft) -> dict:
+    model, _ = mlx_spec.load(str(main))
+    draft_model, _ = mlx_spec.load(str(draft))
+    out = {}
+    for name, with_draft, kwargs in RUNS:
+        steps = mlx_spec.speculative_generate_step(
+            mx.array(PROMPT), model, draft_model if with_draft else None, **kwargs
+        )
+        out[name] = [t for t, _, _ in steps]
+    return out
+
+
+@pytest.mark.parametrize("arch, split", [("llama", "tensor"), ("qwen2", "pipeline")])
+def test_sharded_ranks_give_one_process_tokens(tmp_path, arch, split):
+    """Greedy with a draft, a fixed k, lookup alone and plain, and seeded sampling: every rank gives the tokens of
+    one process; unseeded sampling: the same text on both ranks. Rank 1's clock runs oddly (a different time
+    every round): it still makes rank 0's choices, round by round."""
+    main, draft = pair_folders(tmp_path / arch, arch)
+    ranks = launch(tmp_path, main, draft, pipeline=split == "pipeline", skew=1)
+    for r in ranks:
+        assert r.returncode == 0, f"rank {r.rank}: {r.stderr[-2000:]}"
+    results = [{x["name"]: x for x in r.lines("RESULT ")} for r in ranks]
+    expected = one_process(main, draft)
+    for name, _, _ in RUNS:
+        assert results[0][name]["tokens"] == results[1][name]["tokens"], name
+        assert results[0][name]["rounds"] == results[1][name]["rounds"], name
+        if name != "sampled":  # unseeded: rank 0's generator, not this process's
+            assert results[0][name]["tokens"] == expected[name], name
+    sources = {tuple(r[0] for r in results[0][name]["rounds"]) for name in ("draft", "lookup")}
+    assert any("draft" in s or "lookup" in s for s in sources)  # the controller did speculate
+
+
+def test_a_lost_or_hung_rank_stops_rank_0_with_a_clear_error(tmp_path):
+    """Rank 1 exits mid-generation: rank 0 raises DistributedError naming it. Rank 1 hangs (SIGSTOP): rank 0's
+    watchdog stops it after MLX_SPEC_TIMEOUT seconds with one line."""
+    main, draft = write_tiny_pair(tmp_path / "llama")
+    runs = [("draft", True, {"max_tokens": 64})]
+    ranks = launch(tmp_path, main, draft, runs, stop={"rank": 1, "after": 5, "how": "exit"}, timeout=60)
+    assert ranks[1].returncode == 9
+    assert ranks[0].returncode not in (0, None)
+    assert "DistributedError: rank 0 of 2: generating: another rank stopped answering" in ranks[0].stderr
+
+    start = time.monotonic()
+    ranks = launch(
+        tmp_path,
+        main,
+        draft,
+        runs,
+        stop={"rank": 1, "after": 5, "how": "hang"},
+        timeout=40,
+        grace=2,
+        env={"MLX_SPEC_TIMEOUT": "3"},
+    )
+    assert ranks[0].returncode == HUNG_EXIT, ranks[0].stderr[-2000:]
+    assert "rank 0 of 2: generating: no answer from the other ranks within 3 s" in ranks[0].stderr
+    assert ranks[1].returncode is None  # still stopped: killed at the timeout
+    assert time.monotonic() - start < 40
+
+
+def test_cli_generate_runs_sharded_and_only_rank_0_prints(tmp_path, capsys):
+    """`mlx-spec generate` on two ranks: rank 0 prints the JSON of one process (same tokens), rank 1 nothing;
+    `serve` refuses to run sharded, with one line."""
+    from mlx_spec.cli import main
+
+    main_folder, draft_folder = write_tiny_pair(tmp_path / "llama")
+    args = ["--model", str(main_folder), "--draft-model", str(draft_folder), "--max-tokens", "20", "--json"]
+    args += ["--prompt", "w5 w6 w7 w8 w5 w6 w7", "--ignore-chat-template", "--timeout", "60"]
+    ranks = run_ranks(["-m", "mlx_spec.cli", "generate", *args], tmp_path, timeout=120)
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
+    assert ranks[1].stdout == "" and ranks[1].stderr == ""
+    assert main(["generate", *args]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    sharded = json.loads(ranks[0].stdout)
+    assert sharded["tokens"] == alone["tokens"] and sharded["text"] == alone["text"]
+
+    ranks = run_ranks(["-m", "mlx_spec.cli", "serve", "--model", str(main_folder)], tmp_path, timeout=60)
+    for r in ranks:
+        assert r.returncode == 1
+        assert r.stderr.strip() == "mlx-spec: error: serve runs in one process: under mlx.launch use generate or bench"
+
+
+def memory_available() -> int:
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+@pytest.mark.slow
+def test_real_pair_over_two_ranks_gives_one_process_tokens(tmp_path):
+    """The default pair, the main model tensor parallel over two local ranks: greedy (draft and lookup, auto) and
+    seeded sampling give the tokens of one process."""
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_spec.bench import PROMPTS
+    from mlx_spec.fetch import fetch_default_pair
+
+    main, draft = fetch_default_pair(progress=lambda *_: None)
+    weights = sum(f.stat().st_size for folder in (main, draft) for f in folder.glob("*.safetensors"))
+    if memory_available() < 1.8 * weights:  # two ranks: half the main model each, the draft whole on both
+        pytest.skip(f"two ranks of the default pair need about {1.8 * weights / 1e9:.0f} GB of free memory")
+    tokenizer = load_tokenizer(main)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPTS["quicksort"]}], add_generation_prompt=True
+    )
+    runs = [("greedy", True, {"max_tokens": 64}), ("seeded", True, {"max_tokens": 32, "temp": 0.7, "seed": 3})]
+    spec_file = tmp_path / "spec.json"
+    spec = {
+        "main": str(main),
+        "draft": str(draft),
+        "runs": [{"name": n, "prompt": prompt, "draft": d, "kwargs": k} for n, d, k in runs],
+    }
+    spec_file.write_text(json.dumps(spec))
+    ranks = run_ranks(["tests/sharded_rank.py", str(spec_file)], tmp_path, timeout=900)
+    for r in ranks:
+        assert r.returncode == 0, f"rank {r.rank}: {r.stderr[-2000:]}"
+    results = [{x["name"]: x for x in r.lines("RESULT ")} for r in ranks]
+    model, _ = mlx_spec.load(str(main))
+    draft_model, _ = mlx_spec.load(str(draft))
+    for name, _, kwargs in runs:
+        alone = [t for t, _, _ in mlx_spec.speculative_generate_step(mx.array(prompt), model, draft_model, **kwargs)]
+        assert results[0][name]["tokens"] == results[1][name]["tokens"] == alone, name
+        assert results[0][name]["rounds"] == results[1][name]["rounds"], name
