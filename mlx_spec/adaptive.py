@@ -6,7 +6,8 @@ main model's own MTP layer chains k steps (mtp.py); LOOKUP: k tokens are copied 
 occurrence of the text's last tokens in the conversation (a `lookup.Match`); either way the main model verifies
 them in one pass, which adds a token of its own. MTP is priced as a draft model is (its own `CostLine`, prior slope
 `mtp_ratio` + VERIFY_SLOPE plain steps per token: an MTP step reads its layer and the output layer; its own
-`RelativeAcceptance`, prior MTP_PRIOR), but never falls behind: the main model's passes feed its cache. The `Controller` is pure and deterministic: it learns only from what `record` tells it after each round
+`RelativeAcceptance`, prior MTP_PRIOR), but never falls behind: the main model's passes feed its cache.
+The `Controller` is pure and deterministic: it learns only from what `record` tells it after each round
 (source, k, tokens accepted, the round's seconds, the draft's catching up, what an unused match would have
 copied). The module is laid out as this text: cost model, acceptance model, what is kept, choice rule.
 

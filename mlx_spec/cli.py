@@ -82,7 +82,8 @@ def add_model_arguments(p):
         "--draft-model",
         metavar="PATH",
         help="draft model, 'auto': the best compatible local one (see `mlx-spec drafts`), or 'mtp': the main "
-        "model's own MTP layer (Qwen3.5 / Qwen3-Next checkpoints); default: none with --model, the pair's draft without",
+        "model's own MTP layer (Qwen3.5 / Qwen3-Next checkpoints); "
+        "default: none with --model, the pair's draft without",
     )
     p.add_argument("--no-draft", action="store_true", help="run the main model alone, for comparison")
     p.add_argument(

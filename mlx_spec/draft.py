@@ -76,8 +76,8 @@ def propose(
     Returns draft_tokens (k,) int32 and, for rejection sampling, draft_probs
     (k, V) = q, the distributions the tokens were drawn from (else None); a
     `params.sampler` of unknown settings draws the tokens itself; with `noise` ((k, V) Gumbel noise of the
-    positions drafted: coupled sampling, see sampling.CoupledDraws) token i is argmax(s^q_i + noise_i). Each token is scheduled with
-    `mx.async_eval` as soon as it is built; nothing here waits for the device.
+    positions drafted: coupled sampling, see sampling.CoupledDraws) token i is argmax(s^q_i + noise_i). Each
+    token is scheduled with `mx.async_eval` as soon as it is built; nothing here waits for the device.
     """
     inputs = mx.array(pending_tokens, mx.int32)
     mark(draft_cache)  # recurrent layers keep their state from before the round: a rejection goes back to it

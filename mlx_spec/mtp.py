@@ -10,8 +10,9 @@ main model's last hidden state at position j and the embedding of token j + 1, a
     g_j = norm(layer(x_j)),   logits of t_{j+2} = lm_head(g_j)
 
 Drafting chains it: draft i + 1 reads g (the MTP's own output) at the previous draft's position and the
-embedding of draft i. DeepSeek-V3 stores its MTP layer as the decoder layer after the last, with other names. The main model's hidden states come from every pass over it (prefill, verify): they wait
-in `CachePair.mtp_hidden` until the next MTP round reads them with its first draft step; the chained entries
+embedding of draft i. DeepSeek-V3 stores its MTP layer as the decoder layer after the last, with other names.
+The main model's hidden states come from every pass over it (prefill, verify): they wait in
+`CachePair.mtp_hidden` until the next MTP round reads them with its first draft step; the chained entries
 leave the cache when the round's drafts are made, and rollback cuts it as every other cache.
 """
 

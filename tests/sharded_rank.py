@@ -1,8 +1,9 @@
 """One rank of the sharded tests (tests/test_distributed.py starts it through tests/ranks.py).
 
 Argument: a JSON file {"main", "draft", "pipeline", "runs": [{"name", "prompt", "kwargs", "draft"}],
-"skew": rank whose clock runs oddly, "stop": {"rank", "after", "how": "exit" | "hang"}}. Prints one line
-`RESULT {name, tokens, rounds}` per run, where `rounds` lists each round's (source, num_draft, num_accepted).
+"skew": rank whose clock runs oddly, "stop": {"rank", "after", "how": "exit" | "hang"}, "openblas": preload it, as
+the command line does (real weights)}. Prints one line `RESULT {name, tokens, rounds}` per run, where `rounds`
+lists each round's (source, num_draft, num_accepted). Started without ranks, it runs the same in one process.
 """
 
 import json
@@ -38,8 +39,12 @@ class SkewedClock:
 
 def main():
     spec = json.loads(open(sys.argv[1]).read())
+    if spec.get("openblas"):
+        from mlx_spec.blas import ensure_openblas
+
+        ensure_openblas()
     group = world()
-    rank = group.rank()
+    rank = group.rank() if group is not None else 0
     if spec.get("skew") == rank:
         decode.time = SkewedClock()
     log = []
@@ -69,7 +74,8 @@ def main():
                     os._exit(9)
                 os.kill(os.getpid(), signal.SIGSTOP)
         print("RESULT " + json.dumps({"name": run["name"], "tokens": tokens, "rounds": log}), flush=True)
-    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # no rank leaves while another still sends
+    if group is not None:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # no rank leaves while another still sends
 
 
 if __name__ == "__main__":

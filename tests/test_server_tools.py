@@ -361,14 +361,20 @@ def test_bad_tool_and_format_requests_are_400s(random_base):
 
 @pytest.mark.slow
 def test_the_default_pair_calls_a_tool_with_its_own_template():
-    from mlx_spec.fetch import default_pair_paths
+    """`mlx-spec serve` on the default pair (a subprocess, as a user runs it: OpenBLAS preloaded): Qwen2.5-Coder's
+    own template renders the tool, and its call comes back as `tool_calls`."""
+    import signal
 
-    main, draft = (str(p) for p in default_pair_paths())
-    model, tokenizer = mlx_spec.load(main)
-    assert tokenizer.has_tool_calling  # Qwen2.5's template: <tool_call> tags, mlx-lm's json_tools parser
-    with running(create_app(model, tokenizer, mlx_spec.load(draft)[0], GenerationOptions(max_tokens=48))) as base:
+    from test_server import start_cli, stop_cli
+
+    child, base, lines = start_cli("--max-tokens", "48")
+    try:
         client = client_for(base).with_options(timeout=900)
         answer = chat(client, messages=ASK, tools=[WEATHER])
+        stop_cli(child, signal.SIGINT, lines)
+    finally:
+        if child.poll() is None:
+            child.kill()
     (call,) = answer.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] == "Paris"
     assert answer.choices[0].finish_reason == "tool_calls" and answer.stats["total_draft_tokens_count"] > 0
