@@ -112,13 +112,13 @@ TRACES = Path(__file__).with_name("traces.json")
 
 
 # --- models --------------------------------------------------------------------------------------
-def hybrid_model(shape: str):
-    """mlx-lm's Qwen3.5 (the multimodal wrapper's text model, as mlx-lm loads Qwen3.5 checkpoints)."""
+def hybrid_model(shape: str, **overrides):
+    """mlx-lm's Qwen3.5 (the multimodal wrapper's text model, as mlx-lm loads Qwen3.5 checkpoints); `overrides`
+    replace sizes of the shape (fewer layers, a smaller vocabulary)."""
     rope = dict(rope_type="default", rope_theta=ROPE_THETA, partial_rotary_factor=0.25, mrope_section=[11, 11, 10])
     text = dict(
         model_type="qwen3_5_text",
-        **SHAPES[shape],
-        **COMMON,
+        **{**SHAPES[shape], **COMMON, **overrides},
         linear_conv_kernel_dim=4,
         full_attention_interval=4,
         rope_parameters=rope,

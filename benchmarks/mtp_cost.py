@@ -42,7 +42,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hybrid_cost import COMMON, ROPE_THETA, SHAPES, fill_weights, hybrid_model, num_params  # noqa: E402
+from hybrid_cost import COMMON, SHAPES, fill_weights, hybrid_model, num_params  # noqa: E402
 
 from mlx_spec import GenerationStats, facts, speculative_generate_step  # noqa: E402
 from mlx_spec.draft import first_rows  # noqa: E402
@@ -57,18 +57,7 @@ MAX_K = 4
 
 def block_model(seed: int):
     """mlx-lm's Qwen3.5 at the 4B shape with one block of 4 layers and a quarter of the vocabulary."""
-    from mlx_lm.models import qwen3_5
-
-    rope = dict(rope_type="default", rope_theta=ROPE_THETA, partial_rotary_factor=0.25, mrope_section=[11, 11, 10])
-    text = dict(
-        model_type="qwen3_5_text",
-        **{**SHAPES["4b"], "num_hidden_layers": BLOCK},
-        **{**COMMON, "vocab_size": QUARTER},
-        linear_conv_kernel_dim=4,
-        full_attention_interval=4,
-        rope_parameters=rope,
-    )
-    model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(dict(model_type="qwen3_5", text_config=text)))
+    model = hybrid_model("4b", num_hidden_layers=BLOCK, vocab_size=QUARTER)
     fill_weights(model, 0.02, seed)
     model.eval()
     return model
