@@ -5,6 +5,14 @@ network's hop latency, and mlx-lm's own sharded decoding against mlx_spec, inter
   mlx.launch -n 2 --backend ring --env PYTHONPATH=$PWD --python $(which python) -- \\
       benchmarks/distributed.py [--pipeline] [--max-tokens 128] [--repetitions 3] [--model M --draft-model D]
 
+or, on a machine of few cores, without mlx.launch (whose I/O threads keep a core busy): a hostfile of the ranks'
+addresses and one process per rank, as mlx.launch starts them (benchmarks/RESULTS.md, "Several ranks"):
+
+  echo '[["127.0.0.1:35100"], ["127.0.0.1:35101"]]' > /tmp/hosts.json
+  for rank in 1 0; do
+      MLX_HOSTFILE=/tmp/hosts.json MLX_RANK=$rank PYTHONPATH=$PWD python benchmarks/distributed.py &
+  done; wait
+
 Every rank loads the main model split by mlx-lm's sharded_load (tensor parallel, or a pipeline) and the draft
 whole. Three variants run in turn, in alternating order: mlx-lm's stream_generate on the sharded model (it takes
 no draft), mlx_spec plain (no draft, no lookup) and mlx_spec (draft model and lookup, auto). The collectives
@@ -24,9 +32,11 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm import stream_generate as mlx_lm_stream_generate
+from mlx_lm.generate import generation_stream
 
 from mlx_spec import load, speculative_generate_step
 from mlx_spec.bench import PROMPTS
+from mlx_spec.blas import ensure_openblas
 from mlx_spec.distributed import world
 
 COLLECTIVES = ("all_sum", "all_gather", "send", "recv", "recv_like", "all_max", "all_min", "sum_scatter")
@@ -95,10 +105,12 @@ def run_variant(name, model, draft, tokenizer, prompt, max_tokens):
             first, at_first = time.perf_counter(), Counter(counts)
         tokens.append(token)
     seconds = time.perf_counter() - first
+    mx.synchronize(generation_stream)  # mlx-lm left a step queued on its stream: its collectives end here
     return tokens, seconds, counts - at_first, first - start
 
 
 def main():
+    ensure_openblas()  # float32 on Linux: restarts the rank once with OpenBLAS preloaded
     p = argparse.ArgumentParser()
     p.add_argument("--model", help="main model (default: the default pair's)")
     p.add_argument("--draft-model", help="draft model (default: the default pair's)")

@@ -223,6 +223,11 @@ def propose_together(requests: list["Request"], plans: list[tuple], no_draft: mx
     return out
 
 
+def controller(d: Decoding):
+    """The request's round policy (sharded: the one its Lockstep feeds rank 0's clock)."""
+    return d.policy if d.lockstep is None else d.lockstep.policy
+
+
 class Stats(NamedTuple):
     """What the batch has done: rounds run and the requests they served."""
 
@@ -257,9 +262,11 @@ class Request:
 class Batch:
     """Runs one round of every request at once; `step(requests)` -> each request's Round."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, group=None):
+        self.model, self.group = model, group  # group: the ranks a sharded main model runs on
         self.cost = RowCost()
+        self.measured: float | None = None  # sharded: this rank's seconds of the last batched round, not learnt yet
+        self.measured_rows = 0
         self.no_draft = None  # an empty draft, made on the engine's thread
         self.stats = Stats(0, 0)
 
@@ -282,7 +289,7 @@ class Batch:
     def _expected(self, request: Request, here) -> tuple[int, list[float], list[float] | None]:
         """(bucket, copied, drafted): the tokens a round of the request emits with k = 0.. drafts copied from the
         conversation ([1.0]: no match), and drafted by the draft model (None: it has none)."""
-        d, found, policy = request.d, here.found, request.d.policy
+        d, found, policy = request.d, here.found, controller(request.d)
         if request.plain_first:
             return 0, [1.0], None
         has_draft = DRAFT in d.sources
@@ -316,7 +323,7 @@ class Batch:
         first = next((requests[i].d for i in gathered if drafts_together(requests[i].d, None)), None)
         can_draft = {i for i in gathered if first is not None and drafts_together(requests[i].d, first)}
         rows, drafts = 1, []
-        self.draft_ratio = getattr(first.policy, "cost_ratio", DRAFT_RATIO) if first is not None else 0.0
+        self.draft_ratio = getattr(controller(first), "cost_ratio", DRAFT_RATIO) if first is not None else 0.0
         if gathered:
             rows, drafts = plan_rows(
                 [options[i][1] for i in gathered],
@@ -369,6 +376,9 @@ class Batch:
             verified.append(verify(request.d, *proposal[:3], heres[i].history, *proposal[3:], logits=logits.get(i)))
         # 4) one host read for all
         values = requests[0].d.host(mx.concatenate([v.readout for v in verified]))
+        for request, v in zip(requests, verified):
+            if request.d.lockstep is not None:  # sharded: the read brought rank 0's seconds of an earlier round
+                request.d.lockstep.settle(v.readout)
         # 5) each request settles alone: learns (untimed: the time is the batch's), extends, rolls back
         out_rounds, at = [], 0
         for i, (request, here, choice, v) in enumerate(zip(requests, heres, choices, verified)):
@@ -385,8 +395,17 @@ class Batch:
             if drafting:
                 main = 1 + share * main_rows
                 seconds *= main / (main + (rows - 1) * self.draft_ratio * (1 + share * len(drafting)))
-            self.cost.record(main_rows, seconds)
+            if self.group is None:
+                self.cost.record(main_rows, seconds)
+            else:  # rank 0's seconds, on every rank: the engine shares them before the next round (`learn`)
+                self.measured, self.measured_rows = seconds, main_rows
         return out_rounds
+
+    def learn(self, seconds: float | None):
+        """Sharded: learn the cost of the last batched round from rank 0's `seconds` of it (None: it had none)."""
+        if seconds is not None and self.measured is not None:
+            self.cost.record(self.measured_rows, seconds)
+        self.measured = None
 
     def _alone(self, copied: list[float]) -> int:
         """The copies of a request that forwards alone in a batched round: as one sequence at the batch's costs."""

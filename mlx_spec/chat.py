@@ -233,13 +233,15 @@ class ChatSession:
         self.say("/help lists the commands; Ctrl-C stops a reply; Ctrl-D or /quit leaves")
 
 
-def interact(session: ChatSession, read=None) -> int:
+def interact(session: ChatSession, read=None, stop_replies: bool = True) -> int:
     """Read lines until /quit or Ctrl-D; a user error is one line and the chat goes on.
 
     Args:
         session: the conversation.
         read: `read(prompt) -> line`, raising EOFError at the end of input; by default a line editor
             with history on a terminal (Ctrl-C clears the line), else `input`.
+        stop_replies: Ctrl-C during a reply stops it and the chat goes on; False: it ends the chat (sharded,
+            where the other ranks cannot stop at the same round).
     """
     terminal = read is None and sys.stdin.isatty() and sys.stdout.isatty()
     if terminal:
@@ -264,6 +266,8 @@ def interact(session: ChatSession, read=None) -> int:
                 if not session.handle(line):
                     return 0
             except KeyboardInterrupt:
+                if not stop_replies:
+                    raise
                 session.say("[stopped]")
             except ValueError as e:
                 session.say(f"error: {e}")

@@ -14,7 +14,7 @@ import mlx.core as mx
 
 from .chat import ChatSession, conversation_tokens, interact, legend, paint, use_color
 from .discover import find_drafts, report, resolve_draft
-from .distributed import TIMEOUT_ENV, DistributedError, timeout_seconds, watchdog, world
+from .distributed import TIMEOUT_ENV, DistributedError, shared_reader, timeout_seconds, watchdog, world
 from .distributed import add_arguments as add_distributed_arguments
 from .generate import stream_generate
 from .load import check_draft, load, model_source
@@ -255,7 +255,6 @@ def add_chat_arguments(p):
 
 def chat_command(args) -> int:
     """chat in the terminal; the KV caches live across turns, draft tokens in green"""
-    refuse_distributed("chat")
     settings = settings_from(args)
     model, tokenizer, draft_model = load_models(args)
     session = ChatSession(
@@ -266,7 +265,10 @@ def chat_command(args) -> int:
         system_prompt=args.system_prompt,
         color=use_color(sys.stdout, args.no_color),
     )
-    return interact(session)
+    group = world()  # under mlx.launch: rank 0 reads the lines, every rank runs them; Ctrl-C in a reply ends it all
+    if group is None:
+        return interact(session)
+    return interact(session, shared_reader(input, group), stop_replies=False)
 
 
 # --- serve ------------------------------------------------------------------
@@ -302,7 +304,6 @@ def add_serve_arguments(p):
 
 def serve_command(args) -> int:
     """serve the OpenAI API (chat and completions) over HTTP, with speculative decoding"""
-    refuse_distributed("serve")
     import logging
 
     try:
@@ -310,6 +311,11 @@ def serve_command(args) -> int:
     except ImportError as e:
         raise ValueError(f"serve needs the server extra ({e.name} is missing): pip install 'mlx-spec[server]'") from e
     settings = settings_from(args)
+    group = world()
+    if group is not None and group.rank() != 0:  # under mlx.launch: rank 0 serves, the others run its rounds
+        model, tokenizer, draft_model = load_models(args)
+        server.follow(model, tokenizer, draft_model, settings, args.prompt_cache_size)
+        return 0
     if not server.is_loopback(args.host) and args.api_key is None:
         note(f"warning: listening on {args.host} without --api-key: anyone who can reach this machine can use it")
     with server.bind(args.host, args.port) as sock:  # before loading: a busy port fails at once
@@ -332,6 +338,9 @@ def serve_command(args) -> int:
         draft = f", draft {server.served_name(draft_model)}" if draft_model is not None else ""
         ready = f"serving {server.served_name(model)}{draft} at http://{address}:{port}/v1 (Ctrl-C stops)"
         server.run(app, sock, on_ready=lambda: note(ready))
+    failure = app.state.server.engine.failure
+    if failure is not None:
+        raise DistributedError(failure)
     note("stopped")
     return 0
 
@@ -432,11 +441,6 @@ def add_bench_arguments(p):
     from . import bench
 
     bench.add_arguments(p)
-
-
-def refuse_distributed(command: str):
-    if world() is not None:
-        raise ValueError(f"{command} runs in one process: under mlx.launch use generate or bench")
 
 
 # name -> (add_arguments(parser), run(args) -> exit code); run's docstring is the command's help.

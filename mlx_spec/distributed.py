@@ -15,6 +15,7 @@ process with one line once no round finished within `timeout` seconds.
 
 import json
 import os
+import pickle
 import struct
 import sys
 import tempfile
@@ -147,12 +148,52 @@ def share(values: list[float], group: mx.distributed.Group) -> list[float]:
     return mx.distributed.all_sum(mx.array(mine, mx.float32), group=group).tolist()
 
 
+def share_object(obj, group: mx.distributed.Group):
+    """Rank 0's `obj` (picklable; None for nothing) on every rank, as mlx_lm.server shares its requests: one
+    all_sum of its size, and one of its bytes unless it is None. The other ranks' `obj` is not read."""
+    data = pickle.dumps(obj) if group.rank() == 0 and obj is not None else b""
+    size = int(mx.distributed.all_sum(mx.array(len(data)), group=group).item())
+    if size == 0:
+        return None
+    mine = mx.array(memoryview(data), mx.uint8) if data else mx.zeros((size,), mx.uint8)
+    shared = mx.distributed.all_sum(mine, group=group)
+    mx.eval(shared)  # a buffer is read as it is: evaluated first
+    return obj if group.rank() == 0 else pickle.loads(bytes(memoryview(shared)))
+
+
+def shared_reader(read, group: mx.distributed.Group):
+    """`read(prompt) -> line` (raising EOFError or KeyboardInterrupt) that reads on rank 0 and gives every rank
+    what rank 0 read, so that all ranks run the same commands (a chat under mlx.launch)."""
+
+    def shared(prompt: str) -> str:
+        what = None
+        if group.rank() == 0:
+            try:
+                what = ("line", read(prompt))
+            except EOFError:
+                what = ("eof",)
+            except KeyboardInterrupt:
+                what = ("interrupt",)
+        what = share_object(what, group)
+        if what[0] == "eof":
+            raise EOFError
+        if what[0] == "interrupt":
+            raise KeyboardInterrupt
+        return what[1]
+
+    return shared
+
+
 def start_call(group: mx.distributed.Group, policy, needs_seed: bool):
-    """(policy, lockstep) of a sharded call. Where the call draws from MLX's global generator (`needs_seed`) or
+    """(policy, lockstep) of a sharded call, once every collective queued before it (on mlx-lm's stream too: a
+    generator of mlx-lm's left a step queued there) is done, so that every rank's collectives pair up. Where the call draws from MLX's global generator (`needs_seed`) or
     its policy chooses among sources from measured seconds, one all_sum at its start gives every rank rank 0's
     random seed and the controller's prior cost ratio (a pipeline stage's weights differ per rank). An adaptive
     controller is wrapped in a `Lockstep` (also returned): one that can only decode plainly learns no seconds
     (what it would learn of the main model serves later calls that choose); a fixed draft length learns none."""
+    from mlx_lm.generate import generation_stream
+
+    mx.synchronize(generation_stream)  # a step mlx-lm queued ahead on its stream must not race this call's collectives
     adaptive = hasattr(policy, "record_cost")  # else a FixedDraft
     chooses = adaptive and (policy.max_draft > 0 or policy.max_lookup > 0)
     if needs_seed or chooses:

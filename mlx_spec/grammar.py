@@ -100,6 +100,7 @@ class GrammarProcessor:
         if error:
             raise ValueError(f"invalid grammar: {error.splitlines()[0]}")
         self.matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        self.grammar = grammar
         self.vocab_size = vocab_size
         self.start: int | None = None  # where the generation begins in the tokens given
         self.consumed: list[int] = []  # the tokens the matcher has consumed

@@ -40,32 +40,25 @@ def free_ports(count: int) -> list[int]:
 
 
 def run_ranks(
-    args: list[str], tmp_path: Path, num_ranks: int = 2, timeout: float = 120, grace: float | None = None, env=None
+    args: list[str],
+    tmp_path: Path,
+    num_ranks: int = 2,
+    timeout: float = 120,
+    grace: float | None = None,
+    env=None,
+    stdin: str | None = None,
 ) -> list[RankResult]:
     """Run `python args...` as `num_ranks` ring ranks on localhost; each rank's result, after at most `timeout`
     seconds, and at most `grace` seconds after rank 0 ended (a rank still running then is killed: returncode
-    None)."""
-    hostfile = Path(tmp_path) / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(num_ranks)]))
-    base = dict(os.environ, PYTHONPATH=str(ROOT), MLX_HOSTFILE=str(hostfile), **(env or {}))
-    base.pop("MLX_RANK", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, *args],
-            env=dict(base, MLX_RANK=str(rank)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-        for rank in range(num_ranks)
-    ]
+    None). `stdin`: rank 0's input (the others read none)."""
+    procs = start_ranks(args, tmp_path, num_ranks, env, stdin is not None)
     deadline = time.monotonic() + timeout
     results = []
     for rank, proc in enumerate(procs):
         left = max(deadline - time.monotonic(), 0.1)
         try:
-            out, err = proc.communicate(timeout=left if rank == 0 or grace is None else min(left, grace))
+            given = stdin if rank == 0 else None
+            out, err = proc.communicate(given, timeout=left if rank == 0 or grace is None else min(left, grace))
             code = proc.returncode
         except subprocess.TimeoutExpired:
             proc.kill()
@@ -73,3 +66,24 @@ def run_ranks(
             code = None
         results.append(RankResult(rank, code, out, err))
     return results
+
+
+def start_ranks(args: list[str], tmp_path: Path, num_ranks: int = 2, env=None, stdin: bool = False) -> list:
+    """The processes of `python args...` as `num_ranks` ring ranks on localhost, started (rank 0's stdin a pipe
+    where `stdin`, the others' none)."""
+    hostfile = Path(tmp_path) / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(num_ranks)]))
+    base = dict(os.environ, PYTHONPATH=str(ROOT), MLX_HOSTFILE=str(hostfile), **(env or {}))
+    base.pop("MLX_RANK", None)
+    return [
+        subprocess.Popen(
+            [sys.executable, *args],
+            env=dict(base, MLX_RANK=str(rank)),
+            stdin=subprocess.PIPE if stdin and rank == 0 else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for rank in range(num_ranks)
+    ]

@@ -2,17 +2,23 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import mlx.core as mx
+import openai
 import pytest
-from ranks import ROOT, run_ranks
+from ranks import ROOT, free_ports, run_ranks, start_ranks
 from tiny import make_model, perturbed, toy_tokenizer
 from tiny_folders import save_model_folder, write_tiny_pair
 
 import mlx_spec
+from mlx_spec.chat import conversation_tokens
 from mlx_spec.distributed import HUNG_EXIT
 
 PROMPT = [3, 4, 5, 6, 7, 8, 9, 10, 3, 4, 5]
@@ -103,8 +109,7 @@ def test_a_lost_or_hung_rank_stops_rank_0_with_a_clear_error(tmp_path):
 
 
 def test_cli_generate_runs_sharded_and_only_rank_0_prints(tmp_path, capsys):
-    """`mlx-spec generate` on two ranks: rank 0 prints the JSON of one process (same tokens), rank 1 nothing;
-    `serve` refuses to run sharded, with one line."""
+    """`mlx-spec generate` on two ranks: rank 0 prints the JSON of one process (same tokens), rank 1 nothing."""
     from mlx_spec.cli import main
 
     main_folder, draft_folder = write_tiny_pair(tmp_path / "llama")
@@ -118,10 +123,139 @@ def test_cli_generate_runs_sharded_and_only_rank_0_prints(tmp_path, capsys):
     sharded = json.loads(ranks[0].stdout)
     assert sharded["tokens"] == alone["tokens"] and sharded["text"] == alone["text"]
 
-    ranks = run_ranks(["-m", "mlx_spec.cli", "serve", "--model", str(main_folder)], tmp_path, timeout=60)
-    for r in ranks:
-        assert r.returncode == 1
-        assert r.stderr.strip() == "mlx-spec: error: serve runs in one process: under mlx.launch use generate or bench"
+
+def replies(chat_output: str) -> list[str]:
+    """The replies in a chat's output (--no-color): the text after each prompt, but the commands' answers."""
+    return [line[4:] for line in chat_output.splitlines() if line.startswith(">>> w")]
+
+
+def test_cli_chat_runs_sharded_rank_0_reads_every_rank_runs(tmp_path):
+    """`mlx-spec chat` on two ranks: rank 0 reads the lines and prints; turns and commands (/draft, /system,
+    /reset) run on both ranks; the replies are one process's."""
+    main_folder, draft_folder = write_tiny_pair(tmp_path / "llama")
+    args = ["-m", "mlx_spec.cli", "chat", "--model", str(main_folder), "--draft-model", str(draft_folder)]
+    args += ["--max-tokens", "12", "--no-color"]
+    lines = "w5 w6 w7 w5 w6\n/draft 2\nw8 w9 w8 w9\n/system w3\nw10\n/reset\nw11 w12\n"
+    ranks = run_ranks([*args, "--timeout", "60"], tmp_path, stdin=lines, timeout=120)
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
+    assert ranks[1].stdout == "" and ranks[1].stderr == ""
+    alone = subprocess.run([sys.executable, *args], input=lines, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert alone.returncode == 0, alone.stderr
+    assert len(replies(alone.stdout)) == 4
+    assert replies(ranks[0].stdout) == replies(alone.stdout)
+    assert "drafting 2 tokens per round" in ranks[0].stdout and "system prompt set" in ranks[0].stdout
+
+
+class Serving:
+    """`mlx-spec serve` on two local ranks, its output gathered as it comes."""
+
+    def __init__(self, tmp_path, *args):
+        self.port = free_ports(1)[0]
+        command = ["-m", "mlx_spec.cli", "serve", *args, "--port", str(self.port), "--timeout", "30"]
+        self.procs = start_ranks(command, tmp_path)
+        self.out = [[], []]
+        for rank, proc in enumerate(self.procs):
+            for stream in (proc.stdout, proc.stderr):
+                threading.Thread(target=lambda s=stream, r=rank: self.out[r].extend(s), daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and all(p.poll() is None for p in self.procs):
+            try:
+                if httpx.get(f"{self.base}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        pytest.fail(f"the server did not start: {self.text(0)} {self.text(1)}")
+
+    def text(self, rank: int) -> str:
+        return "".join(self.out[rank])
+
+    def stop(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_cli_serve_runs_sharded_clients_get_one_process_answers(tmp_path):
+    """`mlx-spec serve` on two ranks: rank 0 serves HTTP, both run the rounds. Clients at once (greedy with the
+    draft, seeded sampling, a logit bias and a presence penalty, one hanging up mid-reply), then one more: each
+    answer equals one process's; Ctrl-C on rank 0 stops both ranks cleanly."""
+    from mlx_lm.sample_utils import make_logits_processors
+    from test_server import NO_END, user
+
+    main_folder, draft_folder = write_tiny_pair(tmp_path / "llama")
+    serving = Serving(tmp_path, "--model", str(main_folder), "--draft-model", str(draft_folder))
+    asks = [
+        dict(messages=user("w10 w20 w30"), max_tokens=40, logit_bias=NO_END),
+        dict(messages=user("w5 w6 w7 w5 w6 w7 w5"), max_tokens=25, logit_bias={**NO_END, "7": 5}),
+        dict(messages=user("w40 w41"), max_tokens=30, temperature=0.9, seed=5, logit_bias=NO_END),
+        dict(messages=user("w60 w61 w62 w63"), max_tokens=60, logit_bias=NO_END),  # hangs up after 3 chunks
+        dict(messages=user("w70"), max_tokens=20, presence_penalty=1.5, logit_bias=NO_END),
+    ]
+    leaver = 3
+    started = [threading.Event() for _ in asks]
+    answers = [None] * len(asks)
+    client = openai.OpenAI(base_url=f"{serving.base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def ask(i):
+        if i > 0:
+            started[i - 1].wait(60)
+        stream = client.chat.completions.create(model="main", stream=True, **asks[i])
+        text, num_chunks = "", 0
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+                num_chunks += 1
+                started[i].set()
+                if i == leaver and num_chunks == 3:
+                    stream.close()
+                    break
+        started[i].set()
+        answers[i] = text
+
+    try:
+        with ThreadPoolExecutor(len(asks)) as pool:
+            list(pool.map(ask, range(len(asks))))
+        last = dict(messages=user("w9 w8 w7"), max_tokens=16, logit_bias=NO_END)
+        asks.append(last)
+        answers.append(client.chat.completions.create(model="main", **last).choices[0].message.content)
+        health = httpx.get(f"{serving.base}/health").json()
+        serving.procs[0].send_signal(signal.SIGINT)
+        codes = [p.wait(60) for p in serving.procs]
+    finally:
+        serving.stop()
+    assert codes == [0, 0], serving.text(0)[-3000:] + serving.text(1)[-3000:]
+    assert serving.text(1) == ""  # only rank 0 prints
+    assert "mlx-spec: stopped" in serving.text(0)
+    assert health["active"] == 0 and health["rounds"] > 0
+
+    model, tokenizer = mlx_spec.load(str(main_folder))
+    for i, ask_ in enumerate(asks):
+        if i == leaver:
+            continue
+        bias = {int(k): v for k, v in ask_["logit_bias"].items()}
+        processors = make_logits_processors(logit_bias=bias, presence_penalty=ask_.get("presence_penalty"))
+        options = {"temp": ask_["temperature"], "seed": ask_["seed"]} if "seed" in ask_ else {}
+        prompt = conversation_tokens(tokenizer, ask_["messages"])
+        steps = mlx_spec.stream_generate(
+            model, tokenizer, prompt, max_tokens=ask_["max_tokens"], logits_processors=processors, **options
+        )
+        assert answers[i] == "".join(r.text for r in steps), f"client {i}"
+
+
+def test_a_lost_rank_stops_the_sharded_server_with_a_clear_error(tmp_path):
+    """Rank 1 killed while the server waits for requests: rank 0 tells why and exits 1 within seconds."""
+    main_folder, _ = write_tiny_pair(tmp_path / "llama")
+    serving = Serving(tmp_path, "--model", str(main_folder))
+    try:
+        serving.procs[1].kill()
+        start = time.monotonic()
+        code = serving.procs[0].wait(60)
+    finally:
+        serving.stop()
+    assert code == 1 and time.monotonic() - start < 30
+    assert "mlx-spec: error: rank 0 of 2: serving: another rank stopped answering" in serving.text(0)
 
 
 def memory_available() -> int:

@@ -4,7 +4,7 @@ Its public names: models.py holds the wire's shapes, engine.py the generating th
 tools.py splits a reply into reasoning, content and tool calls, anthropic.py maps Anthropic's Messages API onto it.
 """
 
-from .app import SHUTDOWN_GRACE, Server, bind, create_app, is_loopback, router, run, uvicorn_server
+from .app import SHUTDOWN_GRACE, Server, bind, create_app, follow, is_loopback, router, run, uvicorn_server
 from .engine import (
     MAX_RETRY_AFTER,
     STOPPING,
@@ -59,6 +59,7 @@ __all__ = [
     "TokenLogprob",
     "bind",
     "create_app",
+    "follow",
     "is_loopback",
     "log",
     "router",

@@ -12,14 +12,13 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from mlx_lm.sample_utils import make_logits_processors
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -37,7 +36,7 @@ from ..options import (
 )
 from . import anthropic
 from .anthropic import CountTokensRequest, MessagesRequest
-from .engine import Delta, Done, Engine, Failed, Job, QueueFull, log, served_name
+from .engine import Delta, Done, Engine, Failed, Job, Processing, QueueFull, log, served_name
 from .models import (
     APIError,
     ChatFormat,
@@ -123,13 +122,15 @@ class Server:
                 )
             options = options.replace(max_tokens=min(options.max_tokens, room))
         use_draft = self.draft_model is not None and body.draft
-        stops, processors = self.stops(body.stop), self.logits_processors(body)
+        stops, processing = self.stops(body.stop), self.processing(body)
+        processors = processing.build(self.tokenizer, output_size(self.model))
         if grammar is not None:
             processors = [*(processors or []), grammar]
-        return Job(tokens, options, use_draft, stops, num_top, processors, asyncio.get_running_loop())
+            processing = replace(processing, grammar=grammar.grammar)
+        return Job(tokens, options, use_draft, stops, num_top, processors, asyncio.get_running_loop(), processing)
 
-    def logits_processors(self, body: GenerationRequest) -> list | None:
-        """logit_bias, presence_penalty and frequency_penalty, as mlx-lm's logits processors."""
+    def processing(self, body: GenerationRequest) -> Processing:
+        """logit_bias, presence_penalty and frequency_penalty, checked (mlx-lm's logits processors apply them)."""
         for param in ("presence_penalty", "frequency_penalty"):
             value = getattr(body, param)
             if value is not None and not -2 <= value <= 2:
@@ -144,12 +145,7 @@ class Server:
             if not -100 <= value <= 100:
                 raise APIError(400, f"logit_bias values must be in [-100, 100], got {value}", "logit_bias")
             bias[int(key)] = value
-        processors = make_logits_processors(
-            logit_bias=bias or None,
-            presence_penalty=body.presence_penalty or None,
-            frequency_penalty=body.frequency_penalty or None,
-        )
-        return processors or None
+        return Processing(bias or None, body.presence_penalty or None, body.frequency_penalty or None)
 
     def chat_tokens(self, messages: list[Message], tools: list[dict] | None = None, template_kwargs=None) -> list[int]:
         """The conversation rendered by the chat template (with `tools` and `template_kwargs` where given)."""
@@ -665,6 +661,13 @@ def create_app(
     return app
 
 
+def follow(model, tokenizer, draft_model, defaults: GenerationOptions, num_prompt_caches: int = 1):
+    """A sharded server's rank other than 0 (mlx.launch): no HTTP; it runs the rounds of the requests that rank 0
+    serves, with the settings rank 0's `create_app` was given, until rank 0 stops (DistributedError: a rank
+    was lost)."""
+    Engine(model, tokenizer, draft_model, defaults.max_kv_size, 0, num_prompt_caches).follow()
+
+
 # --- running it --------------------------------------------------------------------
 
 
@@ -709,6 +712,7 @@ def uvicorn_server(app: FastAPI) -> uvicorn.Server:
 def run(app: FastAPI, sock: socket.socket, on_ready: Callable[[], None] = lambda: None):
     """Serve until Ctrl-C or SIGTERM; both stop cleanly: answers in flight end at once with a 503."""
     server = uvicorn_server(app)
+    app.state.server.engine.on_failure = lambda: setattr(server, "should_exit", True)  # sharded: a rank was lost
     # uvicorn catches both signals to shut down gracefully, then raises the one it caught again for the handler
     # it found: with the signals ignored meanwhile, that ends here, without a KeyboardInterrupt's traceback.
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -1,8 +1,14 @@
 """The engine thread: generates the requests together (batched rounds, joining and leaving between rounds), keeps the
 prompt caches of the last few conversations and streams events (text cut at stop strings, logprobs) back to the
-request handlers."""
+request handlers.
+
+Sharded (mlx.launch), every rank runs the engine's loop and rank 0 alone serves HTTP: before each round rank 0
+tells the other ranks what changed (the jobs that join, those whose client left, whether to stop, and its clock's
+seconds of the last batched round), so every rank runs the same rounds over the same requests (`Engine.follow`).
+"""
 
 import asyncio
+import itertools
 import logging
 import math
 import queue
@@ -13,12 +19,15 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
+from mlx_lm.sample_utils import make_logits_processors
 
 from ..batch import Batch, Request
 from ..cache import CachePair, common_prefix_length, make_prompt_cache, reuse_prefix
 from ..decode import prefill
+from ..distributed import DistributedError, group_of, share_object, watchdog
 from ..generate import Call, _token_list, begin_call
-from ..load import model_name, model_source
+from ..grammar import GrammarProcessor
+from ..load import model_name, model_source, output_size
 from ..options import GenerationOptions
 from ..recurrent import leaves
 from ..stats import GenerationStats
@@ -118,9 +127,29 @@ class Failed:
     status: int = 500
 
 
+@dataclass(frozen=True)
+class Processing:
+    """A request's logits processors as data (mlx-lm's bias and penalties, llguidance's grammar): what a sharded
+    server's other ranks build theirs from."""
+
+    logit_bias: dict[int, float] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    grammar: str | None = None  # the reply's grammar (grammar.GrammarProcessor)
+
+    def build(self, tokenizer, vocab_size: int) -> list | None:
+        processors = make_logits_processors(
+            logit_bias=self.logit_bias, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty
+        )
+        if self.grammar is not None:
+            processors.append(GrammarProcessor(tokenizer, self.grammar, vocab_size))
+        return processors or None
+
+
 @dataclass
 class Job:
-    """One request's generation; the engine thread sends its events to the request's event loop."""
+    """One request's generation; the engine thread sends its events to the request's event loop (a job that a
+    sharded server's rank 0 sent to another rank has none: its events go nowhere)."""
 
     prompt_tokens: list[int]
     options: GenerationOptions
@@ -128,15 +157,37 @@ class Job:
     stops: list[str]
     num_top_logprobs: int | None  # None: no logprobs
     logits_processors: list | None
-    loop: asyncio.AbstractEventLoop
+    loop: asyncio.AbstractEventLoop | None
+    processing: Processing = Processing()  # what `logits_processors` were built from
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)  # the client left, or the server stops
+    key: int = -1  # sharded: its number, the same on every rank
 
     def send(self, event):
+        if self.loop is None:
+            return
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self.cancelled.set()
+
+    def wire(self) -> tuple:
+        """What another rank needs to run the same generation (`Job.unwire`)."""
+        return (
+            self.key,
+            self.prompt_tokens,
+            self.options,
+            self.use_draft,
+            self.stops,
+            self.num_top_logprobs,
+            self.processing,
+        )
+
+    @classmethod
+    def unwire(cls, wired: tuple, tokenizer, vocab_size: int) -> "Job":
+        key, tokens, options, use_draft, stops, num_top, processing = wired
+        processors = processing.build(tokenizer, vocab_size)
+        return cls(tokens, options, use_draft, stops, num_top, processors, None, processing, key=key)
 
 
 class QueueFull(Exception):
@@ -186,6 +237,7 @@ class PromptCaches:
 
 
 MAX_BATCH = 8  # requests generating at once; more wait in the queue
+HEARTBEAT = 1.0  # sharded: seconds between rank 0's words to the other ranks while no request generates
 JOIN_CHUNK = 512  # prompt tokens read between two rounds: a long prompt joins in chunks, the others go on
 JOIN_WAIT = 0.01  # seconds an idle engine waits, once a job came, for others sent at the same time
 
@@ -280,7 +332,7 @@ class _Active:
         done = engine._done(
             job, self.stats, self.num_from_draft, self.finish_reason, self.stop_reason, self.draft_model is not None
         )
-        if job.cancelled.is_set():
+        if engine.gone(job):
             why = "the server is stopping" if engine.stopping else "the client left"
             log.info(f"generation stopped after {self.stats.generation_tokens} tokens: {why}")
         job.send(Failed(STOPPING, 503) if engine.stopping else done)
@@ -291,6 +343,8 @@ class Engine:
     once, their rounds batched (batch.py); requests join and leave between rounds, in arrival order.
 
     At most `max_queue` jobs wait for a place in the batch; `submit` raises QueueFull past that.
+
+    With the main model sharded, `_loop` runs on every rank (rank 0's in this thread, the others' in `follow`).
     """
 
     def __init__(
@@ -312,7 +366,12 @@ class Engine:
         self.num_waiting = 0
         self.active: list[_Active] = []  # the requests generating, in arrival order
         self.joining: list[_Active] = []  # the requests whose prompt is being read, in arrival order
-        self.batch = Batch(model)
+        self.group = group_of(model)  # sharded over these ranks, or None
+        self.batch = Batch(model, self.group)
+        self.keys = itertools.count()  # sharded: the jobs' numbers
+        self.left: set[int] = set()  # sharded: the jobs that left, as rank 0 last said
+        self.failure: str | None = None  # sharded: why the ranks stopped serving (a rank was lost)
+        self.on_failure = lambda: None  # called once then, on rank 0's engine thread (the server stops)
         self.stopping = False
         self.mean_seconds = 1.0  # running mean of a job's seconds, for Retry-After
         self.thread = threading.Thread(target=self._loop, name="mlx-spec-engine", daemon=True)
@@ -355,63 +414,139 @@ class Engine:
             "mean_batch_size": round(stats.mean_batch_size, 3),
         }
 
+    def gone(self, job: Job) -> bool:
+        """Whether the job's client left or the server stops: at once in one process; sharded, as of rank 0's
+        last word to the other ranks (every rank sees a job leave at the same point)."""
+        return job.cancelled.is_set() if self.group is None else job.key in self.left
+
+    def _end(self, job: Job):
+        """The job stops here (its reading failed): on every rank alike."""
+        job.cancelled.set()
+        self.left.add(job.key)
+
     def _loop(self):
+        if self.group is None:
+            return self._rounds()
+        try:
+            with watchdog().armed("serving", self.group):
+                self._rounds()
+        except DistributedError as e:  # a rank was lost: every request fails, and the server stops
+            self.failure = str(e)
+            with self.lock:
+                self.stopping = True
+                jobs = [*(a.job for a in self.active + self.joining), *self.jobs.queue]
+            for job in jobs:
+                if job is not None:
+                    job.send(Failed(f"the server stopped: {e}", 500))
+            self.on_failure()
+
+    def _rounds(self):
         running = True
         while running or self.active or self.joining:
-            # 1) take the jobs that arrived, while the batch has room (wait for one when none is generating)
-            idle = not (self.active or self.joining)
-            while running and len(self.active) + len(self.joining) < self.max_batch:
-                try:  # idle: wait for a job, then JOIN_WAIT for others sent with it (they read their prompts together)
-                    job = self.jobs.get(timeout=JOIN_WAIT if self.joining else None) if idle else self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    running = False
-                    break
-                with self.lock:
-                    self.num_waiting -= 1
-                if self.stopping:
-                    job.send(Failed(STOPPING, 503))
-                elif not job.cancelled.is_set():  # else its client left while it waited
-                    joining = _Active(self, job)
-                    with self.lock:
-                        self.joining.append(joining)
+            # 1) take the jobs that arrived, while the batch has room (sharded: as rank 0 says)
+            running = self._take(running)
             # 2) read up to JOIN_CHUNK prompt tokens of the joining requests: whole prompts, or a chunk
             self._read(JOIN_CHUNK)
             # 3) one round of every active request, 4) the finished ones leave
             if self.active:
                 self._round()
+                if self.group is not None:
+                    watchdog().beat()
         for job in self.jobs.queue:  # the server stopped: what still waits is answered 503
             if job is not None:
                 job.send(Failed(STOPPING, 503))
+
+    def _take(self, running: bool) -> bool:
+        """The jobs that arrived join while the batch has room: waiting for one when none generates, then
+        JOIN_WAIT for others sent with it (they read their prompts together). False once the server stops."""
+        arrived, idle = [], not (self.active or self.joining)
+        follows = self.group is not None and self.group.rank() != 0
+        while running and not follows and len(self.active) + len(self.joining) + len(arrived) < self.max_batch:
+            wait = JOIN_WAIT if arrived else HEARTBEAT if self.group is not None else None
+            try:
+                job = self.jobs.get(timeout=wait) if idle else self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                running = False
+                break
+            with self.lock:
+                self.num_waiting -= 1
+            if self.stopping:
+                job.send(Failed(STOPPING, 503))
+            elif not job.cancelled.is_set():  # else its client left while it waited
+                job.key = next(self.keys)
+                arrived.append(job)
+        if self.group is not None:
+            running, arrived = self._share(running, arrived)
+        for job in arrived:
+            joining = _Active(self, job)
+            with self.lock:
+                self.joining.append(joining)
+        return running
+
+    def _share(self, running: bool, arrived: list[Job]) -> tuple[bool, list[Job]]:
+        """Sharded: rank 0's word to every rank before a round (one all_sum, two when something changed):
+        whether to go on, the jobs that join, those that left, and its seconds of the last batched round."""
+        self.left &= {a.job.key for a in self.active + self.joining}  # those gone since are forgotten
+        mine = None
+        if self.group.rank() == 0:
+            left = [a.job.key for a in self.active + self.joining if a.job.cancelled.is_set()]
+            left = [key for key in left if key not in self.left]
+            seconds = self.batch.measured
+            if arrived or left or not running or seconds is not None:
+                mine = (running, [job.wire() for job in arrived], left, seconds)
+        word = share_object(mine, self.group)
+        watchdog().beat()
+        if word is None:
+            self.batch.learn(None)
+            return running, arrived
+        running, wired, left, seconds = word
+        self.left.update(left)
+        self.batch.learn(seconds)
+        if self.group.rank() != 0:
+            vocab_size = output_size(self.model)
+            arrived = [Job.unwire(w, self.tokenizer, vocab_size) for w in wired]
+        return running, arrived
+
+    def follow(self):
+        """A sharded server's rank other than 0: run the rounds rank 0 serves, until it stops. Raises
+        DistributedError where a rank was lost."""
+        self._loop()
+        if self.failure is not None:
+            raise DistributedError(self.failure)
 
     def _read(self, budget: int):
         """Read the joining requests' prompts, oldest first, up to `budget` tokens; those read join the batch."""
         while self.joining and budget > 0:
             joining = self.joining[0]
-            if joining.job.cancelled.is_set():
+            if self.gone(joining.job):
                 joining.drop()
                 if self.stopping:
                     joining.job.send(Failed(STOPPING, 503))
             else:
                 try:
                     budget -= joining.read(budget)
+                except DistributedError:
+                    raise
                 except Exception as e:
                     log.exception("generation failed")
                     joining.drop()
                     joining.job.send(Failed(f"internal error: {type(e).__name__}: {_first_line(e)}"))
-                    joining.job.cancelled.set()
-                if joining.call is None and not joining.job.cancelled.is_set():
+                    self._end(joining.job)
+                if joining.call is None and not self.gone(joining.job):
                     return  # a chunk of it was read: the rest after the next round
             with self.lock:
                 self.joining.pop(0)
-                if joining.call is not None and not joining.job.cancelled.is_set():
+                if joining.call is not None and not self.gone(joining.job):
                     self.active.append(joining)
 
     def _round(self):
         active = list(self.active)
         try:
             rounds = self.batch.step([a.request for a in active])
+        except DistributedError:
+            raise
         except Exception as e:  # a round's failure is every request's in it
             log.exception("generation failed")
             for a in active:
@@ -422,9 +557,11 @@ class Engine:
         finished = []
         for a, round_ in zip(active, rounds):
             try:
-                if a.take(round_) or a.job.cancelled.is_set():
+                if a.take(round_) or self.gone(a.job):
                     finished.append(a)
                     a.leave()
+            except DistributedError:
+                raise
             except Exception as e:
                 log.exception("generation failed")
                 finished.append(a)
