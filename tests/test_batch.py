@@ -225,7 +225,7 @@ def test_clients_at_once_each_get_their_solo_answer(served, join_chunk, monkeypa
     """Streamed clients joining one after another (each once the one before has its first text), one sampled with
     a seed, one hanging up mid-batch, prompts read whole or in chunks of 3 tokens between rounds: every answer
     that completes equals its solo answer."""
-    from test_server import NO_END, chat_reference, client_for, running, user
+    from test_server import NO_END, ask_one_after_another, chat_reference, client_for, running, user
 
     from mlx_spec.server import create_app
 
@@ -240,29 +240,8 @@ def test_clients_at_once_each_get_their_solo_answer(served, join_chunk, monkeypa
         dict(messages=user("w70"), max_tokens=12),
     ]
     leaver = 3
-    started = [threading.Event() for _ in asks]
-    answers = [None] * len(asks)
     with running(app) as base:
-        client = client_for(base)
-
-        def ask(i):
-            if i > 0:
-                started[i - 1].wait(60)
-            stream = client.chat.completions.create(model="main", logit_bias=NO_END, stream=True, **asks[i])
-            text, num_chunks = "", 0
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    text += chunk.choices[0].delta.content
-                    num_chunks += 1
-                    started[i].set()
-                    if i == leaver and num_chunks == 3:
-                        stream.close()
-                        break
-            started[i].set()
-            answers[i] = text
-
-        with ThreadPoolExecutor(len(asks)) as pool:
-            list(pool.map(ask, range(len(asks))))
+        answers = ask_one_after_another(client_for(base), [dict(a, logit_bias=NO_END) for a in asks], leaver)
         health = httpx.get(f"{base}/health").json()
     assert health["mean_batch_size"] > 1.0 and health["active"] == 0  # some rounds ran batched (how many: timing)
     for i, ask_ in enumerate(asks):

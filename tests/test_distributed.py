@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import mlx.core as mx
@@ -182,7 +181,7 @@ def test_cli_serve_runs_sharded_clients_get_one_process_answers(tmp_path):
     draft, seeded sampling, a logit bias and a presence penalty, one hanging up mid-reply), then one more: each
     answer equals one process's; Ctrl-C on rank 0 stops both ranks cleanly."""
     from mlx_lm.sample_utils import make_logits_processors
-    from test_server import NO_END, user
+    from test_server import NO_END, ask_one_after_another, user
 
     main_folder, draft_folder = write_tiny_pair(tmp_path / "llama")
     serving = Serving(tmp_path, "--model", str(main_folder), "--draft-model", str(draft_folder))
@@ -194,29 +193,9 @@ def test_cli_serve_runs_sharded_clients_get_one_process_answers(tmp_path):
         dict(messages=user("w70"), max_tokens=20, presence_penalty=1.5, logit_bias=NO_END),
     ]
     leaver = 3
-    started = [threading.Event() for _ in asks]
-    answers = [None] * len(asks)
     client = openai.OpenAI(base_url=f"{serving.base}/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def ask(i):
-        if i > 0:
-            started[i - 1].wait(60)
-        stream = client.chat.completions.create(model="main", stream=True, **asks[i])
-        text, num_chunks = "", 0
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                text += chunk.choices[0].delta.content
-                num_chunks += 1
-                started[i].set()
-                if i == leaver and num_chunks == 3:
-                    stream.close()
-                    break
-        started[i].set()
-        answers[i] = text
-
     try:
-        with ThreadPoolExecutor(len(asks)) as pool:
-            list(pool.map(ask, range(len(asks))))
+        answers = ask_one_after_another(client, asks, leaver)
         last = dict(messages=user("w9 w8 w7"), max_tokens=16, logit_bias=NO_END)
         asks.append(last)
         answers.append(client.chat.completions.create(model="main", **last).choices[0].message.content)

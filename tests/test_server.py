@@ -92,6 +92,33 @@ def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
+def ask_one_after_another(client: openai.OpenAI, asks: list[dict], leaver: int | None = None) -> list[str]:
+    """Streamed chat clients `asks` at once, each starting once the one before has its first text; client `leaver`
+    hangs up after 3 chunks of text. Each one's text."""
+    started = [threading.Event() for _ in asks]
+    answers = [None] * len(asks)
+
+    def ask(i):
+        if i > 0:
+            started[i - 1].wait(60)
+        stream = client.chat.completions.create(model="main", stream=True, **asks[i])
+        text, num_chunks = "", 0
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+                num_chunks += 1
+                started[i].set()
+                if i == leaver and num_chunks == 3:
+                    stream.close()
+                    break
+        started[i].set()
+        answers[i] = text
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        list(pool.map(ask, range(len(asks))))
+    return answers
+
+
 def fresh(models, tokens, max_tokens, logit_bias=None, **options):
     """The main model alone on fresh caches: (text, tokens, finish_reason), the answer the server must give."""
     model, tokenizer, _ = models
