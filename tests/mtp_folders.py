@@ -9,7 +9,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import qwen3_5
 from tiny import toy_tokenizer
-from tiny_folders import CHAT_TEMPLATE
+from tiny_folders import save_tokenizer
 
 from mlx_spec.mtp import MTPHead
 
@@ -122,12 +122,7 @@ def write_folder(folder, vocab: int = 97, seed: int = 0, with_mtp: bool = True, 
             hf |= _per_expert(f"mtp.{key}", w - 1.0 if w.ndim == 1 and "norm" in key.rsplit(".", 2)[-2] else w)
     mx.save_safetensors(str(folder / "model.safetensors"), hf, metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer = toy_tokenizer(vocab)
-    tokenizer.save_pretrained(str(folder))
-    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
-    tokenizer_config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE)
-    tokenizer_config.pop("backend", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    save_tokenizer(toy_tokenizer(vocab), folder)
     return folder
 
 

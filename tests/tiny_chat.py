@@ -2,13 +2,13 @@
 Qwen's special tokens and a Qwen2.5-style chat template with tools; a random model, and a scripted one (a
 bigram table in weights) whose greedy reply to any conversation is a text the test chooses."""
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 from mlx_lm.models import llama
 from tiny import make_model, perturbed
+from tiny_folders import save_tokenizer, save_weights
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOOL_TAGS = ["<tool_call>", "</tool_call>"]
@@ -145,16 +145,6 @@ def random_model(tokenizer, seed: int = 0):
 
 def save_chat_folder(model, tokenizer, folder) -> Path:
     """An MLX model folder (config, weights, tokenizer with the tools template) that mlx_spec.load reads."""
-    from dataclasses import asdict
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in asdict(model.args).items() if v is not None}
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    tokenizer.save_pretrained(str(folder))
-    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
-    tokenizer_config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE)
-    tokenizer_config.pop("backend", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    folder = save_weights(model, folder)
+    save_tokenizer(tokenizer, folder, CHAT_TEMPLATE)
     return folder

@@ -19,22 +19,32 @@ CHAT_TEMPLATE = (
 )
 
 
-def save_model_folder(model, tokenizer, folder, max_position_embeddings=None) -> Path:
-    """Write `model` and `tokenizer` as an MLX model folder that `mlx_spec.load` reads."""
+def save_weights(model, folder, **config) -> Path:
+    """`folder` (made) with config.json (`model.args`, updated by `config`) and model.safetensors."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in asdict(model.args).items() if v is not None}
-    if max_position_embeddings is not None:
-        config["max_position_embeddings"] = max_position_embeddings
+    config = {**{k: v for k, v in asdict(model.args).items() if v is not None}, **config}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    tokenizer.backend_tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
+    return folder
+
+
+def save_tokenizer(tokenizer, folder, chat_template: str = CHAT_TEMPLATE):
+    """`tokenizer` into `folder`, with `chat_template`, as a tokenizer that transformers reads back as it is."""
     tokenizer.save_pretrained(str(folder))
     # transformers 5 would rebuild a tokenizer of class "TokenizersBackend" as the model type's own (byte-level BPE)
-    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
-    tokenizer_config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE)
+    tokenizer_config = json.loads((Path(folder) / "tokenizer_config.json").read_text())
+    tokenizer_config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=chat_template)
     tokenizer_config.pop("backend", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (Path(folder) / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+
+
+def save_model_folder(model, tokenizer, folder, max_position_embeddings=None) -> Path:
+    """Write `model` and `tokenizer` as an MLX model folder that `mlx_spec.load` reads."""
+    config = {} if max_position_embeddings is None else {"max_position_embeddings": max_position_embeddings}
+    folder = save_weights(model, folder, **config)
+    tokenizer.backend_tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
+    save_tokenizer(tokenizer, folder)
     return folder
 
 
