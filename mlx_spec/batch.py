@@ -265,8 +265,7 @@ class Batch:
     def __init__(self, model, group=None):
         self.model, self.group = model, group  # group: the ranks a sharded main model runs on
         self.cost = RowCost()
-        self.measured: float | None = None  # sharded: this rank's seconds of the last batched round, not learnt yet
-        self.measured_rows = 0
+        self.measured: tuple[int, float] | None = None  # sharded: (rows, seconds here) of a round not learnt yet
         self.no_draft = None  # an empty draft, made on the engine's thread
         self.stats = Stats(0, 0)
 
@@ -375,7 +374,14 @@ class Batch:
             proposal = proposals[i]
             verified.append(verify(request.d, *proposal[:3], heres[i].history, *proposal[3:], logits=logits.get(i)))
         # 4) one host read for all
-        values = requests[0].d.host(mx.concatenate([v.readout for v in verified]))
+        readout, shared = mx.concatenate([v.readout for v in verified]), None
+        if self.group is not None and self.measured is not None:  # the read brings rank 0's seconds of the last
+            shared = mx.distributed.all_sum(mx.array(self.measured[1] * (self.group.rank() == 0)), group=self.group)
+            readout = mx.depends(readout, shared)
+        values = requests[0].d.host(readout)
+        if shared is not None:  # evaluated with the read: every rank learns rank 0's seconds
+            self.cost.record(self.measured[0], shared.item())
+            self.measured = None
         for request, v in zip(requests, verified):
             if request.d.lockstep is not None:  # sharded: the read brought rank 0's seconds of an earlier round
                 request.d.lockstep.settle(v.readout)
@@ -397,15 +403,9 @@ class Batch:
                 seconds *= main / (main + (rows - 1) * self.draft_ratio * (1 + share * len(drafting)))
             if self.group is None:
                 self.cost.record(main_rows, seconds)
-            else:  # rank 0's seconds, on every rank: the engine shares them before the next round (`learn`)
-                self.measured, self.measured_rows = seconds, main_rows
+            else:  # sharded: every rank learns rank 0's seconds of it, with the next batched round's read
+                self.measured = (main_rows, seconds)
         return out_rounds
-
-    def learn(self, seconds: float | None):
-        """Sharded: learn the cost of the last batched round from rank 0's `seconds` of it (None: it had none)."""
-        if seconds is not None and self.measured is not None:
-            self.cost.record(self.measured_rows, seconds)
-        self.measured = None
 
     def _alone(self, copied: list[float]) -> int:
         """The copies of a request that forwards alone in a batched round: as one sequence at the batch's costs."""

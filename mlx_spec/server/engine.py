@@ -3,8 +3,8 @@ prompt caches of the last few conversations and streams events (text cut at stop
 request handlers.
 
 Sharded (mlx.launch), every rank runs the engine's loop and rank 0 alone serves HTTP: before each round rank 0
-tells the other ranks what changed (the jobs that join, those whose client left, whether to stop, and its clock's
-seconds of the last batched round), so every rank runs the same rounds over the same requests (`Engine.follow`).
+tells the other ranks what changed (the jobs that join, those whose client left, whether to stop), so every rank
+runs the same rounds over the same requests (`Engine.follow`; the batch shares rank 0's clock itself).
 """
 
 import asyncio
@@ -487,23 +487,20 @@ class Engine:
 
     def _share(self, running: bool, arrived: list[Job]) -> tuple[bool, list[Job]]:
         """Sharded: rank 0's word to every rank before a round (one all_sum, two when something changed):
-        whether to go on, the jobs that join, those that left, and its seconds of the last batched round."""
+        whether to go on, the jobs that join, those that left."""
         self.left &= {a.job.key for a in self.active + self.joining}  # those gone since are forgotten
         mine = None
         if self.group.rank() == 0:
             left = [a.job.key for a in self.active + self.joining if a.job.cancelled.is_set()]
             left = [key for key in left if key not in self.left]
-            seconds = self.batch.measured
-            if arrived or left or not running or seconds is not None:
-                mine = (running, [job.wire() for job in arrived], left, seconds)
+            if arrived or left or not running:
+                mine = (running, [job.wire() for job in arrived], left)
         word = share_object(mine, self.group)
         watchdog().beat()
         if word is None:
-            self.batch.learn(None)
             return running, arrived
-        running, wired, left, seconds = word
+        running, wired, left = word
         self.left.update(left)
-        self.batch.learn(seconds)
         if self.group.rank() != 0:
             vocab_size = output_size(self.model)
             arrived = [Job.unwire(w, self.tokenizer, vocab_size) for w in wired]
